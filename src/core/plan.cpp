@@ -1,0 +1,220 @@
+// Argument checks shared by every attention implementation, and the plan they produce.
+#include "plan.h"
+
+#include <cmath>
+#include <string>
+
+namespace monarchrt {
+
+namespace {
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+Status check_same(const char* what, const TensorView& a, const char* an, const TensorView& b,
+                  const char* bn, int dim) {
+  if (a.shape[dim] != b.shape[dim]) {
+    return Status::invalid(std::string(bn) + ": " + what + " (dim " + str(dim) + ") = " +
+                           str(b.shape[dim]) + " must equal " + an + "'s " + str(a.shape[dim]) +
+                           " (" + an + " " + a.shape_string() + ", " + bn + " " +
+                           b.shape_string() + ")");
+  }
+  return Status();
+}
+
+Status check_multiple(const char* name, int64_t value, int64_t f_tied) {
+  if (value % f_tied != 0) {
+    return Status::invalid(std::string(name) + " = " + str(value) +
+                           " is not a whole number of tiles: it must be a multiple of "
+                           "layout.f_tied = " + str(f_tied));
+  }
+  return Status();
+}
+
+}  // namespace
+
+std::vector<int64_t> attended_frames(const AttentionParams& params, int64_t cache_frames) {
+  std::vector<int64_t> frames;
+  for (int64_t f = 0; f < cache_frames; ++f) {
+    const bool sink = params.kv_cache && f < params.sink_frames;
+    const bool recent = !params.kv_cache || params.window_frames == 0 ||
+                        f >= cache_frames - params.window_frames;
+    if (sink || recent) frames.push_back(f);
+  }
+  return frames;
+}
+
+Status check_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                       const TensorView& out, const AttentionParams& params, bool monarch) {
+  MONARCHRT_RETURN_IF_ERROR(validate_view(q, "q", false));
+  MONARCHRT_RETURN_IF_ERROR(validate_view(k, "k", false));
+  MONARCHRT_RETURN_IF_ERROR(validate_view(v, "v", false));
+  MONARCHRT_RETURN_IF_ERROR(validate_view(out, "out", true));
+  for (const TensorView* t : {&q, &k, &v, &out}) {
+    for (int i = 0; i < 4; ++i) {
+      if (t->shape[i] >= (int64_t{1} << 31)) {
+        return Status::unsupported("tensor dimension " + str(t->shape[i]) + " exceeds 2^31 - 1");
+      }
+    }
+  }
+  if (k.dtype != q.dtype || v.dtype != q.dtype) {
+    return Status::invalid(std::string("k, v: dtype must equal q's ") + dtype_name(q.dtype) +
+                           ", got k " + dtype_name(k.dtype) + " and v " + dtype_name(v.dtype));
+  }
+  if (k.device != q.device || v.device != q.device || out.device != q.device) {
+    return Status::invalid("q, k, v, out: all four must be on one device");
+  }
+  MONARCHRT_RETURN_IF_ERROR(check_same("batch", q, "q", k, "k", 0));
+  MONARCHRT_RETURN_IF_ERROR(check_same("batch", q, "q", v, "v", 0));
+  MONARCHRT_RETURN_IF_ERROR(check_same("heads", q, "q", k, "k", 2));
+  MONARCHRT_RETURN_IF_ERROR(check_same("heads", q, "q", v, "v", 2));
+  MONARCHRT_RETURN_IF_ERROR(check_same("head dim", q, "q", k, "k", 3));
+  MONARCHRT_RETURN_IF_ERROR(check_same("head dim", q, "q", v, "v", 3));
+  MONARCHRT_RETURN_IF_ERROR(check_same("tokens", k, "k", v, "v", 1));
+  for (int d = 0; d < 4; ++d) MONARCHRT_RETURN_IF_ERROR(check_same("size", q, "q", out, "out", d));
+
+  const VideoGrid& g = params.grid;
+  if (g.T <= 0 || g.h <= 0 || g.w <= 0) {
+    return Status::invalid("grid: T, h and w must be positive, got " + g.to_string());
+  }
+  if (g.tokens() != q.tokens()) {
+    return Status::invalid("q: tokens (dim 1) = " + str(q.tokens()) + " must equal grid T*h*w = " +
+                           g.to_string() + " = " + str(g.tokens()));
+  }
+  if (params.num_iters < 1 || params.num_iters > kMaxIterations) {
+    return Status::invalid("num_iters = " + str(params.num_iters) + " must be in [1, " +
+                           str(kMaxIterations) + "]");
+  }
+  if (!std::isfinite(params.scale)) return Status::invalid("scale must be finite");
+  if (params.causal_chunk_frames < 0) {
+    return Status::invalid("causal_chunk_frames = " + str(params.causal_chunk_frames) +
+                           " must be >= 0 (0 = bidirectional)");
+  }
+
+  int64_t cache_frames = g.T;
+  if (!params.kv_cache) {
+    if (k.tokens() != q.tokens()) {
+      return Status::invalid("k: tokens (dim 1) = " + str(k.tokens()) + " must equal q's " +
+                             str(q.tokens()) + " outside KV-cache mode");
+    }
+    if (params.sink_frames != 0 || params.window_frames != 0) {
+      return Status::invalid("sink_frames and window_frames apply only in KV-cache mode (kv_cache)");
+    }
+  } else {
+    if (params.causal_chunk_frames != 0) {
+      return Status::invalid("causal_chunk_frames must be 0 in KV-cache mode: the cache holds only "
+                             "the past and the current chunk");
+    }
+    if (k.tokens() % g.tokens_per_frame() != 0) {
+      return Status::invalid("k: tokens (dim 1) = " + str(k.tokens()) +
+                             " is not a whole number of frames of h*w = " +
+                             str(g.tokens_per_frame()) + " tokens");
+    }
+    cache_frames = k.tokens() / g.tokens_per_frame();
+    if (cache_frames < g.T) {
+      return Status::invalid("k: the cache holds " + str(cache_frames) +
+                             " frames, fewer than the query chunk's grid.T = " + str(g.T));
+    }
+    if (params.sink_frames < 0 || params.window_frames < 0) {
+      return Status::invalid("sink_frames and window_frames must be >= 0");
+    }
+    if (params.window_frames != 0 && params.window_frames < g.T) {
+      return Status::invalid("window_frames = " + str(params.window_frames) +
+                             " must be 0 (whole cache) or at least the chunk's grid.T = " +
+                             str(g.T) + ": the current chunk must be inside the window");
+    }
+  }
+
+  if (monarch) {
+    TileGeometry geometry;
+    MONARCHRT_RETURN_IF_ERROR(make_tile_geometry(g, params.layout, &geometry));
+    const int64_t f = params.layout.f_tied;
+    MONARCHRT_RETURN_IF_ERROR(check_multiple("causal_chunk_frames", params.causal_chunk_frames, f));
+    if (params.kv_cache) {
+      MONARCHRT_RETURN_IF_ERROR(check_multiple("cache frames (k tokens / (h*w))", cache_frames, f));
+      MONARCHRT_RETURN_IF_ERROR(check_multiple("sink_frames", params.sink_frames, f));
+      MONARCHRT_RETURN_IF_ERROR(check_multiple("window_frames", params.window_frames, f));
+    }
+  }
+  return Status();
+}
+
+Status make_plan(const TensorView& q, const TensorView& k, const TensorView& v,
+                 const TensorView& out, const AttentionParams& params, bool monarch,
+                 Device required_device, AttentionPlan* plan) {
+  MONARCHRT_RETURN_IF_ERROR(check_attention(q, k, v, out, params, monarch));
+  if (q.device != required_device) {
+    return Status::invalid(std::string("q: tensors are on ") + device_name(q.device) +
+                           ", this path needs " + device_name(required_device));
+  }
+  AttentionPlan p;
+  p.B = q.batch();
+  p.H = q.heads();
+  p.D = q.head_dim();
+  p.Sq = q.tokens();
+  p.Skv = k.tokens();
+  p.scale = params.scale != 0.0 ? params.scale : 1.0 / std::sqrt(static_cast<double>(p.D));
+  p.num_iters = params.num_iters;
+  p.q_grid = params.grid;
+  p.k_grid = params.grid;
+  p.k_grid.T = p.Skv / params.grid.tokens_per_frame();
+  p.q_frame_offset = p.k_grid.T - p.q_grid.T;
+  p.causal_chunk_frames = params.causal_chunk_frames;
+  p.frame_attended.assign(static_cast<size_t>(p.k_grid.T), 0);
+  for (int64_t f : attended_frames(params, p.k_grid.T)) p.frame_attended[static_cast<size_t>(f)] = 1;
+  if (monarch) {
+    MONARCHRT_RETURN_IF_ERROR(make_tile_geometry(p.q_grid, params.layout, &p.qg));
+    MONARCHRT_RETURN_IF_ERROR(make_tile_geometry(p.k_grid, params.layout, &p.kg));
+  }
+  *plan = p;
+  return Status();
+}
+
+template <typename T>
+void gather_head(const TensorView& view, int64_t b, int64_t h, const int64_t* perm, T* dst) {
+  const int64_t S = view.tokens(), D = view.head_dim();
+  for (int64_t p = 0; p < S; ++p) {
+    const int64_t s = perm ? perm[p] : p;
+    const int64_t base = view.offset(b, s, h, 0);
+    T* row = dst + p * D;
+    switch (view.dtype) {
+      case DType::kF32: {
+        const float* src = static_cast<const float*>(view.data) + base;
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(src[d * view.stride[3]]);
+        break;
+      }
+      case DType::kF64: {
+        const double* src = static_cast<const double*>(view.data) + base;
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(src[d * view.stride[3]]);
+        break;
+      }
+      case DType::kF16: {
+        const uint16_t* src = static_cast<const uint16_t*>(view.data) + base;
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(half_to_float(src[d * view.stride[3]]));
+        break;
+      }
+      case DType::kBF16: {
+        const uint16_t* src = static_cast<const uint16_t*>(view.data) + base;
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(bf16_to_float(src[d * view.stride[3]]));
+        break;
+      }
+    }
+  }
+}
+
+template <typename T>
+void scatter_head(const TensorView& view, int64_t b, int64_t h, const int64_t* perm, const T* src) {
+  const int64_t S = view.tokens(), D = view.head_dim();
+  for (int64_t p = 0; p < S; ++p) {
+    const int64_t s = perm ? perm[p] : p;
+    for (int64_t d = 0; d < D; ++d) {
+      store_element(view.data, view.dtype, view.offset(b, s, h, d), static_cast<double>(src[p * D + d]));
+    }
+  }
+}
+
+template void gather_head<float>(const TensorView&, int64_t, int64_t, const int64_t*, float*);
+template void gather_head<double>(const TensorView&, int64_t, int64_t, const int64_t*, double*);
+template void scatter_head<float>(const TensorView&, int64_t, int64_t, const int64_t*, const float*);
+template void scatter_head<double>(const TensorView&, int64_t, int64_t, const int64_t*, const double*);
+
+}  // namespace monarchrt

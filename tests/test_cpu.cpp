@@ -1,0 +1,200 @@
+// The fast fp32 CPU path against the fp64 reference: dense, Monarch (1..4 iterations, every
+// tiling of the case list, block-causal, KV cache with windows) and oracle top-k, on fresh random
+// inputs of many shapes and of every input dtype. Outputs are poisoned first, so an unwritten
+// element fails the check.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include "test_util.h"
+
+namespace monarchrt {
+namespace {
+
+using test::Tensor;
+
+struct Case {
+  VideoGrid grid;
+  MonarchLayout layout;
+  int64_t B, H, D;
+  int64_t causal_chunk;  // frames, 0 = bidirectional
+};
+
+const Case kCases[] = {
+    {{2, 1, 1}, {1, 1, 1}, 1, 1, 4, 0},     {{3, 3, 5}, {1, 1, 1}, 2, 3, 8, 1},
+    {{3, 3, 5}, {3, 3, 5}, 1, 2, 5, 0},     {{2, 5, 3}, {1, 1, 1}, 1, 2, 6, 0},
+    {{4, 15, 1}, {1, 1, 1}, 1, 1, 3, 2},    {{2, 30, 4}, {1, 2, 4}, 1, 2, 4, 1},
+    {{2, 30, 52}, {1, 1, 1}, 1, 1, 16, 0},  {{2, 6, 52}, {1, 2, 1}, 2, 1, 3, 1},
+    {{6, 2, 3}, {3, 1, 1}, 2, 1, 4, 3},     {{4, 4, 6}, {2, 2, 3}, 1, 2, 7, 2},
+    {{3, 30, 52}, {3, 1, 1}, 1, 1, 8, 0},   {{1, 2, 2}, {1, 1, 1}, 3, 1, 64, 0},
+    {{2, 4, 4}, {1, 1, 1}, 1, 2, 128, 1},
+};
+
+void fill_qkv(Rng& rng, DType dtype, const Case& c, int64_t kv_tokens, Tensor* q, Tensor* k, Tensor* v) {
+  *q = Tensor(dtype, c.B, c.grid.tokens(), c.H, c.D, 1);
+  *k = Tensor(dtype, c.B, kv_tokens, c.H, c.D);
+  *v = Tensor(dtype, c.B, kv_tokens, c.H, c.D, 3);
+  q->fill_normal(rng, 1.5);
+  k->fill_normal(rng, 1.5);
+  v->fill_normal(rng);
+}
+
+enum class Method { kDense, kMonarch, kTopk };
+
+Status run(Method m, bool reference, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+           const AttentionParams& p, double density = 0.1) {
+  switch (m) {
+    case Method::kDense:
+      return reference ? ref::dense_attention(q.view, k.view, v.view, out.view, p)
+                       : cpu::dense_attention(q.view, k.view, v.view, out.view, p);
+    case Method::kMonarch:
+      return reference ? ref::monarch_attention(q.view, k.view, v.view, out.view, p)
+                       : cpu::monarch_attention(q.view, k.view, v.view, out.view, p);
+    case Method::kTopk:
+      return reference ? ref::topk_attention(q.view, k.view, v.view, out.view, p, density)
+                       : cpu::topk_attention(q.view, k.view, v.view, out.view, p, density);
+  }
+  return Status::internal("unreachable");
+}
+
+// fp32 rounding of the inputs is shared (both read the same values); only the arithmetic
+// differs, so the fast path must agree to about fp32 epsilon times a small growth factor.
+constexpr double kFp32Tolerance = 2e-5;
+
+void expect_match(Method m, const Case& c, const AttentionParams& p, DType dtype, Rng& rng,
+                  int64_t kv_tokens, double density = 0.1) {
+  Tensor q(DType::kF32, 1, 1, 1, 1), k = q, v = q;
+  fill_qkv(rng, dtype, c, kv_tokens, &q, &k, &v);
+  Tensor fast(DType::kF32, c.B, c.grid.tokens(), c.H, c.D, 2);
+  Tensor want(DType::kF64, c.B, c.grid.tokens(), c.H, c.D);
+  test::poison(fast);
+  ASSERT_TRUE(run(m, true, q, k, v, want, p, density).ok());
+  const Status s = run(m, false, q, k, v, fast, p, density);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  const std::vector<double> got = fast.values();
+  ASSERT_TRUE(test::all_finite(got)) << "unwritten or non-finite output";
+  EXPECT_LT(test::relative_l2(got, want.values()), kFp32Tolerance)
+      << "grid " << c.grid.to_string() << " layout " << p.layout.to_string() << " iters "
+      << p.num_iters << " causal " << p.causal_chunk_frames << " kv " << p.kv_cache << " dtype "
+      << dtype_name(dtype);
+}
+
+TEST(CpuPath, MonarchMatchesReference) {
+  Rng rng(11);
+  for (const Case& c : kCases) {
+    for (int iters : {1, 2, 4}) {
+      AttentionParams p;
+      p.grid = c.grid;
+      p.layout = c.layout;
+      p.num_iters = iters;
+      p.causal_chunk_frames = c.causal_chunk;
+      expect_match(Method::kMonarch, c, p, DType::kF32, rng, c.grid.tokens());
+    }
+  }
+}
+
+TEST(CpuPath, DenseMatchesReference) {
+  Rng rng(12);
+  for (const Case& c : kCases) {
+    AttentionParams p;
+    p.grid = c.grid;
+    p.causal_chunk_frames = c.causal_chunk;
+    expect_match(Method::kDense, c, p, DType::kF32, rng, c.grid.tokens());
+  }
+}
+
+TEST(CpuPath, TopkMatchesReference) {
+  Rng rng(13);
+  for (const Case& c : kCases) {
+    for (double density : {0.05, 0.3, 1.0}) {
+      AttentionParams p;
+      p.grid = c.grid;
+      p.causal_chunk_frames = c.causal_chunk;
+      expect_match(Method::kTopk, c, p, DType::kF32, rng, c.grid.tokens(), density);
+    }
+  }
+}
+
+TEST(CpuPath, EveryInputDtype) {
+  Rng rng(14);
+  const Case c{{3, 3, 5}, {1, 1, 1}, 2, 2, 8, 1};
+  for (DType dtype : {DType::kF16, DType::kBF16, DType::kF64, DType::kF32}) {
+    for (Method m : {Method::kDense, Method::kMonarch}) {
+      AttentionParams p;
+      p.grid = c.grid;
+      p.causal_chunk_frames = c.causal_chunk;
+      expect_match(m, c, p, dtype, rng, c.grid.tokens());
+    }
+  }
+}
+
+TEST(CpuPath, KvCacheWithWindows) {
+  Rng rng(15);
+  const Case c{{2, 3, 4}, {2, 1, 2}, 2, 2, 8, 0};
+  const int64_t per_frame = c.grid.tokens_per_frame();
+  for (int64_t cache : {2, 6, 10}) {
+    for (auto sw : {std::pair<int64_t, int64_t>{0, 0}, {2, 4}, {0, 2}, {4, 4}}) {
+      for (Method m : {Method::kMonarch, Method::kDense}) {
+        AttentionParams p;
+        p.grid = c.grid;
+        p.layout = c.layout;
+        p.num_iters = 2;
+        p.kv_cache = true;
+        p.sink_frames = sw.first;
+        p.window_frames = sw.second;
+        expect_match(m, c, p, DType::kF32, rng, cache * per_frame);
+      }
+    }
+  }
+}
+
+TEST(CpuPath, LargeLogitsStayFiniteAndAccurate) {
+  Rng rng(16);
+  const Case c{{2, 6, 52}, {1, 2, 1}, 1, 2, 16, 1};
+  Tensor q(DType::kF32, 1, 1, 1, 1), k = q, v = q;
+  fill_qkv(rng, DType::kF32, c, c.grid.tokens(), &q, &k, &v);
+  Tensor qs = q, ks = k;
+  for (Tensor* t : {&qs, &ks})
+    for (int64_t s = 0; s < c.grid.tokens(); ++s)
+      for (int64_t h = 0; h < c.H; ++h)
+        for (int64_t d = 0; d < c.D; ++d) t->set(0, s, h, d, 8.0 * t->at(0, s, h, d));
+  for (Method m : {Method::kDense, Method::kMonarch}) {
+    AttentionParams p;
+    p.grid = c.grid;
+    p.layout = c.layout;
+    p.num_iters = 2;
+    p.causal_chunk_frames = 1;
+    Tensor fast(DType::kF32, c.B, c.grid.tokens(), c.H, c.D), want(DType::kF64, c.B, c.grid.tokens(), c.H, c.D);
+    ASSERT_TRUE(run(m, true, qs, ks, v, want, p).ok());
+    ASSERT_TRUE(run(m, false, qs, ks, v, fast, p).ok());
+    ASSERT_TRUE(test::all_finite(fast.values()));
+    // Logits near 300 amplify fp32 rounding of the scores; the error stays far below Monarch's own.
+    EXPECT_LT(test::relative_l2(fast.values(), want.values()), 1e-3);
+  }
+}
+
+TEST(CpuPath, ThreadCountDoesNotChangeResults) {
+  Rng rng(17);
+  const Case c{{3, 30, 52}, {1, 2, 1}, 1, 2, 8, 1};
+  Tensor q(DType::kF32, 1, 1, 1, 1), k = q, v = q;
+  fill_qkv(rng, DType::kF32, c, c.grid.tokens(), &q, &k, &v);
+  for (Method m : {Method::kDense, Method::kMonarch, Method::kTopk}) {
+    AttentionParams p;
+    p.grid = c.grid;
+    p.layout = c.layout;
+    p.num_iters = 2;
+    p.causal_chunk_frames = 1;
+    std::vector<std::vector<double>> results;
+    for (int threads : {1, 3}) {
+      cpu::set_num_threads(threads);
+      Tensor out(DType::kF32, c.B, c.grid.tokens(), c.H, c.D);
+      ASSERT_TRUE(run(m, false, q, k, v, out, p).ok());
+      results.push_back(out.values());
+    }
+    cpu::set_num_threads(0);
+    EXPECT_EQ(results[0], results[1]);
+  }
+}
+
+}  // namespace
+}  // namespace monarchrt

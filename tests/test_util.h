@@ -1,0 +1,88 @@
+// Helpers shared by the CPU tests: random [B, S, H, D] tensors (of any dtype, optionally with
+// padded strides), relative L2 error, and a poison value to prove every output was written.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "monarchrt/attention.h"
+#include "monarchrt/workload.h"
+
+namespace monarchrt {
+namespace test {
+
+// An owning tensor: storage plus a view. `pad` adds unused elements between heads and tokens
+// so the views are not contiguous.
+struct Tensor {
+  std::vector<uint8_t> storage;
+  TensorView view;
+
+  Tensor(DType dtype, int64_t B, int64_t S, int64_t H, int64_t D, int64_t pad = 0) {
+    view.dtype = dtype;
+    view.shape[0] = B, view.shape[1] = S, view.shape[2] = H, view.shape[3] = D;
+    view.stride[3] = 1;
+    view.stride[2] = D + pad;
+    view.stride[1] = H * (D + pad) + pad;
+    view.stride[0] = S * view.stride[1];
+    storage.assign(static_cast<size_t>(B * view.stride[0] * dtype_size(dtype)), 0);
+    view.data = storage.data();
+  }
+  Tensor(const Tensor& o) : storage(o.storage), view(o.view) { view.data = storage.data(); }
+  Tensor& operator=(const Tensor& o) {
+    storage = o.storage;
+    view = o.view;
+    view.data = storage.data();
+    return *this;
+  }
+
+  double at(int64_t b, int64_t s, int64_t h, int64_t d) const {
+    return load_element(view.data, view.dtype, view.offset(b, s, h, d));
+  }
+  void set(int64_t b, int64_t s, int64_t h, int64_t d, double x) {
+    store_element(view.data, view.dtype, view.offset(b, s, h, d), x);
+  }
+  void fill_normal(Rng& rng, double scale = 1.0) {
+    for (int64_t b = 0; b < view.shape[0]; ++b)
+      for (int64_t s = 0; s < view.shape[1]; ++s)
+        for (int64_t h = 0; h < view.shape[2]; ++h)
+          for (int64_t d = 0; d < view.shape[3]; ++d) set(b, s, h, d, scale * rng.normal());
+  }
+  void fill(double x) {
+    for (int64_t b = 0; b < view.shape[0]; ++b)
+      for (int64_t s = 0; s < view.shape[1]; ++s)
+        for (int64_t h = 0; h < view.shape[2]; ++h)
+          for (int64_t d = 0; d < view.shape[3]; ++d) set(b, s, h, d, x);
+  }
+  // All logical elements, in [B, S, H, D] order, as double.
+  std::vector<double> values() const {
+    std::vector<double> out;
+    for (int64_t b = 0; b < view.shape[0]; ++b)
+      for (int64_t s = 0; s < view.shape[1]; ++s)
+        for (int64_t h = 0; h < view.shape[2]; ++h)
+          for (int64_t d = 0; d < view.shape[3]; ++d) out.push_back(at(b, s, h, d));
+    return out;
+  }
+};
+
+inline double relative_l2(const std::vector<double>& x, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    num += (x[i] - ref[i]) * (x[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return std::sqrt(num / den);
+}
+
+inline bool all_finite(const std::vector<double>& x) {
+  for (double v : x)
+    if (!std::isfinite(v)) return false;
+  return true;
+}
+
+// Poison: NaN, which no correct output contains, so an element left unwritten is caught.
+inline void poison(Tensor& t) { t.fill(std::nan("")); }
+
+}  // namespace test
+}  // namespace monarchrt

@@ -1,0 +1,486 @@
+// The `monarchrt` command: run Monarch, dense or oracle top-k attention on .npy tensors
+// (`attention`) and compare attention variants on a workload (`analyze`). It only calls the
+// public API in include/monarchrt/. Every error is printed as one line naming the argument and
+// the rule it broke, with exit status 1 (2 for command-line usage errors).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "monarchrt/attention.h"
+#include "monarchrt/npy.h"
+#include "monarchrt/workload.h"
+
+using namespace monarchrt;
+
+namespace {
+
+// ---- command-line parsing --------------------------------------------------------------------
+
+struct OptionSpec {
+  const char* name;     // without the leading "--"
+  const char* metavar;  // nullptr for a flag
+  const char* def;      // default shown in --help (nullptr: none / required)
+  const char* help;
+};
+
+struct UsageError {
+  std::string message;
+};
+
+class Args {
+ public:
+  Args(const std::vector<OptionSpec>& specs, int argc, char** argv, int first) : specs_(specs) {
+    for (int i = first; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a == "-h" || a == "--help") {
+        help_ = true;
+        continue;
+      }
+      if (a.rfind("--", 0) != 0) throw UsageError{"unexpected argument '" + a + "'"};
+      std::string name = a.substr(2), value;
+      const size_t eq = name.find('=');
+      const bool inline_value = eq != std::string::npos;
+      if (inline_value) {
+        value = name.substr(eq + 1);
+        name = name.substr(0, eq);
+      }
+      const OptionSpec* spec = find(name);
+      if (!spec) throw UsageError{"unknown option '--" + name + "' (see --help)"};
+      if (spec->metavar == nullptr) {
+        if (inline_value) throw UsageError{"option '--" + name + "' takes no value"};
+        values_[name] = "1";
+        continue;
+      }
+      if (!inline_value) {
+        if (i + 1 >= argc) throw UsageError{"option '--" + name + "' needs a value " + spec->metavar};
+        value = argv[++i];
+      }
+      values_[name] = value;
+    }
+  }
+  bool help() const { return help_; }
+  bool has(const std::string& name) const { return values_.count(name) > 0; }
+  std::string get(const std::string& name) const {
+    auto it = values_.find(name);
+    if (it != values_.end()) return it->second;
+    const OptionSpec* spec = find(name);
+    return spec && spec->def ? spec->def : "";
+  }
+  std::string require(const std::string& name) const {
+    if (!has(name)) throw UsageError{"missing required option --" + name};
+    return get(name);
+  }
+  int64_t get_int(const std::string& name) const {
+    const std::string s = get(name);
+    char* end = nullptr;
+    const long long v = std::strtoll(s.c_str(), &end, 10);
+    if (s.empty() || *end != '\0') throw UsageError{"--" + name + " expects an integer, got '" + s + "'"};
+    return v;
+  }
+  double get_double(const std::string& name) const {
+    const std::string s = get(name);
+    char* end = nullptr;
+    const double v = std::strtod(s.c_str(), &end);
+    if (s.empty() || *end != '\0') throw UsageError{"--" + name + " expects a number, got '" + s + "'"};
+    return v;
+  }
+
+ private:
+  const OptionSpec* find(const std::string& name) const {
+    for (const OptionSpec& s : specs_)
+      if (name == s.name) return &s;
+    return nullptr;
+  }
+  const std::vector<OptionSpec>& specs_;
+  std::map<std::string, std::string> values_;
+  bool help_ = false;
+};
+
+void print_help(const char* usage, const char* about, const std::vector<OptionSpec>& specs) {
+  std::printf("usage: %s\n\n%s\n\noptions:\n", usage, about);
+  for (const OptionSpec& s : specs) {
+    std::string left = std::string("--") + s.name + (s.metavar ? std::string(" ") + s.metavar : "");
+    std::printf("  %-26s %s", left.c_str(), s.help);
+    if (s.def) std::printf(" (default: %s)", s.def);
+    std::printf("\n");
+  }
+  std::printf("  %-26s %s\n", "-h, --help", "show this help");
+}
+
+std::vector<int64_t> parse_int_list(const std::string& s, const std::string& option, size_t count) {
+  std::vector<int64_t> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    char* end = nullptr;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0') {
+      throw UsageError{"--" + option + " expects " + std::to_string(count) +
+                       " comma-separated integers, got '" + s + "'"};
+    }
+    out.push_back(v);
+  }
+  if (out.size() != count) {
+    throw UsageError{"--" + option + " expects " + std::to_string(count) +
+                     " comma-separated integers, got '" + s + "'"};
+  }
+  return out;
+}
+
+VideoGrid parse_grid(const std::string& s) {
+  const std::vector<int64_t> v = parse_int_list(s, "grid", 3);
+  return VideoGrid{v[0], v[1], v[2]};
+}
+
+MonarchLayout parse_tiling(const std::string& s, const std::string& option = "tiling") {
+  const std::vector<int64_t> v = parse_int_list(s, option, 3);
+  return MonarchLayout{v[0], v[1], v[2]};
+}
+
+struct Failure {
+  Status status;
+};
+void check(const Status& s) {
+  if (!s.ok()) throw Failure{s};
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// ---- tensors from .npy -----------------------------------------------------------------------
+
+struct HostTensor {
+  NpyArray array;
+  TensorView view;
+};
+
+HostTensor load_qkv(const std::string& path, const char* name) {
+  HostTensor t;
+  check(read_npy(path, &t.array));
+  const std::vector<int64_t>& s = t.array.shape;
+  int64_t B = 1, S = 0, H = 0, D = 0;
+  if (s.size() == 3) {
+    S = s[0], H = s[1], D = s[2];
+  } else if (s.size() == 4) {
+    B = s[0], S = s[1], H = s[2], D = s[3];
+  } else {
+    throw Failure{Status::invalid(std::string(name) + " (" + path + "): expected shape [S, H, D] or "
+                                  "[B, S, H, D], got " + std::to_string(s.size()) + " dimensions")};
+  }
+  t.view = TensorView::contiguous(t.array.data.data(), t.array.dtype, B, S, H, D);
+  return t;
+}
+
+DType parse_dtype(const std::string& s) {
+  if (s == "float32") return DType::kF32;
+  if (s == "float16") return DType::kF16;
+  if (s == "float64") return DType::kF64;
+  throw UsageError{"--out-dtype must be float32, float16 or float64, got '" + s + "'"};
+}
+
+void apply_threads(const Args& a) {
+  if (a.has("threads")) {
+    const int64_t n = a.get_int("threads");
+    if (n < 1) throw UsageError{"--threads must be at least 1"};
+    cpu::set_num_threads(static_cast<int>(n));
+  }
+}
+
+// ---- monarchrt attention ---------------------------------------------------------------------
+
+const std::vector<OptionSpec> kAttentionOptions = {
+    {"q", "FILE", nullptr, "queries, .npy [S, H, D] or [B, S, H, D], float16/32/64 (required)"},
+    {"k", "FILE", nullptr, "keys, same layout; in KV-cache mode every cached frame (required)"},
+    {"v", "FILE", nullptr, "values, same shape as k (required)"},
+    {"out", "FILE", nullptr, "output .npy, same shape as q (required)"},
+    {"grid", "T,h,w", nullptr, "video grid of the queries: frames, rows, columns (required)"},
+    {"method", "NAME", "monarch", "monarch, dense or topk"},
+    {"tiling", "F,HR,WR", "1,1,1", "Monarch layout f_tied,h_reduce,w_reduce"},
+    {"iters", "N", "1", "Monarch refinement iterations"},
+    {"causal-chunk", "FRAMES", "0", "block-causal chunk in frames, 0 = bidirectional"},
+    {"kv-cache", nullptr, nullptr, "KV-cache call: q is the current chunk, k/v hold the cache"},
+    {"sink-frames", "N", "0", "KV cache: leading frames always attended"},
+    {"window-frames", "N", "0", "KV cache: most recent frames attended, 0 = all"},
+    {"scale", "S", "0", "softmax scale, 0 = 1/sqrt(D)"},
+    {"density", "P", "0.053", "topk: fraction of keys each query keeps"},
+    {"reference", nullptr, nullptr, "use the naive fp64 reference instead of the fast CPU path"},
+    {"out-dtype", "DTYPE", nullptr, "float32, float16 or float64 (default: q's dtype)"},
+    {"threads", "N", nullptr, "worker threads (default: all cores, or MONARCHRT_NUM_THREADS)"},
+};
+
+int cmd_attention(int argc, char** argv) {
+  Args a(kAttentionOptions, argc, argv, 2);
+  if (a.help()) {
+    print_help("monarchrt attention --q Q.npy --k K.npy --v V.npy --grid T,h,w --out OUT.npy [options]",
+               "Computes attention of q over k, v and writes the output in q's token order.",
+               kAttentionOptions);
+    return 0;
+  }
+  apply_threads(a);
+  AttentionParams p;
+  p.grid = parse_grid(a.require("grid"));
+  p.layout = parse_tiling(a.get("tiling"));
+  p.num_iters = static_cast<int>(a.get_int("iters"));
+  p.causal_chunk_frames = a.get_int("causal-chunk");
+  p.kv_cache = a.has("kv-cache");
+  p.sink_frames = a.get_int("sink-frames");
+  p.window_frames = a.get_int("window-frames");
+  p.scale = a.get_double("scale");
+  const std::string method = a.get("method");
+  if (method != "monarch" && method != "dense" && method != "topk") {
+    throw UsageError{"--method must be monarch, dense or topk, got '" + method + "'"};
+  }
+  const std::string out_path = a.require("out");
+  HostTensor q = load_qkv(a.require("q"), "q");
+  HostTensor k = load_qkv(a.require("k"), "k");
+  HostTensor v = load_qkv(a.require("v"), "v");
+  const DType out_dtype = a.has("out-dtype") ? parse_dtype(a.get("out-dtype")) : q.view.dtype;
+  std::vector<uint8_t> out_data(static_cast<size_t>(q.view.numel() * dtype_size(out_dtype)));
+  const TensorView out = TensorView::contiguous(out_data.data(), out_dtype, q.view.batch(),
+                                                q.view.tokens(), q.view.heads(), q.view.head_dim());
+  const bool ref = a.has("reference");
+  const auto t0 = std::chrono::steady_clock::now();
+  if (method == "monarch") {
+    check(ref ? ref::monarch_attention(q.view, k.view, v.view, out, p)
+              : cpu::monarch_attention(q.view, k.view, v.view, out, p));
+  } else if (method == "dense") {
+    check(ref ? ref::dense_attention(q.view, k.view, v.view, out, p)
+              : cpu::dense_attention(q.view, k.view, v.view, out, p));
+  } else {
+    const double density = a.get_double("density");
+    check(ref ? ref::topk_attention(q.view, k.view, v.view, out, p, density)
+              : cpu::topk_attention(q.view, k.view, v.view, out, p, density));
+  }
+  const double secs = seconds_since(t0);
+  check(write_npy(out_path, out_dtype, q.array.shape, out_data.data()));
+  std::fprintf(stderr, "%s attention (%s path) of q %s over k %s: %.3f s, wrote %s\n",
+               method.c_str(), ref ? "fp64 reference" : "fp32 CPU", q.view.shape_string().c_str(),
+               k.view.shape_string().c_str(), secs, out_path.c_str());
+  return 0;
+}
+
+// ---- monarchrt analyze -----------------------------------------------------------------------
+
+const std::vector<OptionSpec> kAnalyzeOptions = {
+    {"q", "FILE", nullptr, "queries .npy (give q, k and v, or none for the synthetic workload)"},
+    {"k", "FILE", nullptr, "keys .npy"},
+    {"v", "FILE", nullptr, "values .npy"},
+    {"grid", "T,h,w", "6,30,52", "video grid (required with files)"},
+    {"heads", "N", "2", "synthetic workload: heads"},
+    {"head-dim", "D", "128", "synthetic workload: head dim"},
+    {"seed", "N", "0", "synthetic workload: seed"},
+    {"positional", "A", "1", "synthetic workload: amplitude of the rotary positional part"},
+    {"semantic", "A", "1", "synthetic workload: amplitude of the sparse object matches"},
+    {"noise", "SIGMA", "0.5", "synthetic workload: noise added to q and k"},
+    {"tilings", "LIST", "1,1,1;1,2,1;3,1,1", "Monarch layouts f_tied,h_reduce,w_reduce separated by ';'"
+                                             " (layouts the grid does not allow are skipped)"},
+    {"max-iters", "N", "3", "Monarch with 1..N iterations"},
+    {"causal-chunk", "FRAMES", "0", "block-causal chunk in frames, 0 = bidirectional"},
+    {"json", nullptr, nullptr, "print JSON instead of a table"},
+    {"threads", "N", nullptr, "worker threads (default: all cores, or MONARCHRT_NUM_THREADS)"},
+};
+
+struct Row {
+  std::string method, tiling, tile;
+  int iters = 0;
+  double sparsity = 0, flops_ratio = 0, rel_l2 = 0, seconds = 0;
+};
+
+double relative_l2(const std::vector<float>& x, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double d = static_cast<double>(x[i]) - ref[i];
+    num += d * d;
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  return std::sqrt(num / den);
+}
+
+std::string percent(double x, int digits = 1) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.*f%%", digits, 100.0 * x);
+  return buf;
+}
+
+int cmd_analyze(int argc, char** argv) {
+  Args a(kAnalyzeOptions, argc, argv, 2);
+  if (a.help()) {
+    print_help("monarchrt analyze [--q Q.npy --k K.npy --v V.npy --grid T,h,w] [options]",
+               "Compares Monarch attention (several tilings, 1..N iterations) and oracle top-k at the\n"
+               "same densities with dense attention on one workload: parameter sparsity, FLOPs vs\n"
+               "dense, relative L2 error of the output against dense, and CPU time (fp32 CPU path).\n"
+               "Without files it builds the seeded synthetic video-attention workload (see README).",
+               kAnalyzeOptions);
+    return 0;
+  }
+  apply_threads(a);
+  const VideoGrid grid = parse_grid(a.get("grid"));
+  const int64_t max_iters = a.get_int("max-iters");
+  if (max_iters < 1 || max_iters > kMaxIterations) {
+    throw UsageError{"--max-iters must be in [1, " + std::to_string(kMaxIterations) + "]"};
+  }
+  std::vector<MonarchLayout> tilings;
+  {
+    std::stringstream ss(a.get("tilings"));
+    std::string item;
+    while (std::getline(ss, item, ';')) tilings.push_back(parse_tiling(item, "tilings"));
+    if (tilings.empty()) throw UsageError{"--tilings needs at least one layout"};
+  }
+
+  // Workload.
+  std::vector<float> qs, ks, vs;
+  HostTensor qf, kf, vf;
+  TensorView q, k, v;
+  std::string workload;
+  const int files = a.has("q") + a.has("k") + a.has("v");
+  if (files != 0 && files != 3) throw UsageError{"give all of --q, --k, --v or none of them"};
+  if (files == 3) {
+    if (!a.has("grid")) throw UsageError{"--grid is required with --q/--k/--v"};
+    qf = load_qkv(a.get("q"), "q");
+    kf = load_qkv(a.get("k"), "k");
+    vf = load_qkv(a.get("v"), "v");
+    q = qf.view, k = kf.view, v = vf.view;
+    workload = "files " + a.get("q") + ", " + a.get("k") + ", " + a.get("v");
+  } else {
+    SyntheticWorkload spec;
+    spec.grid = grid;
+    spec.heads = a.get_int("heads");
+    spec.head_dim = a.get_int("head-dim");
+    spec.seed = static_cast<uint64_t>(a.get_int("seed"));
+    spec.positional = a.get_double("positional");
+    spec.semantic = a.get_double("semantic");
+    spec.noise = a.get_double("noise");
+    check(make_synthetic_workload(spec, &qs, &ks, &vs));
+    q = TensorView::contiguous(qs.data(), DType::kF32, 1, grid.tokens(), spec.heads, spec.head_dim);
+    k = TensorView::contiguous(ks.data(), DType::kF32, 1, grid.tokens(), spec.heads, spec.head_dim);
+    v = TensorView::contiguous(vs.data(), DType::kF32, 1, grid.tokens(), spec.heads, spec.head_dim);
+    workload = "synthetic video attention, seed " + a.get("seed");
+  }
+  AttentionParams base;
+  base.grid = grid;
+  base.causal_chunk_frames = a.get_int("causal-chunk");
+
+  std::vector<float> dense(static_cast<size_t>(q.numel())), out(dense.size());
+  const TensorView dense_view = TensorView::contiguous(dense.data(), DType::kF32, q.batch(),
+                                                       q.tokens(), q.heads(), q.head_dim());
+  const TensorView out_view = TensorView::contiguous(out.data(), DType::kF32, q.batch(), q.tokens(),
+                                                     q.heads(), q.head_dim());
+  std::vector<Row> rows;
+  auto progress = [&](const std::string& what) { std::fprintf(stderr, "  running %s ...\n", what.c_str()); };
+
+  progress("dense");
+  auto t0 = std::chrono::steady_clock::now();
+  check(cpu::dense_attention(q, k, v, dense_view, base));
+  rows.push_back({"dense", "-", "-", 0, 0.0, 1.0, 0.0, seconds_since(t0)});
+
+  std::vector<std::pair<std::string, double>> densities;  // (tiling, parameter density)
+  for (const MonarchLayout& layout : tilings) {
+    AttentionParams p = base;
+    p.layout = layout;
+    TileGeometry g;
+    if (!make_tile_geometry(grid, layout, &g).ok() || !check_attention(q, k, v, out_view, p, true).ok()) {
+      const Status why = check_attention(q, k, v, out_view, p, true);
+      std::fprintf(stderr, "  skipping tiling %s: %s\n", layout.to_string().c_str(), why.message().c_str());
+      continue;
+    }
+    const double density = monarch_parameter_density(g.b1, g.b2);
+    const std::string tile = std::to_string(g.b1) + "x" + std::to_string(g.b2);
+    densities.push_back({layout.to_string() + " (" + tile + ")", density});
+    for (int it = 1; it <= max_iters; ++it) {
+      p.num_iters = it;
+      progress("monarch " + layout.to_string() + " iters " + std::to_string(it));
+      t0 = std::chrono::steady_clock::now();
+      check(cpu::monarch_attention(q, k, v, out_view, p));
+      const double secs = seconds_since(t0);
+      const double ratio = it * monarch_flops(g.tiles, g.tiles, g.b1, g.b2, q.head_dim()) /
+                           dense_flops(q.tokens(), k.tokens(), q.head_dim());
+      rows.push_back({"monarch", layout.to_string(), tile, it, 1.0 - density, ratio,
+                      relative_l2(out, dense), secs});
+    }
+  }
+  for (const auto& d : densities) {
+    progress("oracle top-k at density " + percent(d.second));
+    t0 = std::chrono::steady_clock::now();
+    check(cpu::topk_attention(q, k, v, out_view, base, d.second));
+    const double secs = seconds_since(t0);
+    // The oracle must score every key (QK^T is half of dense) before it can pick the top k.
+    rows.push_back({"oracle top-k", "matches " + d.first, "-", 0, 1.0 - d.second,
+                    0.5 + 0.5 * d.second, relative_l2(out, dense), secs});
+  }
+
+  if (a.has("json")) {
+    std::printf("{\"workload\": \"%s\", \"grid\": [%lld, %lld, %lld], \"shape\": \"%s\", "
+                "\"causal_chunk_frames\": %lld, \"rows\": [\n",
+                workload.c_str(), (long long)grid.T, (long long)grid.h, (long long)grid.w,
+                q.shape_string().c_str(), (long long)base.causal_chunk_frames);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Row& r = rows[i];
+      std::printf("  {\"method\": \"%s\", \"tiling\": \"%s\", \"tile\": \"%s\", \"iters\": %d, "
+                  "\"sparsity\": %.6f, \"flops_vs_dense\": %.6f, \"rel_l2_vs_dense\": %.6g, "
+                  "\"seconds\": %.4f}%s\n",
+                  r.method.c_str(), r.tiling.c_str(), r.tile.c_str(), r.iters, r.sparsity,
+                  r.flops_ratio, r.rel_l2, r.seconds, i + 1 < rows.size() ? "," : "");
+    }
+    std::printf("]}\n");
+    return 0;
+  }
+  std::printf("workload: %s, grid %s, q/k/v %s, %s\n", workload.c_str(), grid.to_string().c_str(),
+              q.shape_string().c_str(),
+              base.causal_chunk_frames ? ("block-causal chunks of " +
+                                          std::to_string(base.causal_chunk_frames) + " frames").c_str()
+                                       : "bidirectional");
+  std::printf("%-14s %-22s %-7s %5s %9s %9s %12s %9s\n", "method", "tiling f/h/w", "tile", "iters",
+              "sparsity", "FLOPs", "rel L2 err", "time s");
+  for (const Row& r : rows) {
+    std::printf("%-14s %-22s %-7s %5s %9s %9s %12.4g %9.3f\n", r.method.c_str(), r.tiling.c_str(),
+                r.tile.c_str(), r.iters ? std::to_string(r.iters).c_str() : "-",
+                percent(r.sparsity).c_str(), percent(r.flops_ratio).c_str(), r.rel_l2, r.seconds);
+  }
+  std::printf("sparsity: 1 - (b1 + b2) / (b1 b2) for Monarch, 1 - kept fraction for top-k; FLOPs vs "
+              "dense (top-k scores every key); error: ||out - dense|| / ||dense|| (fp32 CPU path)\n");
+  return 0;
+}
+
+const char* kMainHelp =
+    "usage: monarchrt <command> [options]\n\n"
+    "Monarch-structured attention for video diffusion transformers.\n\n"
+    "commands:\n"
+    "  attention   run Monarch, dense or oracle top-k attention on q, k, v from .npy files\n"
+    "  analyze     compare Monarch tilings/iterations and oracle top-k against dense attention\n\n"
+    "Run 'monarchrt <command> --help' for the options of a command.\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fputs(kMainHelp, stderr);
+    return 2;
+  }
+  const std::string cmd = argv[1];
+  try {
+    if (cmd == "-h" || cmd == "--help" || cmd == "help") {
+      std::fputs(kMainHelp, stdout);
+      return 0;
+    }
+    if (cmd == "attention") return cmd_attention(argc, argv);
+    if (cmd == "analyze") return cmd_analyze(argc, argv);
+    std::fprintf(stderr, "monarchrt: unknown command '%s'\n\n%s", cmd.c_str(), kMainHelp);
+    return 2;
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "monarchrt %s: %s\n", cmd.c_str(), e.message.c_str());
+    return 2;
+  } catch (const Failure& f) {
+    std::fprintf(stderr, "monarchrt %s: %s\n", cmd.c_str(), f.status.to_string().c_str());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "monarchrt %s: out of memory\n", cmd.c_str());
+    return 1;
+  }
+}

@@ -48,6 +48,9 @@ Status make_tile_geometry(const VideoGrid& grid, const MonarchLayout& layout, Ti
   if (grid.T <= 0 || grid.h <= 0 || grid.w <= 0) {
     return Status::invalid("grid: T, h and w must be positive, got " + grid.to_string());
   }
+  if (grid.h > INT64_MAX / grid.w || grid.T > INT64_MAX / (grid.h * grid.w)) {
+    return Status::invalid("grid: T*h*w of " + grid.to_string() + " overflows int64");
+  }
   MONARCHRT_RETURN_IF_ERROR(check_divides("layout.f_tied", layout.f_tied, "grid.T", grid.T));
   MONARCHRT_RETURN_IF_ERROR(check_divides("layout.h_reduce", layout.h_reduce, "grid.h", grid.h));
   MONARCHRT_RETURN_IF_ERROR(check_divides("layout.w_reduce", layout.w_reduce, "grid.w", grid.w));

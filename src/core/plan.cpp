@@ -49,10 +49,13 @@ Status check_attention(const TensorView& q, const TensorView& k, const TensorVie
   MONARCHRT_RETURN_IF_ERROR(validate_view(k, "k", false));
   MONARCHRT_RETURN_IF_ERROR(validate_view(v, "v", false));
   MONARCHRT_RETURN_IF_ERROR(validate_view(out, "out", true));
-  for (const TensorView* t : {&q, &k, &v, &out}) {
+  const TensorView* views[4] = {&q, &k, &v, &out};
+  const char* names[4] = {"q", "k", "v", "out"};
+  for (int t = 0; t < 4; ++t) {
     for (int i = 0; i < 4; ++i) {
-      if (t->shape[i] >= (int64_t{1} << 31)) {
-        return Status::unsupported("tensor dimension " + str(t->shape[i]) + " exceeds 2^31 - 1");
+      if (views[t]->shape[i] >= (int64_t{1} << 31)) {
+        return Status::unsupported(std::string(names[t]) + ": tensor dimension " + str(i) + " = " +
+                                   str(views[t]->shape[i]) + " exceeds 2^31 - 1");
       }
     }
   }
@@ -76,9 +79,12 @@ Status check_attention(const TensorView& q, const TensorView& k, const TensorVie
   if (g.T <= 0 || g.h <= 0 || g.w <= 0) {
     return Status::invalid("grid: T, h and w must be positive, got " + g.to_string());
   }
-  if (g.tokens() != q.tokens()) {
+  // q.tokens() < 2^31: with T, h, w and T*h at most that, T*h*w cannot overflow int64.
+  const bool fits = g.T <= q.tokens() && g.h <= q.tokens() && g.w <= q.tokens() &&
+                    g.T * g.h <= q.tokens();
+  if (!fits || g.tokens() != q.tokens()) {
     return Status::invalid("q: tokens (dim 1) = " + str(q.tokens()) + " must equal grid T*h*w = " +
-                           g.to_string() + " = " + str(g.tokens()));
+                           g.to_string() + (fits ? " = " + str(g.tokens()) : ""));
   }
   if (params.num_iters < 1 || params.num_iters > kMaxIterations) {
     return Status::invalid("num_iters = " + str(params.num_iters) + " must be in [1, " +

@@ -4,6 +4,7 @@
 #include "monarchrt/npy.h"
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 
@@ -67,9 +68,10 @@ struct HeaderParser {
       if (v > (std::numeric_limits<int64_t>::max() - 9) / 10) return false;
       v = v * 10 + (text[pos++] - '0');
     }
+    if (pos == start) return false;
     if (pos < text.size() && text[pos] == 'L') ++pos;  // Python 2 longs
     *out = v;
-    return pos > start;
+    return true;
   }
 };
 
@@ -189,6 +191,8 @@ Status parse_npy(const uint8_t* bytes, size_t size, const std::string& what, Npy
 }
 
 Status read_npy(const std::string& path, NpyArray* out) {
+  std::error_code ec;  // a directory opens, and may report any size (2^63 - 1 on ext4)
+  if (std::filesystem::is_directory(path, ec)) return Status::io_error(path + ": is a directory");
   std::ifstream f(path, std::ios::binary);
   if (!f) return Status::io_error(path + ": cannot open for reading");
   f.seekg(0, std::ios::end);

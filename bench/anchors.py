@@ -1,0 +1,53 @@
+"""Dense-attention anchors for bench_cuda, on the same card in the same run: cuDNN and
+FlashAttention-2 (torch SDPA backends), B=1, H=12, D=128, bf16, the shapes of targets.md.
+Median of many calls timed with CUDA events, inputs rotated so L2 does not hold them."""
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+REPS = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+PER_FRAME = 1560
+SHAPES = [("SF chunk, KV 3 frames", 3, 3, False), ("SF chunk, KV 9 frames", 3, 9, False),
+          ("SF chunk, KV 15 frames", 3, 15, False), ("SF chunk, KV 21 frames", 3, 21, False),
+          ("full 32760 bidirectional", 21, 21, False)]
+
+
+def time_ms(fn, sets):
+    for i in range(3):
+        fn(*sets[i % len(sets)])
+    times = []
+    for r in range(REPS):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        args = sets[r % len(sets)]
+        s.record()
+        fn(*args)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
+    print(f"{'shape':28s} {'cuDNN ms':>10s} {'FA2 ms':>10s} {'dense TFLOP':>12s}")
+    for name, qf, kf, _ in SHAPES:
+        sq, skv = qf * PER_FRAME, kf * PER_FRAME
+        sets = [(torch.randn(1, 12, sq, 128, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(1, 12, skv, 128, device="cuda", dtype=torch.bfloat16),
+                 torch.randn(1, 12, skv, 128, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
+        res = []
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+            try:
+                with sdpa_kernel(backend):
+                    res.append(time_ms(torch.nn.functional.scaled_dot_product_attention, sets))
+            except RuntimeError as err:  # backend not available for this shape
+                print(f"  {backend}: {err}".splitlines()[0])
+                res.append(float("nan"))
+        flops = 4 * sq * skv * 128 * 12
+        print(f"{name:28s} {res[0]:10.3f} {res[1]:10.3f} {flops / 1e12:12.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+// CUDA benchmark of the Monarch forward on the shapes of ../shared/docs/targets.md (B = 1,
+// H = 12, D = 128, bf16): Self-Forcing chunks (3 query frames against a KV cache of 3, 9, 15 and
+// 21 frames), full bidirectional and block-causal 32760 tokens, and the f_tied = 3 and
+// h_reduce = 2 layouts. Prints the first call's time, the median of many timed calls (device
+// events, inputs rotated so L2 does not hold them, random data), and achieved TFLOP/s of real
+// work. Not a test: it prints and exits 0 unless a call fails. The dense anchors (cuDNN and
+// FlashAttention-2 through PyTorch, same card, same run) come from bench/anchors.py.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "monarchrt/cuda.h"
+#include "monarchrt/workload.h"
+
+using namespace monarchrt;
+
+#define CHECK_CUDA(x)                                                                      \
+  do {                                                                                     \
+    cudaError_t e_ = (x);                                                                  \
+    if (e_ != cudaSuccess) {                                                               \
+      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #x, cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(1);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+struct Shape {
+  const char* name;
+  int64_t q_frames, kv_frames;
+  MonarchLayout layout;
+  int64_t causal;  // frames
+  bool kv;
+  double target_ms;  // 0: none
+};
+
+// FLOPs of real work: allowed (query tile, key tile) pairs times the per-pair cost of section 5.
+double real_flops(const Shape& s, const TileGeometry& qg, const TileGeometry& kg, int64_t H, int64_t D) {
+  double pairs = 0;
+  const int64_t offset = s.kv ? s.kv_frames - s.q_frames : 0;
+  for (int64_t m = 0; m < qg.tiles; ++m)
+    for (int64_t n = 0; n < kg.tiles; ++n) {
+      const int64_t qf = qg.first_frame_of_tile(m) + offset, kf = kg.first_frame_of_tile(n);
+      if (s.causal == 0 || kf / s.causal <= qf / s.causal) pairs += 1;
+    }
+  return H * pairs * monarch_flops(1, 1, qg.b1, qg.b2, D);
+}
+
+int main(int argc, char** argv) {
+  const int64_t H = 12, D = 128;
+  const int reps = argc > 1 ? std::atoi(argv[1]) : 50;
+  const Shape shapes[] = {
+      {"SF chunk, KV 3 frames", 3, 3, {1, 1, 1}, 0, true, 0.06},
+      {"SF chunk, KV 9 frames", 3, 9, {1, 1, 1}, 0, true, 0.12},
+      {"SF chunk, KV 15 frames", 3, 15, {1, 1, 1}, 0, true, 0},
+      {"SF chunk, KV 21 frames", 3, 21, {1, 1, 1}, 0, true, 0.25},
+      {"SF KV 21, f_tied=3", 3, 21, {3, 1, 1}, 0, true, 0},
+      {"SF KV 21, h_reduce=2", 3, 21, {1, 2, 1}, 0, true, 0},
+      {"full 32760 bidirectional", 21, 21, {1, 1, 1}, 0, false, 1.5},
+      {"full 32760 block-causal 3", 21, 21, {1, 1, 1}, 3, false, 0},
+  };
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s (%d SMs), B=1 H=%lld D=%lld bf16, median of %d calls\n", prop.name,
+              prop.multiProcessorCount, (long long)H, (long long)D, reps);
+  std::printf("%-28s %10s %10s %10s %9s %9s\n", "shape", "first ms", "median ms", "TFLOP/s",
+              "target", "status");
+  const int64_t per_frame = 30 * 52;
+  const int64_t max_tokens = 21 * per_frame;
+  // Input sets to rotate through: enough that they do not fit in L2 together.
+  const size_t elems = size_t(max_tokens) * H * D;
+  const int sets = 3;
+  std::vector<void*> q(sets), k(sets), v(sets), o(sets);
+  {
+    std::vector<uint16_t> host(elems);
+    Rng rng(7);
+    for (int i = 0; i < sets; ++i) {
+      for (void** p : {&q[i], &k[i], &v[i], &o[i]}) {
+        CHECK_CUDA(cudaMalloc(p, elems * 2));
+        for (auto& x : host) x = float_to_bf16(static_cast<float>(rng.normal()));
+        CHECK_CUDA(cudaMemcpy(*p, host.data(), elems * 2, cudaMemcpyHostToDevice));
+      }
+    }
+  }
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  for (const Shape& s : shapes) {
+    AttentionParams p;
+    p.grid = VideoGrid{s.q_frames, 30, 52};
+    p.layout = s.layout;
+    p.causal_chunk_frames = s.causal;
+    p.kv_cache = s.kv;
+    auto view = [&](void* ptr, int64_t frames) {
+      return TensorView::contiguous(ptr, DType::kBF16, 1, frames * per_frame, H, D, Device::kCUDA);
+    };
+    TileGeometry qg, kg;
+    make_tile_geometry(p.grid, p.layout, &qg);
+    make_tile_geometry(VideoGrid{s.kv_frames, 30, 52}, p.layout, &kg);
+    const double flops = real_flops(s, qg, kg, H, D);
+    auto call = [&](int i) {
+      Status st = cuda::monarch_attention(view(q[i], s.q_frames), view(k[i], s.kv_frames),
+                                          view(v[i], s.kv_frames), view(o[i], s.q_frames), p,
+                                          nullptr, 0, nullptr);
+      if (!st.ok()) {
+        std::fprintf(stderr, "%s: %s\n", s.name, st.to_string().c_str());
+        std::exit(1);
+      }
+    };
+    float first = 0;
+    CHECK_CUDA(cudaEventRecord(e0));
+    call(0);
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    CHECK_CUDA(cudaEventElapsedTime(&first, e0, e1));
+    for (int i = 0; i < 3; ++i) call(i % sets);
+    std::vector<float> times;
+    for (int r = 0; r < reps; ++r) {
+      CHECK_CUDA(cudaEventRecord(e0));
+      call(r % sets);
+      CHECK_CUDA(cudaEventRecord(e1));
+      CHECK_CUDA(cudaEventSynchronize(e1));
+      float ms = 0;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+      times.push_back(ms);
+    }
+    std::sort(times.begin(), times.end());
+    const double med = times[times.size() / 2];
+    char target[32] = "-", status[32] = "-";
+    if (s.target_ms > 0) {
+      std::snprintf(target, sizeof target, "%.2f", s.target_ms);
+      std::snprintf(status, sizeof status, "%s", med <= s.target_ms ? "met" : "missed");
+    }
+    std::printf("%-28s %10.3f %10.3f %10.1f %9s %9s\n", s.name, first, med, flops / (med * 1e-3) * 1e-12,
+                target, status);
+  }
+  for (int i = 0; i < sets; ++i)
+    for (void* p : {q[i], k[i], v[i], o[i]}) cudaFree(p);
+  return 0;
+}

@@ -1,0 +1,37 @@
+// CUDA path of Monarch attention, in the CUTLASS style: can_implement(), workspace_size(),
+// run on a stream. This header is CUDA-free; the functions exist when the library was built with
+// CUDA (the macro MONARCHRT_WITH_CUDA is then defined for users of the library).
+//
+// Version 1 (this one): forward, 1 iteration, bidirectional / block-causal / KV cache with sink
+// and window, bf16 or fp16 in and out, fp32 accumulation, head dim 64 or 128, any tiling with
+// b2 <= 64 (D = 128) or b2 <= 128 (D = 64). Tensors are device pointers with the head dim
+// contiguous and 16-byte aligned rows. No allocation, no host synchronization, no autotuning:
+// the call is capturable in a CUDA graph.
+#pragma once
+
+#include <cstddef>
+
+#include "monarchrt/attention.h"
+
+namespace monarchrt {
+namespace cuda {
+
+// Number of CUDA devices visible (0 when there is none or the driver is missing).
+int device_count();
+
+// Whether the CUDA forward can run this problem on the current device; the Status says why not.
+Status can_implement(const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& out, const AttentionParams& params);
+
+// Bytes of device workspace the call needs (0 for the fused forward).
+size_t workspace_size(const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView& out, const AttentionParams& params);
+
+// Monarch attention forward on `stream` (a cudaStream_t; nullptr = the default stream).
+// Checks everything can_implement() checks first; on error nothing is launched.
+Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const TensorView& out, const AttentionParams& params, void* workspace,
+                         size_t workspace_bytes, void* stream);
+
+}  // namespace cuda
+}  // namespace monarchrt

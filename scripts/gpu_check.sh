@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (the device tool): builds the CUDA kernels for this card, runs the GPU
+# tests against the fp64 CPU reference, compute-sanitizer memcheck and racecheck on a reduced set,
+# then the benchmark and the dense anchors (cuDNN, FlashAttention-2 through torch) in the same run.
+# Logs go to $OUT (default /tmp/monarchrt-gpu). GoogleTest is built from .deps/googletest when the
+# machine has none installed. Usage: scripts/gpu_check.sh [all|test|bench]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+OUT=${OUT:-/tmp/monarchrt-gpu}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+extra=()
+[ -d .deps/googletest ] && extra+=(-DMONARCHRT_GTEST_SOURCE="$PWD/.deps/googletest")
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+cmake -S . -B build-gpu -G Ninja -DMONARCHRT_CUDA=ON -DMONARCHRT_CUDA_ARCHS="$arch" "${extra[@]}" >"$OUT/cmake.log" 2>&1 \
+  || { tail -30 "$OUT/cmake.log"; exit 1; }
+cmake --build build-gpu -j "$(nproc)" >"$OUT/build.log" 2>&1 || { grep -E "error" "$OUT/build.log" | head -30; exit 1; }
+status=0
+if [ "$what" = all ] || [ "$what" = test ]; then
+  echo "== GPU tests"
+  ./build-gpu/tests/test_cuda 2>&1 | tee "$OUT/test_cuda.log" | grep -E "rel L2|OK|FAILED|PASSED|Failure|Expected|Which" | head -80
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "== compute-sanitizer memcheck"
+  compute-sanitizer --tool memcheck --error-exitcode 3 ./build-gpu/tests/test_cuda \
+    --gtest_filter='*PaddedStrides*:*Wide*:*Reject*' >"$OUT/memcheck.log" 2>&1; echo "memcheck exit $?"; tail -3 "$OUT/memcheck.log"
+  echo "== compute-sanitizer racecheck"
+  compute-sanitizer --tool racecheck --error-exitcode 3 ./build-gpu/tests/test_cuda \
+    --gtest_filter='*PaddedStrides*' >"$OUT/racecheck.log" 2>&1; echo "racecheck exit $?"; tail -3 "$OUT/racecheck.log"
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  echo "== benchmark"
+  ./build-gpu/bench/bench_cuda 2>&1 | tee "$OUT/bench.txt"
+  echo "== dense anchors"
+  python3 bench/anchors.py 2>&1 | tee "$OUT/anchors.txt"
+fi
+exit $status

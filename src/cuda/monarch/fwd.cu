@@ -1,0 +1,194 @@
+// Host side of the CUDA Monarch forward: argument checks, the choice of kernel configuration
+// (ahead of time, from the device's shared-memory size: never autotuned), and the launch.
+#include <cuda_runtime.h>
+
+#include <mutex>
+#include <string>
+
+#include "../../core/plan.h"
+#include "fwd_kernel.cuh"
+#include "monarchrt/cuda.h"
+
+namespace monarchrt {
+
+namespace cuda_detail {
+namespace {
+
+Status cuda_error(cudaError_t e, const char* what, const char* file, int line) {
+  return Status::internal(std::string(what) + " failed: " + cudaGetErrorString(e) + " (" + file +
+                          ":" + std::to_string(line) + ")");
+}
+#define MONARCHRT_CUDA_CHECK(call)                                                   \
+  do {                                                                               \
+    cudaError_t e_ = (call);                                                         \
+    if (e_ != cudaSuccess) return cuda_error(e_, #call, __FILE__, __LINE__);         \
+  } while (0)
+
+// Configurations, largest first: G = 4 key rows per stage-1 group needs about 219 KB of shared
+// memory for D = 128 (Hopper: 227 KB per block); G = 2 fits the 163 KB of sm_80.
+template <typename T, int D>
+size_t smem_bytes(int G) {
+  return G == 4 ? FwdConfig<T, D, 4>::kSmem : FwdConfig<T, D, 2>::kSmem;
+}
+
+template <typename T, int D, int G>
+Status launch(const MonarchFwdParams& p, int B, cudaStream_t stream) {
+  using C = FwdConfig<T, D, G>;
+  static std::once_flag once;
+  static cudaError_t attr = cudaSuccess;
+  std::call_once(once, [] {
+    attr = cudaFuncSetAttribute(monarch_fwd_kernel<T, D, G>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmem));
+  });
+  MONARCHRT_CUDA_CHECK(attr);
+  const dim3 grid((p.b2 + C::kJB - 1) / C::kJB, p.A * p.row_groups, B * p.H);
+  monarch_fwd_kernel<T, D, G><<<grid, C::kThreads, C::kSmem, stream>>>(p);
+  MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  return Status();
+}
+
+template <typename T, int D>
+Status dispatch_groups(const MonarchFwdParams& p, int B, int G, cudaStream_t stream) {
+  return G == 4 ? launch<T, D, 4>(p, B, stream) : launch<T, D, 2>(p, B, stream);
+}
+
+struct Choice {
+  int G = 0;
+};
+
+Status choose(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+              const AttentionParams& params, AttentionPlan* plan, Choice* choice) {
+  MONARCHRT_RETURN_IF_ERROR(make_plan(q, k, v, out, params, true, Device::kCUDA, plan));
+  if (q.dtype != DType::kBF16 && q.dtype != DType::kF16) {
+    return Status::unsupported(std::string("q: dtype ") + dtype_name(q.dtype) +
+                               " is not supported by the CUDA path (bfloat16 or float16)");
+  }
+  if (out.dtype != q.dtype) {
+    return Status::unsupported(std::string("out: dtype must equal q's ") + dtype_name(q.dtype) +
+                               " on the CUDA path, got " + dtype_name(out.dtype));
+  }
+  if (plan->D != 64 && plan->D != 128) {
+    return Status::unsupported("q: head dim " + std::to_string(plan->D) +
+                               " is not supported by the CUDA path (64 or 128)");
+  }
+  if (params.num_iters != 1) {
+    return Status::unsupported("num_iters = " + std::to_string(params.num_iters) +
+                               ": the CUDA forward runs 1 iteration in this version (use cpu::)");
+  }
+  const int b2_max = plan->D == 128 ? 64 : 128;
+  if (plan->qg.b2 > b2_max) {
+    return Status::unsupported("layout: tile width b2 = " + std::to_string(plan->qg.b2) +
+                               " exceeds the CUDA path's " + std::to_string(b2_max) +
+                               " for head dim " + std::to_string(plan->D));
+  }
+  const char* names[4] = {"q", "k", "v", "out"};
+  const TensorView* views[4] = {&q, &k, &v, &out};
+  for (int i = 0; i < 4; ++i) {
+    const TensorView& t = *views[i];
+    if (t.stride[3] != 1) {
+      return Status::unsupported(std::string(names[i]) + ": the head dim must be contiguous (stride 1)");
+    }
+    if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0 || t.stride[0] % 8 != 0 ||
+        t.stride[1] % 8 != 0 || t.stride[2] % 8 != 0) {
+      return Status::unsupported(std::string(names[i]) +
+                                 ": data and strides must be 16-byte aligned (multiples of 8 elements)");
+    }
+  }
+  int device = 0, optin = 0;
+  MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
+  MONARCHRT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const bool bf16 = q.dtype == DType::kBF16;
+  auto need = [&](int G) {
+    if (plan->D == 128) return bf16 ? smem_bytes<__nv_bfloat16, 128>(G) : smem_bytes<__half, 128>(G);
+    return bf16 ? smem_bytes<__nv_bfloat16, 64>(G) : smem_bytes<__half, 64>(G);
+  };
+  if (size_t(optin) >= need(4)) {
+    choice->G = 4;
+  } else if (size_t(optin) >= need(2)) {
+    choice->G = 2;
+  } else {
+    return Status::unsupported("device: " + std::to_string(optin) +
+                               " bytes of shared memory per block are too few for the CUDA path");
+  }
+  return Status();
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+namespace cuda {
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return 0;
+  }
+  return n;
+}
+
+Status can_implement(const TensorView& q, const TensorView& k, const TensorView& v,
+                     const TensorView& out, const AttentionParams& params) {
+  AttentionPlan plan;
+  cuda_detail::Choice choice;
+  return cuda_detail::choose(q, k, v, out, params, &plan, &choice);
+}
+
+size_t workspace_size(const TensorView&, const TensorView&, const TensorView&, const TensorView&,
+                      const AttentionParams&) {
+  return 0;
+}
+
+Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const TensorView& out, const AttentionParams& params, void* workspace,
+                         size_t workspace_bytes, void* stream) {
+  using namespace cuda_detail;
+  AttentionPlan plan;
+  Choice choice;
+  MONARCHRT_RETURN_IF_ERROR(choose(q, k, v, out, params, &plan, &choice));
+  MonarchFwdParams p{};
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.out = out.data;
+  for (int i = 0; i < 3; ++i) {
+    p.q_stride[i] = q.stride[i];
+    p.k_stride[i] = k.stride[i];
+    p.v_stride[i] = v.stride[i];
+    p.o_stride[i] = out.stride[i];
+  }
+  p.H = int(plan.H);
+  p.h = int(plan.q_grid.h);
+  p.w = int(plan.q_grid.w);
+  p.f_tied = int(params.layout.f_tied);
+  p.w_reduce = int(params.layout.w_reduce);
+  p.rows_pf = int(plan.q_grid.h / params.layout.h_reduce);
+  p.tpg = int(plan.qg.tiles_per_frame_group);
+  p.b1 = int(plan.qg.b1);
+  p.b2 = int(plan.qg.b2);
+  p.A = int(plan.qg.tiles);
+  p.F = int(plan.kg.tiles);
+  p.row_groups = int((plan.qg.b1 + 31) / 32);
+  p.q_frame_offset = int(plan.q_frame_offset);
+  p.causal_chunk = int(plan.causal_chunk_frames);
+  const int64_t cache = plan.k_grid.T;
+  p.sink = params.kv_cache ? int(params.sink_frames) : 0;
+  p.window_start = (params.kv_cache && params.window_frames > 0)
+                       ? int(std::max<int64_t>(cache - params.window_frames, p.sink))
+                       : p.sink;
+  p.scale_log2 = float(plan.scale * 1.4426950408889634);
+  if (p.A * p.row_groups > 65535 || plan.B * plan.H > 65535) {
+    return Status::unsupported("q: too many tiles or batch*heads for one launch");
+  }
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int B = int(plan.B);
+  if (q.dtype == DType::kBF16) {
+    return plan.D == 128 ? dispatch_groups<__nv_bfloat16, 128>(p, B, choice.G, s)
+                         : dispatch_groups<__nv_bfloat16, 64>(p, B, choice.G, s);
+  }
+  return plan.D == 128 ? dispatch_groups<__half, 128>(p, B, choice.G, s)
+                       : dispatch_groups<__half, 64>(p, B, choice.G, s);
+}
+
+}  // namespace cuda
+}  // namespace monarchrt

@@ -1,0 +1,31 @@
+// The plain parameter struct of the CUDA Monarch forward kernel, filled on the host from an
+// AttentionPlan (src/cuda/monarch/fwd.cu) and passed by value to the kernel.
+#pragma once
+
+#include <cstdint>
+
+namespace monarchrt {
+namespace cuda_detail {
+
+struct MonarchFwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3];  // batch, token, head (elements)
+  int H;                       // heads
+  int h, w;                    // rows and columns of a frame (query and key grids alike)
+  int f_tied, w_reduce;        // layout
+  int rows_pf;                 // h / h_reduce: token rows of a frame inside one tile
+  int tpg;                     // tiles per frame group: h_reduce * w_reduce
+  int b1, b2;                  // tile rows and columns
+  int A, F;                    // query tiles, key tiles
+  int row_groups;              // CTAs along the tile rows: ceil(b1 / kRowsPerCta)
+  int q_frame_offset;          // key-grid frame of query frame 0
+  int causal_chunk;            // block-causal chunk in frames, 0 = none
+  int sink, window_start;      // KV cache: key frame f attended iff f < sink || f >= window_start
+  float scale_log2;            // softmax scale * log2(e)
+};
+
+}  // namespace cuda_detail
+}  // namespace monarchrt

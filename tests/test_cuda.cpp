@@ -1,0 +1,213 @@
+// GPU tests of the CUDA Monarch forward (CTest label "gpu"): every mode, dtype and head dim on
+// many shapes (odd tiles, several tilings, batch and heads > 1, padded strides) against the fp64
+// CPU reference on fresh random inputs. Outputs are poisoned with NaN first, so an unwritten
+// element fails; padding between heads must stay untouched. Skips where there is no GPU.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "monarchrt/cuda.h"
+#include "test_util.h"
+
+namespace monarchrt {
+namespace {
+
+using test::Tensor;
+
+#define SKIP_WITHOUT_GPU()                                        \
+  do {                                                            \
+    if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA GPU"; \
+  } while (0)
+
+// A device copy of a host tensor (same strides).
+struct DeviceTensor {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  TensorView view;
+  explicit DeviceTensor(const Tensor& host) : bytes(host.storage.size()), view(host.view) {
+    EXPECT_EQ(cudaMalloc(&ptr, bytes), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(ptr, host.storage.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    view.data = ptr;
+    view.device = Device::kCUDA;
+  }
+  ~DeviceTensor() { cudaFree(ptr); }
+  void copy_to(Tensor& host) const {
+    EXPECT_EQ(cudaMemcpy(host.storage.data(), ptr, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+  }
+};
+
+struct Case {
+  VideoGrid grid;
+  MonarchLayout layout;
+  int64_t B, H;
+  int64_t causal_chunk;            // frames
+  int64_t cache_frames;            // > 0: KV-cache call over this many frames
+  int64_t sink, window;
+};
+
+const Case kCases[] = {
+    {{2, 30, 52}, {1, 1, 1}, 1, 2, 0, 0, 0, 0},   // the real 30x52 tile
+    {{3, 30, 52}, {1, 2, 1}, 1, 1, 1, 0, 0, 0},   // 15x52, block-causal
+    {{3, 30, 52}, {3, 1, 1}, 1, 1, 0, 0, 0, 0},   // 90x52: three row groups per tile
+    {{2, 3, 5}, {1, 1, 1}, 2, 3, 1, 0, 0, 0},     // 3x5, batch and heads
+    {{4, 1, 1}, {1, 1, 1}, 1, 2, 2, 0, 0, 0},     // 1x1 tiles
+    {{2, 52, 30}, {1, 1, 1}, 1, 1, 0, 0, 0, 0},   // b1 = 52 (two row groups), b2 = 30
+    {{2, 15, 3}, {1, 1, 1}, 2, 1, 0, 0, 0, 0},    // 15x3
+    {{3, 5, 7}, {1, 1, 1}, 1, 2, 1, 0, 0, 0},     // odd everything
+    {{2, 4, 64}, {1, 2, 1}, 1, 1, 0, 0, 0, 0},    // b2 = 64, the widest for D = 128
+    {{2, 6, 45}, {2, 3, 1}, 1, 1, 0, 0, 0, 0},    // f_tied 2, h_reduce 3: 4x45
+    {{3, 6, 10}, {1, 1, 1}, 2, 2, 0, 9, 0, 0},    // KV cache, whole cache
+    {{3, 6, 10}, {1, 1, 1}, 1, 2, 0, 12, 3, 6},   // KV cache, sink 3 + window 6
+    {{2, 6, 10}, {2, 2, 1}, 1, 1, 0, 10, 2, 4},   // KV cache with f_tied 2
+};
+
+double run_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad) {
+  const int64_t Sq = c.grid.tokens();
+  const int64_t Skv = c.cache_frames ? c.cache_frames * c.grid.tokens_per_frame() : Sq;
+  Tensor q(dtype, c.B, Sq, c.H, D, pad), k(dtype, c.B, Skv, c.H, D, pad), v(dtype, c.B, Skv, c.H, D);
+  q.fill_normal(rng, 1.5);
+  k.fill_normal(rng, 1.5);
+  v.fill_normal(rng);
+  Tensor out(dtype, c.B, Sq, c.H, D, pad);
+  std::memset(out.storage.data(), 0xff, out.storage.size());  // NaN everywhere, padding too
+  AttentionParams p;
+  p.grid = c.grid;
+  p.layout = c.layout;
+  p.causal_chunk_frames = c.causal_chunk;
+  p.kv_cache = c.cache_frames > 0;
+  p.sink_frames = c.sink;
+  p.window_frames = c.window;
+  Tensor want(DType::kF64, c.B, Sq, c.H, D);
+  EXPECT_TRUE(ref::monarch_attention(q.view, k.view, v.view, want.view, p).ok());
+  DeviceTensor dq(q), dk(k), dv(v), dout(out);
+  const Status s = cuda::monarch_attention(dq.view, dk.view, dv.view, dout.view, p, nullptr, 0, nullptr);
+  EXPECT_TRUE(s.ok()) << s.to_string();
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  dout.copy_to(out);
+  const std::vector<double> got = out.values();
+  EXPECT_TRUE(test::all_finite(got)) << "unwritten or non-finite output";
+  // Padding (elements outside the view) must still hold the poison bytes.
+  std::vector<uint8_t> touched(out.storage.size(), 0);
+  const int64_t es = dtype_size(dtype);
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t s2 = 0; s2 < Sq; ++s2)
+      for (int64_t h = 0; h < c.H; ++h)
+        for (int64_t d = 0; d < D; ++d)
+          std::memset(&touched[out.view.offset(b, s2, h, d) * es], 1, es);
+  for (size_t i = 0; i < touched.size(); ++i) {
+    if (!touched[i] && out.storage[i] != 0xff) {
+      ADD_FAILURE() << "byte " << i << " outside the output view was written";
+      break;
+    }
+  }
+  return test::relative_l2(got, want.values());
+}
+
+TEST(CudaForward, MatchesReferenceEveryModeDtypeAndHeadDim) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(101);
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    for (int64_t D : {64, 128}) {
+      for (const Case& c : kCases) {
+        const double err = run_case(c, dtype, D, rng, 0);
+        // bf16 inputs and bf16 intermediates (aL, Y, P): ~4e-3 expected; fp16 about 8x tighter.
+        EXPECT_LT(err, 1e-2) << "grid " << c.grid.to_string() << " layout " << c.layout.to_string()
+                             << " D " << D << " " << dtype_name(dtype);
+        std::printf("%-9s D=%3lld grid %-8s layout %s causal %lld cache %lld sink %lld window %lld: rel L2 %.2e\n",
+                    dtype_name(dtype), (long long)D, c.grid.to_string().c_str(),
+                    c.layout.to_string().c_str(), (long long)c.causal_chunk,
+                    (long long)c.cache_frames, (long long)c.sink, (long long)c.window, err);
+      }
+    }
+  }
+}
+
+TEST(CudaForward, PaddedStrides) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(102);
+  const Case c{{2, 6, 20}, {1, 2, 2}, 2, 3, 1, 0, 0, 0};
+  for (int64_t D : {64, 128}) EXPECT_LT(run_case(c, DType::kBF16, D, rng, 8), 1e-2);
+}
+
+TEST(CudaForward, WideTilesForHeadDim64) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(103);
+  const Case c{{2, 2, 100}, {1, 1, 1}, 1, 2, 0, 0, 0, 0};
+  EXPECT_LT(run_case(c, DType::kF16, 64, rng, 0), 1e-2);
+}
+
+TEST(CudaForward, RejectsWhatItCannotRun) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(104);
+  const Case c{{2, 3, 5}, {1, 1, 1}, 1, 1, 0, 0, 0, 0};
+  Tensor q(DType::kBF16, 1, 30, 1, 64);
+  q.fill_normal(rng);
+  DeviceTensor dq(q), dk(q), dv(q), dout(q);
+  AttentionParams p;
+  p.grid = c.grid;
+  p.num_iters = 2;
+  Status s = cuda::monarch_attention(dq.view, dk.view, dv.view, dout.view, p, nullptr, 0, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kUnsupported);
+  EXPECT_NE(s.message().find("num_iters"), std::string::npos);
+  p.num_iters = 1;
+  // Host tensors on the CUDA path.
+  s = cuda::monarch_attention(q.view, q.view, q.view, q.view, p, nullptr, 0, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  // Layout that does not divide the grid: the same error as the CPU path.
+  p.layout.h_reduce = 2;
+  s = cuda::monarch_attention(dq.view, dk.view, dv.view, dout.view, p, nullptr, 0, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("layout.h_reduce"), std::string::npos);
+  p.layout.h_reduce = 1;
+  // Head dim 32 and wide tiles are unsupported, with the reason.
+  Tensor q32(DType::kBF16, 1, 30, 1, 32);
+  DeviceTensor d32(q32);
+  s = cuda::monarch_attention(d32.view, d32.view, d32.view, d32.view, p, nullptr, 0, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kUnsupported);
+  EXPECT_NE(s.message().find("head dim"), std::string::npos);
+  Tensor qw(DType::kBF16, 1, 200, 1, 128);
+  DeviceTensor dw(qw);
+  p.grid = VideoGrid{2, 1, 100};
+  s = cuda::monarch_attention(dw.view, dw.view, dw.view, dw.view, p, nullptr, 0, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kUnsupported);
+  EXPECT_NE(s.message().find("b2"), std::string::npos);
+}
+
+TEST(CudaForward, CapturableInAGraphAndDeterministic) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(105);
+  const VideoGrid grid{3, 30, 52};
+  Tensor q(DType::kBF16, 1, grid.tokens(), 2, 128);
+  q.fill_normal(rng);
+  Tensor k = q, v = q;
+  k.fill_normal(rng);
+  v.fill_normal(rng);
+  DeviceTensor dq(q), dk(k), dv(v), d1(q), d2(q);
+  AttentionParams p;
+  p.grid = grid;
+  p.causal_chunk_frames = 1;
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  ASSERT_TRUE(cuda::monarch_attention(dq.view, dk.view, dv.view, d1.view, p, nullptr, 0, stream).ok());
+  cudaGraph_t graph;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  ASSERT_TRUE(cuda::monarch_attention(dq.view, dk.view, dv.view, d2.view, p, nullptr, 0, stream).ok());
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  Tensor o1 = q, o2 = q;
+  d1.copy_to(o1);
+  d2.copy_to(o2);
+  EXPECT_EQ(o1.storage, o2.storage);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+}  // namespace monarchrt

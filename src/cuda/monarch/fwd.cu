@@ -81,6 +81,10 @@ Status choose(const TensorView& q, const TensorView& k, const TensorView& v, con
                                " exceeds the CUDA path's " + std::to_string(b2_max) +
                                " for head dim " + std::to_string(plan->D));
   }
+  if (plan->qg.b1 > 256) {
+    return Status::unsupported("layout: tile height b1 = " + std::to_string(plan->qg.b1) +
+                               " exceeds the CUDA path's 256");
+  }
   const char* names[4] = {"q", "k", "v", "out"};
   const TensorView* views[4] = {&q, &k, &v, &out};
   for (int i = 0; i < 4; ++i) {

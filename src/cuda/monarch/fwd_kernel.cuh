@@ -47,16 +47,20 @@ struct FwdConfig {
   static constexpr size_t kYc = kAL + size_t(kJB) * kKC * kLdD * sizeof(T);
   static constexpr size_t kCL = kYc + size_t(kJB) * kKC * kLdD * sizeof(T);
   static constexpr size_t kRed = kCL + size_t(kJB) * kKC * sizeof(float);
-  static constexpr size_t kSmem = kRed + size_t(3) * G * kWPR * kJB * sizeof(float);
+  static constexpr size_t kRowOff = kRed + size_t(3) * G * kWPR * kJB * sizeof(float);
+  static constexpr int kMaxB1 = 256;  // rows of the row-offset table (b1 <= 256)
+  static constexpr size_t kSmem = kRowOff + kMaxB1 * sizeof(int);
 };
 
-// Natural token index of (tile, row, column) in a grid with this layout.
-__device__ __forceinline__ int64_t token_of(const MonarchFwdParams& p, int tile, int row, int col) {
+// Natural token index of (tile, row, column) in a grid with this layout is
+// tile_base(tile) + row_offset(row) + column: the divisions happen once per tile and once per
+// row (into a shared-memory table), not per element (they cost ~30% of all instructions).
+__device__ __forceinline__ int tile_base(const MonarchFwdParams& p, int tile) {
   const int fg = tile / p.tpg, rem = tile % p.tpg;
-  const int t = fg * p.f_tied + row / p.rows_pf;
-  const int y = (rem / p.w_reduce) * p.rows_pf + row % p.rows_pf;
-  const int x = (rem % p.w_reduce) * p.b2 + col;
-  return (int64_t(t) * p.h + y) * p.w + x;
+  return (fg * p.f_tied * p.h + (rem / p.w_reduce) * p.rows_pf) * p.w + (rem % p.w_reduce) * p.b2;
+}
+__device__ __forceinline__ int row_offset(const MonarchFwdParams& p, int row) {
+  return ((row / p.rows_pf) * p.h + row % p.rows_pf) * p.w;
 }
 
 __device__ __forceinline__ bool tile_allowed(const MonarchFwdParams& p, int m, int n) {
@@ -94,6 +98,7 @@ __global__ void __launch_bounds__(FwdConfig<T, D, G>::kThreads, 1)
   float* red_max = reinterpret_cast<float*>(smem + C::kRed);
   float* red_sum = red_max + G * C::kWPR * C::kJB;
   float* red_pz = red_sum + G * C::kWPR * C::kJB;
+  int* row_off = reinterpret_cast<int*>(smem + C::kRowOff);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int r = lane / 4, c = (lane % 4) * 2;
@@ -110,6 +115,9 @@ __global__ void __launch_bounds__(FwdConfig<T, D, G>::kThreads, 1)
   for (int i = tid; i < int(C::kRed / 16); i += C::kThreads) {
     reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
   }
+  for (int i = tid; i < p.b1; i += C::kThreads) row_off[i] = row_offset(p, i);
+  __syncthreads();
+  const int q_base = tile_base(p, m);
 
   // Stage-2 role of this warp: column j0 + jl, rows rg * 32 + mt * 16 + [0, 16).
   const int jl = warp / 2, mt = warp % 2;
@@ -121,7 +129,7 @@ __global__ void __launch_bounds__(FwdConfig<T, D, G>::kThreads, 1)
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int l = rg * C::kRowsPerCta + mt * 16 + r + half * 8;
-    qrow[half] = (l < p.b1 && jq < p.b2) ? qg + token_of(p, m, l, jq) * p.q_stride[1] : nullptr;
+    qrow[half] = (l < p.b1 && jq < p.b2) ? qg + int64_t(q_base + row_off[l] + jq) * p.q_stride[1] : nullptr;
   }
   float o[D / 8][4];
 #pragma unroll
@@ -133,32 +141,32 @@ __global__ void __launch_bounds__(FwdConfig<T, D, G>::kThreads, 1)
 
   for (int n = 0; n < p.F; ++n) {
     if (!tile_allowed(p, m, n)) continue;
+    const int k_base = tile_base(p, n);
     for (int k0 = 0; k0 < p.b1; k0 += C::kKC) {
       const int nrows = min(C::kKC, p.b1 - k0);
       for (int g0 = 0; g0 < nrows; g0 += G) {
         // ---- load G key rows of K and V, and their proxies q[m, k, j0 .. j0 + 7]. A key row is
-        // b2 consecutive tokens, so one token_of() per row; the rest is shifts and adds.
+        // b2 consecutive tokens starting at k_base + row_off[k].
 #pragma unroll 1
         for (int gg = 0; gg < G; ++gg) {
           const bool valid = g0 + gg < nrows;
-          const int64_t base = valid ? token_of(p, n, k0 + g0 + gg, 0) : 0;
-          const T* krow = kg + base * p.k_stride[1];
-          const T* vrow = vg + base * p.v_stride[1];
-          T* ks_row = Ks + gg * C::kB2Max * C::kLdD;
-          T* vs_row = Vs + gg * C::kB2Max * C::kLdD;
-          for (int idx = tid; idx < p.b2 * (D / 8); idx += C::kThreads) {
-            const int i = idx / (D / 8), dc = idx % (D / 8);  // D / 8 is a power of two
-            const int64_t off = valid ? i * p.k_stride[1] + dc * 8 : 0;
-            const int64_t voff = valid ? i * p.v_stride[1] + dc * 8 : 0;
-            cp_async_16(ks_row + i * C::kLdD + dc * 8, krow + off, valid);
-            cp_async_16(vs_row + i * C::kLdD + dc * 8, vrow + voff, valid);
+          const int64_t base = valid ? k_base + row_off[k0 + g0 + gg] : 0;
+          const int dc = tid % (D / 8);
+          const T* krow = kg + base * p.k_stride[1] + dc * 8;
+          const T* vrow = vg + base * p.v_stride[1] + dc * 8;
+          T* ks_row = Ks + gg * C::kB2Max * C::kLdD + dc * 8;
+          T* vs_row = Vs + gg * C::kB2Max * C::kLdD + dc * 8;
+          constexpr int kStep = C::kThreads / (D / 8);  // tokens per pass
+          for (int i = tid / (D / 8); i < p.b2; i += kStep) {
+            cp_async_16(ks_row + i * C::kLdD, krow + (valid ? i * p.k_stride[1] : 0), valid);
+            cp_async_16(vs_row + i * C::kLdD, vrow + (valid ? i * p.v_stride[1] : 0), valid);
           }
         }
         for (int idx = tid; idx < G * C::kJB * (D / 8); idx += C::kThreads) {
           const int gg = idx / (C::kJB * (D / 8)), rem = idx % (C::kJB * (D / 8));
           const int jj = rem / (D / 8), dc = rem % (D / 8);
           const bool valid = g0 + gg < nrows && j0 + jj < p.b2;
-          const int64_t tok = valid ? token_of(p, m, k0 + g0 + gg, j0 + jj) : 0;
+          const int64_t tok = valid ? q_base + row_off[k0 + g0 + gg] + j0 + jj : 0;
           cp_async_16(Qp + (gg * C::kJB + jj) * C::kLdD + dc * 8, qg + tok * p.q_stride[1] + dc * 8, valid);
         }
         cp_async_commit();
@@ -357,7 +365,7 @@ __global__ void __launch_bounds__(FwdConfig<T, D, G>::kThreads, 1)
   for (int hr = 0; hr < 2; ++hr) {
     const int l = rg * C::kRowsPerCta + mt * 16 + r + hr * 8;
     if (l < p.b1 && jq < p.b2) {
-      T* orow = og + token_of(p, m, l, jq) * p.o_stride[1];
+      T* orow = og + int64_t(q_base + row_off[l] + jq) * p.o_stride[1];
       const float inv = 1.f / row_sum[hr];
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {

@@ -64,7 +64,10 @@ const Case kCases[] = {
     {{2, 6, 10}, {2, 2, 1}, 1, 1, 0, 10, 2, 4},   // KV cache with f_tied 2
 };
 
-double run_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad) {
+// Runs one case on the GPU (fused kernel, or the two-pass kernels with a NaN-poisoned workspace
+// so that reading a workspace row stage 1 never wrote shows up) and returns the relative L2
+// error against the fp64 reference.
+double run_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad, bool two_pass) {
   const int64_t Sq = c.grid.tokens();
   const int64_t Skv = c.cache_frames ? c.cache_frames * c.grid.tokens_per_frame() : Sq;
   Tensor q(dtype, c.B, Sq, c.H, D, pad), k(dtype, c.B, Skv, c.H, D, pad), v(dtype, c.B, Skv, c.H, D);
@@ -83,10 +86,19 @@ double run_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad) {
   Tensor want(DType::kF64, c.B, Sq, c.H, D);
   EXPECT_TRUE(ref::monarch_attention(q.view, k.view, v.view, want.view, p).ok());
   DeviceTensor dq(q), dk(k), dv(v), dout(out);
-  const Status s = cuda::monarch_attention(dq.view, dk.view, dv.view, dout.view, p, nullptr, 0, nullptr);
+  void* ws = nullptr;
+  size_t ws_bytes = 0;
+  if (two_pass) {
+    ws_bytes = cuda::workspace_size(dq.view, dk.view, dv.view, dout.view, p);
+    EXPECT_GT(ws_bytes, 0u);
+    EXPECT_EQ(cudaMalloc(&ws, ws_bytes), cudaSuccess);
+    EXPECT_EQ(cudaMemset(ws, 0xff, ws_bytes), cudaSuccess);
+  }
+  const Status s = cuda::monarch_attention(dq.view, dk.view, dv.view, dout.view, p, ws, ws_bytes, nullptr);
   EXPECT_TRUE(s.ok()) << s.to_string();
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   dout.copy_to(out);
+  cudaFree(ws);
   const std::vector<double> got = out.values();
   EXPECT_TRUE(test::all_finite(got)) << "unwritten or non-finite output";
   // Padding (elements outside the view) must still hold the poison bytes.
@@ -109,19 +121,21 @@ double run_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad) {
 TEST(CudaForward, MatchesReferenceEveryModeDtypeAndHeadDim) {
   SKIP_WITHOUT_GPU();
   Rng rng(101);
+  for (bool two_pass : {false, true}) {
   for (DType dtype : {DType::kBF16, DType::kF16}) {
     for (int64_t D : {64, 128}) {
       for (const Case& c : kCases) {
-        const double err = run_case(c, dtype, D, rng, 0);
+        const double err = run_case(c, dtype, D, rng, 0, two_pass);
         // bf16 inputs and bf16 intermediates (aL, Y, P): ~4e-3 expected; fp16 about 8x tighter.
         EXPECT_LT(err, 1e-2) << "grid " << c.grid.to_string() << " layout " << c.layout.to_string()
                              << " D " << D << " " << dtype_name(dtype);
-        std::printf("%-9s D=%3lld grid %-8s layout %s causal %lld cache %lld sink %lld window %lld: rel L2 %.2e\n",
-                    dtype_name(dtype), (long long)D, c.grid.to_string().c_str(),
+        std::printf("%s %-9s D=%3lld grid %-8s layout %s causal %lld cache %lld sink %lld window %lld: rel L2 %.2e\n",
+                    two_pass ? "two-pass" : "fused   ", dtype_name(dtype), (long long)D, c.grid.to_string().c_str(),
                     c.layout.to_string().c_str(), (long long)c.causal_chunk,
                     (long long)c.cache_frames, (long long)c.sink, (long long)c.window, err);
       }
     }
+  }
   }
 }
 
@@ -129,14 +143,15 @@ TEST(CudaForward, PaddedStrides) {
   SKIP_WITHOUT_GPU();
   Rng rng(102);
   const Case c{{2, 6, 20}, {1, 2, 2}, 2, 3, 1, 0, 0, 0};
-  for (int64_t D : {64, 128}) EXPECT_LT(run_case(c, DType::kBF16, D, rng, 8), 1e-2);
+  for (bool two_pass : {false, true})
+    for (int64_t D : {64, 128}) EXPECT_LT(run_case(c, DType::kBF16, D, rng, 8, two_pass), 1e-2);
 }
 
 TEST(CudaForward, WideTilesForHeadDim64) {
   SKIP_WITHOUT_GPU();
   Rng rng(103);
   const Case c{{2, 2, 100}, {1, 1, 1}, 1, 2, 0, 0, 0, 0};
-  EXPECT_LT(run_case(c, DType::kF16, 64, rng, 0), 1e-2);
+  for (bool two_pass : {false, true}) EXPECT_LT(run_case(c, DType::kF16, 64, rng, 0, two_pass), 1e-2);
 }
 
 TEST(CudaForward, RejectsWhatItCannotRun) {
@@ -168,6 +183,12 @@ TEST(CudaForward, RejectsWhatItCannotRun) {
   s = cuda::monarch_attention(d32.view, d32.view, d32.view, d32.view, p, nullptr, 0, nullptr);
   EXPECT_EQ(s.code(), StatusCode::kUnsupported);
   EXPECT_NE(s.message().find("head dim"), std::string::npos);
+  // A workspace smaller than workspace_size() is an error, not a silent fallback.
+  const size_t need = cuda::workspace_size(dq.view, dk.view, dv.view, dout.view, p);
+  EXPECT_GT(need, 0u);
+  s = cuda::monarch_attention(dq.view, dk.view, dv.view, dout.view, p, dq.ptr, need - 1, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("workspace"), std::string::npos);
   Tensor qw(DType::kBF16, 1, 200, 1, 128);
   DeviceTensor dw(qw);
   p.grid = VideoGrid{2, 1, 100};

@@ -23,11 +23,15 @@ int device_count();
 Status can_implement(const TensorView& q, const TensorView& k, const TensorView& v,
                      const TensorView& out, const AttentionParams& params);
 
-// Bytes of device workspace the call needs (0 for the fused forward).
+// Bytes of device workspace for the two-pass path (0 if the problem is not supported). The
+// two-pass path keeps the stage-1 intermediates (aL, Y, cL) in this workspace: B*H*A*F*b1*b2 rows
+// of 2*D elements plus one float, e.g. 609 MB for the Self-Forcing last chunk (12 heads).
 size_t workspace_size(const TensorView& q, const TensorView& k, const TensorView& v,
                       const TensorView& out, const AttentionParams& params);
 
 // Monarch attention forward on `stream` (a cudaStream_t; nullptr = the default stream).
+// workspace_bytes == 0 runs the fused kernel (no workspace); workspace_bytes >= workspace_size()
+// runs the two-pass kernels (faster, see docs/cuda-forward.md); anything in between is an error.
 // Checks everything can_implement() checks first; on error nothing is launched.
 Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
                          const TensorView& out, const AttentionParams& params, void* workspace,

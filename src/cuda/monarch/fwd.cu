@@ -7,6 +7,7 @@
 
 #include "../../core/plan.h"
 #include "fwd_kernel.cuh"
+#include "two_pass.cuh"
 #include "monarchrt/cuda.h"
 
 namespace monarchrt {
@@ -50,6 +51,37 @@ Status launch(const MonarchFwdParams& p, int B, cudaStream_t stream) {
 template <typename T, int D>
 Status dispatch_groups(const MonarchFwdParams& p, int B, int G, cudaStream_t stream) {
   return G == 4 ? launch<T, D, 4>(p, B, stream) : launch<T, D, 2>(p, B, stream);
+}
+
+template <typename T, int D>
+Status launch_two_pass(const MonarchFwdParams& p, int B, cudaStream_t stream) {
+  using C = TwoPassConfig<T, D>;
+  static std::once_flag once;
+  static cudaError_t attr = cudaSuccess;
+  std::call_once(once, [] {
+    attr = cudaFuncSetAttribute(monarch_stage1_kernel<T, D>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmem1));
+    if (attr == cudaSuccess) {
+      attr = cudaFuncSetAttribute(monarch_stage2_kernel<T, D>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmem2));
+    }
+  });
+  MONARCHRT_CUDA_CHECK(attr);
+  const dim3 grid1(p.F, p.A, B * p.H);
+  monarch_stage1_kernel<T, D><<<grid1, 32 * ((p.b2 + 15) / 16), C::kSmem1, stream>>>(p);
+  MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  const dim3 grid2((p.b2 + C::kCols - 1) / C::kCols, p.A * ((p.b1 + 31) / 32), B * p.H);
+  monarch_stage2_kernel<T, D><<<grid2, 128, C::kSmem2, stream>>>(p);
+  MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  return Status();
+}
+
+// Workspace rows of the two-pass path: one per (batch*head, query tile, column, key tile, row).
+int64_t workspace_rows(const AttentionPlan& plan) {
+  return plan.B * plan.H * plan.qg.tiles * plan.qg.b2 * plan.kg.tiles * plan.qg.b1;
+}
+size_t two_pass_workspace(const AttentionPlan& plan, DType dtype) {
+  return size_t(workspace_rows(plan)) * (2 * size_t(plan.D) * size_t(dtype_size(dtype)) + sizeof(float));
 }
 
 struct Choice {
@@ -138,9 +170,12 @@ Status can_implement(const TensorView& q, const TensorView& k, const TensorView&
   return cuda_detail::choose(q, k, v, out, params, &plan, &choice);
 }
 
-size_t workspace_size(const TensorView&, const TensorView&, const TensorView&, const TensorView&,
-                      const AttentionParams&) {
-  return 0;
+size_t workspace_size(const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView& out, const AttentionParams& params) {
+  AttentionPlan plan;
+  cuda_detail::Choice choice;
+  if (!cuda_detail::choose(q, k, v, out, params, &plan, &choice).ok()) return 0;
+  return cuda_detail::two_pass_workspace(plan, q.dtype);
 }
 
 Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -186,6 +221,26 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
   }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int B = int(plan.B);
+  if (workspace_bytes > 0) {
+    const size_t need = two_pass_workspace(plan, q.dtype);
+    if (workspace == nullptr || workspace_bytes < need) {
+      return Status::invalid("workspace: " + std::to_string(workspace_bytes) + " bytes given, the "
+                             "two-pass path needs workspace_size() = " + std::to_string(need) +
+                             " (pass 0 bytes for the fused kernel)");
+    }
+    if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) {
+      return Status::invalid("workspace: must be 16-byte aligned");
+    }
+    const size_t plane = size_t(workspace_rows(plan)) * size_t(plan.D) * size_t(dtype_size(q.dtype));
+    p.ws_al = workspace;
+    p.ws_y = static_cast<char*>(workspace) + plane;
+    p.ws_cl = reinterpret_cast<float*>(static_cast<char*>(workspace) + 2 * plane);
+    if (q.dtype == DType::kBF16) {
+      return plan.D == 128 ? launch_two_pass<__nv_bfloat16, 128>(p, B, s)
+                           : launch_two_pass<__nv_bfloat16, 64>(p, B, s);
+    }
+    return plan.D == 128 ? launch_two_pass<__half, 128>(p, B, s) : launch_two_pass<__half, 64>(p, B, s);
+  }
   if (q.dtype == DType::kBF16) {
     return plan.D == 128 ? dispatch_groups<__nv_bfloat16, 128>(p, B, choice.G, s)
                          : dispatch_groups<__nv_bfloat16, 64>(p, B, choice.G, s);

@@ -19,6 +19,7 @@
 
 #include "../common/ptx.cuh"
 #include "fwd_params.h"
+#include "tiles.cuh"
 
 namespace monarchrt {
 namespace cuda_detail {
@@ -51,24 +52,6 @@ struct FwdConfig {
   static constexpr int kMaxB1 = 256;  // rows of the row-offset table (b1 <= 256)
   static constexpr size_t kSmem = kRowOff + kMaxB1 * sizeof(int);
 };
-
-// Natural token index of (tile, row, column) in a grid with this layout is
-// tile_base(tile) + row_offset(row) + column: the divisions happen once per tile and once per
-// row (into a shared-memory table), not per element (they cost ~30% of all instructions).
-__device__ __forceinline__ int tile_base(const MonarchFwdParams& p, int tile) {
-  const int fg = tile / p.tpg, rem = tile % p.tpg;
-  return (fg * p.f_tied * p.h + (rem / p.w_reduce) * p.rows_pf) * p.w + (rem % p.w_reduce) * p.b2;
-}
-__device__ __forceinline__ int row_offset(const MonarchFwdParams& p, int row) {
-  return ((row / p.rows_pf) * p.h + row % p.rows_pf) * p.w;
-}
-
-__device__ __forceinline__ bool tile_allowed(const MonarchFwdParams& p, int m, int n) {
-  const int qf = (m / p.tpg) * p.f_tied + p.q_frame_offset;
-  const int kf = (n / p.tpg) * p.f_tied;
-  if (kf >= p.sink && kf < p.window_start) return false;
-  return p.causal_chunk == 0 || kf / p.causal_chunk <= qf / p.causal_chunk;
-}
 
 __device__ __forceinline__ float warp_max_rows(float x) {  // over lanes with equal lane % 4
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));

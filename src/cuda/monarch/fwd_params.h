@@ -25,6 +25,11 @@ struct MonarchFwdParams {
   int causal_chunk;            // block-causal chunk in frames, 0 = none
   int sink, window_start;      // KV cache: key frame f attended iff f < sink || f >= window_start
   float scale_log2;            // softmax scale * log2(e)
+  // Two-pass path only: workspace for the stage-1 intermediates, [B*H][A][b2][F][b1] rows
+  // (D elements each for aL and Y, one float for cL). See two_pass.cuh.
+  void* ws_al;
+  void* ws_y;
+  float* ws_cl;
 };
 
 }  // namespace cuda_detail

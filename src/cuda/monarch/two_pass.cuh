@@ -1,0 +1,350 @@
+// Two-pass CUDA forward of 1-iteration Monarch attention: two FlashAttention-shaped kernels with
+// the stage-1 intermediates (aL, Y in the input dtype, cL in fp32) in a caller-provided device
+// workspace. Both kernels keep every softmax inside one warp (rows of the MMA = the softmax's
+// rows), which the fused kernel (fwd_kernel.cuh) cannot: there, 8 query columns per CTA force
+// the transposed orientation and cross-warp reductions (measured 44 instructions per MMA).
+//
+// Stage 1 (monarch_stage1_kernel): one CTA per (batch*head, query tile m, key tile n), one warp
+//   per 16 query columns j; for every key row k of tile n it is a small attention of the b2
+//   proxies q[m,k,:] over the b2 keys K[n,k,:] with two value sets:
+//     S = Q_k K_k^T (M = 16 columns, N = b2 keys, K = D); R = softmax rows; cL = sum R (z - lse)
+//     aL = R K_k, Y = R V_k   (M = 16, N = D, K = b2)
+//   written to workspace row ((bh * A + m) * b2 + j) * F + n) * b1 + k.
+// Stage 2 (monarch_stage2_kernel): one warp per (column j, 16 query rows l), FlashAttention over
+//   the F * b1 "virtual keys" (n, k) of column j: u = s q[m,l,j] . aL - cL, O = softmax(u) Y.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../common/ptx.cuh"
+#include "fwd_params.h"
+#include "tiles.cuh"
+
+namespace monarchrt {
+namespace cuda_detail {
+
+template <typename T, int D>
+struct TwoPassConfig {
+  static constexpr int kB2Max = D == 128 ? 64 : 128;  // widest key row held in shared memory
+  static constexpr int kLd = D + 8;                   // row pitch: ldmatrix rows hit distinct banks
+  static constexpr int kMaxB1 = 256;
+  // Stage 1: one key row of K, V and of the proxies.
+  static constexpr size_t kRowBytes = size_t(kB2Max) * kLd * sizeof(T);
+  static constexpr size_t kSmem1 = 3 * kRowBytes + kMaxB1 * sizeof(int);
+  // Stage 2: kCols columns x kChunk virtual keys of aL and Y, plus cL.
+  static constexpr int kCols = 2;
+  static constexpr int kChunk = 32;
+  static constexpr size_t kTileBytes = size_t(kCols) * kChunk * kLd * sizeof(T);
+  static constexpr size_t kSmem2 = 2 * kTileBytes + kCols * kChunk * sizeof(float) + kMaxB1 * sizeof(int);
+};
+
+__device__ __forceinline__ int64_t ws_row(const MonarchFwdParams& p, int bh, int m, int j, int n, int k) {
+  return ((int64_t(bh) * p.A + m) * p.b2 + j) * int64_t(p.F) * p.b1 + int64_t(n) * p.b1 + k;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdParams p) {
+  using C = TwoPassConfig<T, D>;
+  using MM = Mma<T>;
+  constexpr float kLn2 = 0.6931471805599453f;
+  constexpr int kNT = C::kB2Max / 8;  // 8-key MMA tiles of a row
+  const int n = blockIdx.x, m = blockIdx.y, bh = blockIdx.z;
+  if (!tile_allowed(p, m, n)) return;  // uniform: the whole CTA leaves
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Kr = reinterpret_cast<T*>(smem);
+  T* Vr = reinterpret_cast<T*>(smem + C::kRowBytes);
+  T* Qr = reinterpret_cast<T*>(smem + 2 * C::kRowBytes);
+  int* row_off = reinterpret_cast<int*>(smem + 3 * C::kRowBytes);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
+  const int b = bh / p.H, h = bh % p.H;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[2];
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[2];
+  T* al_ws = static_cast<T*>(p.ws_al);
+  T* y_ws = static_cast<T*>(p.ws_y);
+
+  // Pad rows (keys and columns >= b2) must be zeros, never garbage: 0 * NaN is NaN.
+  for (int i = tid; i < int(3 * C::kRowBytes / 16); i += blockDim.x) {
+    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
+  }
+  for (int i = tid; i < p.b1; i += blockDim.x) row_off[i] = row_offset(p, i);
+  __syncthreads();
+  const int q_base = tile_base(p, m), k_base = tile_base(p, n);
+  const int ntu = (p.b2 + 7) / 8, kku = (p.b2 + 15) / 16;  // used 8-key tiles, 16-key steps
+  const int j_row[2] = {warp * 16 + r, warp * 16 + r + 8};
+
+  for (int k = 0; k < p.b1; ++k) {
+    // ---- key row k of K and V, and the proxies q[m, k, :] (b2 consecutive tokens each)
+    for (int idx = tid; idx < p.b2 * (D / 8); idx += blockDim.x) {
+      const int i = idx / (D / 8), dc = idx % (D / 8);
+      const int64_t kt = k_base + row_off[k] + i, qt = q_base + row_off[k] + i;
+      cp_async_16(Kr + i * C::kLd + dc * 8, kg + kt * p.k_stride[1] + dc * 8, true);
+      cp_async_16(Vr + i * C::kLd + dc * 8, vg + kt * p.v_stride[1] + dc * 8, true);
+      cp_async_16(Qr + i * C::kLd + dc * 8, qg + qt * p.q_stride[1] + dc * 8, true);
+    }
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+
+    // ---- S = Q_k K_k^T for this warp's 16 columns
+    float s[kNT][4];
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, Qr + (warp * 16 + lane % 16) * C::kLd + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int tp = 0; tp < kNT / 2; ++tp) {
+        if (2 * tp < ntu) {
+          uint32_t bk[4];
+          ldmatrix_x4(bk, Kr + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
+          MM::run(s[2 * tp], a, bk[0], bk[1]);
+          MM::run(s[2 * tp + 1], a, bk[2], bk[3]);
+        }
+      }
+    }
+    // ---- softmax over the keys of each column's row (inside the warp: 4 lanes share a row)
+    float M[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = t * 8 + c + e % 2;
+        s[t][e] = (t < ntu && i < p.b2) ? s[t][e] * p.scale_log2 : -INFINITY;
+        M[e / 2] = fmaxf(M[e / 2], s[t][e]);
+      }
+    }
+    float Z[2] = {0.f, 0.f}, PZ[2] = {0.f, 0.f};
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      M[hr] = fmaxf(M[hr], __shfl_xor_sync(0xffffffffu, M[hr], 1));
+      M[hr] = fmaxf(M[hr], __shfl_xor_sync(0xffffffffu, M[hr], 2));
+    }
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float z = s[t][e];
+        const float pr = z == -INFINITY ? 0.f : exp2f(z - M[e / 2]);
+        Z[e / 2] += pr;
+        if (pr > 0.f) PZ[e / 2] += pr * z;
+        s[t][e] = pr;
+      }
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 1);
+      Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 2);
+      PZ[hr] += __shfl_xor_sync(0xffffffffu, PZ[hr], 1);
+      PZ[hr] += __shfl_xor_sync(0xffffffffu, PZ[hr], 2);
+    }
+    const float inv[2] = {1.f / Z[0], 1.f / Z[1]};
+    if (lane % 4 == 0) {
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {  // cL = sum R (z - lse), natural-log units
+        if (j_row[hr] < p.b2) {
+          p.ws_cl[ws_row(p, bh, m, j_row[hr], n, k)] = kLn2 * (PZ[hr] * inv[hr] - M[hr] - log2f(Z[hr]));
+        }
+      }
+    }
+    // R as A fragments over the keys (16 per MMA step)
+    uint32_t pa[kNT / 2][4];
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      pa[kk][0] = MM::pack(s[2 * kk][0] * inv[0], s[2 * kk][1] * inv[0]);
+      pa[kk][1] = MM::pack(s[2 * kk][2] * inv[1], s[2 * kk][3] * inv[1]);
+      pa[kk][2] = MM::pack(s[2 * kk + 1][0] * inv[0], s[2 * kk + 1][1] * inv[0]);
+      pa[kk][3] = MM::pack(s[2 * kk + 1][2] * inv[1], s[2 * kk + 1][3] * inv[1]);
+    }
+    // ---- aL = R K_k and Y = R V_k, 16 features at a time, straight to the workspace
+    T* dst_al[2];
+    T* dst_y[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int64_t row = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
+      dst_al[hr] = row >= 0 ? al_ws + row * D : nullptr;
+      dst_y[hr] = row >= 0 ? y_ws + row * D : nullptr;
+    }
+#pragma unroll
+    for (int which = 0; which < 2; ++which) {
+      const T* src = which == 0 ? Kr : Vr;
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = 0; kk < kNT / 2; ++kk) {
+          if (kk < kku) {
+            uint32_t bv[4];
+            ldmatrix_x4_trans(bv, src + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kLd + dp * 16 + (lane / 16) * 8);
+            MM::run(acc[0], pa[kk], bv[0], bv[1]);
+            MM::run(acc[1], pa[kk], bv[2], bv[3]);
+          }
+        }
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          T* dst = which == 0 ? dst_al[hr] : dst_y[hr];
+          if (dst) {
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+              *reinterpret_cast<uint32_t*>(dst + dp * 16 + nt * 8 + c) =
+                  MM::pack(acc[nt][2 * hr], acc[nt][2 * hr + 1]);
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next row's loads overwrite Kr, Vr, Qr
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdParams p) {
+  using C = TwoPassConfig<T, D>;
+  using MM = Mma<T>;
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr int kCh = C::kChunk;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* aLs = reinterpret_cast<T*>(smem);                   // [kCols][kChunk][kLd]
+  T* Ys = reinterpret_cast<T*>(smem + C::kTileBytes);    // [kCols][kChunk][kLd]
+  float* cLs = reinterpret_cast<float*>(smem + 2 * C::kTileBytes);  // [kCols][kChunk]
+  int* row_off = reinterpret_cast<int*>(smem + 2 * C::kTileBytes + C::kCols * kCh * sizeof(float));
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
+  const int row_groups = (p.b1 + 31) / 32;
+  const int j0 = blockIdx.x * C::kCols, m = blockIdx.y / row_groups, rg = blockIdx.y % row_groups;
+  const int bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+  T* og = static_cast<T*>(p.out) + b * p.o_stride[0] + h * p.o_stride[2];
+  const T* al_ws = static_cast<const T*>(p.ws_al);
+  const T* y_ws = static_cast<const T*>(p.ws_y);
+
+  for (int i = tid; i < int(2 * C::kTileBytes / 16); i += blockDim.x) {
+    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
+  }
+  for (int i = tid; i < p.b1; i += blockDim.x) row_off[i] = row_offset(p, i);
+  __syncthreads();
+  const int q_base = tile_base(p, m);
+  const int jl = warp / 2, mt = warp % 2, jq = j0 + jl;
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int l = rg * 32 + mt * 16 + r + hr * 8;
+    const bool valid = l < p.b1 && jq < p.b2;
+    const T* row = qg + (valid ? int64_t(q_base + row_off[l] + jq) * p.q_stride[1] : 0);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      qa[ks][hr] = valid ? *reinterpret_cast<const uint32_t*>(row + ks * 16 + c) : 0u;
+      qa[ks][2 + hr] = valid ? *reinterpret_cast<const uint32_t*>(row + ks * 16 + 8 + c) : 0u;
+    }
+  }
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  for (int n = 0; n < p.F; ++n) {
+    if (!tile_allowed(p, m, n)) continue;
+    for (int k0 = 0; k0 < p.b1; k0 += kCh) {
+      const int nrows = min(kCh, p.b1 - k0);
+      // ---- aL, Y, cL rows (n, k0 .. k0 + nrows) of both columns
+      for (int idx = tid; idx < C::kCols * nrows * (D / 8); idx += blockDim.x) {
+        const int col = idx / (nrows * (D / 8)), rem = idx % (nrows * (D / 8));
+        const int kc = rem / (D / 8), dc = rem % (D / 8);
+        const bool valid = j0 + col < p.b2;
+        const int64_t row = valid ? ws_row(p, bh, m, j0 + col, n, k0 + kc) : 0;
+        cp_async_16(aLs + (col * kCh + kc) * C::kLd + dc * 8, al_ws + row * D + dc * 8, valid);
+        cp_async_16(Ys + (col * kCh + kc) * C::kLd + dc * 8, y_ws + row * D + dc * 8, valid);
+      }
+      for (int idx = tid; idx < C::kCols * nrows; idx += blockDim.x) {
+        const int col = idx / nrows, kc = idx % nrows;
+        cLs[col * kCh + kc] = j0 + col < p.b2 ? p.ws_cl[ws_row(p, bh, m, j0 + col, n, k0 + kc)] : 0.f;
+      }
+      cp_async_commit();
+      cp_async_wait_all();
+      __syncthreads();
+
+      const T* aLj = aLs + jl * kCh * C::kLd;
+      const T* Yj = Ys + jl * kCh * C::kLd;
+      float u[kCh / 8][4];
+#pragma unroll
+      for (int t = 0; t < kCh / 8; ++t) u[t][0] = u[t][1] = u[t][2] = u[t][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+        for (int tp = 0; tp < kCh / 16; ++tp) {
+          uint32_t bk[4];
+          ldmatrix_x4(bk, aLj + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
+          MM::run(u[2 * tp], qa[ks], bk[0], bk[1]);
+          MM::run(u[2 * tp + 1], qa[ks], bk[2], bk[3]);
+        }
+      }
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int t = 0; t < kCh / 8; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int kc = t * 8 + c + e % 2;
+          u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLs[jl * kCh + kc] * kLog2e : -INFINITY;
+          mx[e / 2] = fmaxf(mx[e / 2], u[t][e]);
+        }
+      }
+      float corr[2], local[2] = {0.f, 0.f};
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+        mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+        const float new_max = fmaxf(row_max[hr], mx[hr]);
+        corr[hr] = exp2f(row_max[hr] - new_max);
+        row_max[hr] = new_max;
+      }
+#pragma unroll
+      for (int t = 0; t < kCh / 8; ++t) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          u[t][e] = exp2f(u[t][e] - row_max[e / 2]);
+          local[e / 2] += u[t][e];
+        }
+      }
+      row_sum[0] = row_sum[0] * corr[0] + local[0];
+      row_sum[1] = row_sum[1] * corr[1] + local[1];
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        o[i][0] *= corr[0];
+        o[i][1] *= corr[0];
+        o[i][2] *= corr[1];
+        o[i][3] *= corr[1];
+      }
+#pragma unroll
+      for (int kk = 0; kk < kCh / 16; ++kk) {
+        const uint32_t pa[4] = {MM::pack(u[2 * kk][0], u[2 * kk][1]), MM::pack(u[2 * kk][2], u[2 * kk][3]),
+                                MM::pack(u[2 * kk + 1][0], u[2 * kk + 1][1]),
+                                MM::pack(u[2 * kk + 1][2], u[2 * kk + 1][3])};
+#pragma unroll
+        for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+          uint32_t bv[4];
+          ldmatrix_x4_trans(bv, Yj + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kLd + dt2 * 16 + (lane / 16) * 8);
+          MM::run(o[2 * dt2], pa, bv[0], bv[1]);
+          MM::run(o[2 * dt2 + 1], pa, bv[2], bv[3]);
+        }
+      }
+      __syncthreads();
+    }
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 1);
+    row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 2);
+    const int l = rg * 32 + mt * 16 + r + hr * 8;
+    if (l < p.b1 && jq < p.b2) {
+      T* orow = og + int64_t(q_base + row_off[l] + jq) * p.o_stride[1];
+      const float inv = 1.f / row_sum[hr];
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        *reinterpret_cast<uint32_t*>(orow + i * 8 + c) = MM::pack(o[i][2 * hr] * inv, o[i][2 * hr + 1] * inv);
+      }
+    }
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace monarchrt

@@ -67,7 +67,7 @@ Status launch_two_pass(const MonarchFwdParams& p, int B, cudaStream_t stream) {
     }
   });
   MONARCHRT_CUDA_CHECK(attr);
-  const dim3 grid1(p.F, p.A, B * p.H);
+  const dim3 grid1(p.b1, p.A, B * p.H);
   monarch_stage1_kernel<T, D><<<grid1, 32 * ((p.b2 + 15) / 16), C::kSmem1, stream>>>(p);
   MONARCHRT_CUDA_CHECK(cudaGetLastError());
   const dim3 grid2((p.b2 + C::kCols - 1) / C::kCols, p.A * ((p.b1 + 31) / 32), B * p.H);

@@ -26,5 +26,11 @@ __device__ __forceinline__ bool tile_allowed(const MonarchFwdParams& p, int m, i
   return p.causal_chunk == 0 || kf / p.causal_chunk <= qf / p.causal_chunk;
 }
 
+// The first key tile >= n that query tile m may attend to (p.F if none).
+__device__ __forceinline__ int next_allowed(const MonarchFwdParams& p, int m, int n) {
+  while (n < p.F && !tile_allowed(p, m, n)) ++n;
+  return n;
+}
+
 }  // namespace cuda_detail
 }  // namespace monarchrt

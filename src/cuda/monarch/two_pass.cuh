@@ -4,9 +4,10 @@
 // rows), which the fused kernel (fwd_kernel.cuh) cannot: there, 8 query columns per CTA force
 // the transposed orientation and cross-warp reductions (measured 44 instructions per MMA).
 //
-// Stage 1 (monarch_stage1_kernel): one CTA per (batch*head, query tile m, key tile n), one warp
-//   per 16 query columns j; for every key row k of tile n it is a small attention of the b2
-//   proxies q[m,k,:] over the b2 keys K[n,k,:] with two value sets:
+// Stage 1 (monarch_stage1_kernel): one CTA per (batch*head, query tile m, tile row k), one warp
+//   per 16 query columns j, the proxies q[m,k,:] in registers; for every allowed key tile n
+//   (K/V rows double-buffered) it is a small attention of the b2 proxies over the b2 keys
+//   K[n,k,:] with two value sets:
 //     S = Q_k K_k^T (M = 16 columns, N = b2 keys, K = D); R = softmax rows; cL = sum R (z - lse)
 //     aL = R K_k, Y = R V_k   (M = 16, N = D, K = b2)
 //   written to workspace row ((bh * A + m) * b2 + j) * F + n) * b1 + k.
@@ -28,14 +29,16 @@ struct TwoPassConfig {
   static constexpr int kB2Max = D == 128 ? 64 : 128;  // widest key row held in shared memory
   static constexpr int kLd = D + 8;                   // row pitch: ldmatrix rows hit distinct banks
   static constexpr int kMaxB1 = 256;
-  // Stage 1: one key row of K, V and of the proxies.
+  // Stage 1: one key row of K and of V, double-buffered (the proxies stay in registers).
   static constexpr size_t kRowBytes = size_t(kB2Max) * kLd * sizeof(T);
-  static constexpr size_t kSmem1 = 3 * kRowBytes + kMaxB1 * sizeof(int);
-  // Stage 2: kCols columns x kChunk virtual keys of aL and Y, plus cL.
+  static constexpr int kStageLd = 16 + 8;  // per-warp staging of a 16 x 16 output block
+  static constexpr size_t kSmem1 = 2 * 2 * kRowBytes + (kB2Max / 16) * 16 * kStageLd * sizeof(T);
+  // Stage 2: kCols columns x kChunk virtual keys of aL and Y, plus cL, double-buffered.
   static constexpr int kCols = 2;
   static constexpr int kChunk = 32;
   static constexpr size_t kTileBytes = size_t(kCols) * kChunk * kLd * sizeof(T);
-  static constexpr size_t kSmem2 = 2 * kTileBytes + kCols * kChunk * sizeof(float) + kMaxB1 * sizeof(int);
+  static constexpr size_t kStage2 = 2 * kTileBytes + kCols * kChunk * sizeof(float);
+  static constexpr size_t kSmem2 = 2 * kStage2 + kMaxB1 * sizeof(int);
 };
 
 __device__ __forceinline__ int64_t ws_row(const MonarchFwdParams& p, int bh, int m, int j, int n, int k) {
@@ -48,13 +51,10 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
   using MM = Mma<T>;
   constexpr float kLn2 = 0.6931471805599453f;
   constexpr int kNT = C::kB2Max / 8;  // 8-key MMA tiles of a row
-  const int n = blockIdx.x, m = blockIdx.y, bh = blockIdx.z;
-  if (!tile_allowed(p, m, n)) return;  // uniform: the whole CTA leaves
+  const int k = blockIdx.x, m = blockIdx.y, bh = blockIdx.z;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* Kr = reinterpret_cast<T*>(smem);
-  T* Vr = reinterpret_cast<T*>(smem + C::kRowBytes);
-  T* Qr = reinterpret_cast<T*>(smem + 2 * C::kRowBytes);
-  int* row_off = reinterpret_cast<int*>(smem + 3 * C::kRowBytes);
+  T* bufs = reinterpret_cast<T*>(smem);  // [stage][K, V][kB2Max][kLd]
+  T* staging = reinterpret_cast<T*>(smem + 2 * 2 * C::kRowBytes) + (threadIdx.x / 32) * 16 * C::kStageLd;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
   const int b = bh / p.H, h = bh % p.H;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
@@ -63,28 +63,51 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
   T* al_ws = static_cast<T*>(p.ws_al);
   T* y_ws = static_cast<T*>(p.ws_y);
 
-  // Pad rows (keys and columns >= b2) must be zeros, never garbage: 0 * NaN is NaN.
-  for (int i = tid; i < int(3 * C::kRowBytes / 16); i += blockDim.x) {
+  // Pad key rows (i >= b2) must be zeros, never garbage: 0 * NaN is NaN.
+  for (int i = tid; i < int(2 * 2 * C::kRowBytes / 16); i += blockDim.x) {
     reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
   }
-  for (int i = tid; i < p.b1; i += blockDim.x) row_off[i] = row_offset(p, i);
-  __syncthreads();
-  const int q_base = tile_base(p, m), k_base = tile_base(p, n);
+  const int k_off = row_offset(p, k);
   const int ntu = (p.b2 + 7) / 8, kku = (p.b2 + 15) / 16;  // used 8-key tiles, 16-key steps
   const int j_row[2] = {warp * 16 + r, warp * 16 + r + 8};
-
-  for (int k = 0; k < p.b1; ++k) {
-    // ---- key row k of K and V, and the proxies q[m, k, :] (b2 consecutive tokens each)
+  // The proxies q[m, k, j] of this warp's 16 columns, as A fragments (the same for every n).
+  uint32_t qa[D / 16][4];
+  {
+    const int q_tok = tile_base(p, m) + k_off;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const bool valid = j_row[hr] < p.b2;
+      const T* row = qg + (valid ? int64_t(q_tok + j_row[hr]) * p.q_stride[1] : 0);
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        qa[ks][hr] = valid ? *reinterpret_cast<const uint32_t*>(row + ks * 16 + c) : 0u;
+        qa[ks][2 + hr] = valid ? *reinterpret_cast<const uint32_t*>(row + ks * 16 + 8 + c) : 0u;
+      }
+    }
+  }
+  auto load = [&](int n, int stage) {  // key row (n, k): b2 consecutive tokens of K and of V
+    T* Kd = bufs + (stage * 2) * C::kB2Max * C::kLd;
+    T* Vd = Kd + C::kB2Max * C::kLd;
+    const int64_t base = tile_base(p, n) + k_off;
     for (int idx = tid; idx < p.b2 * (D / 8); idx += blockDim.x) {
       const int i = idx / (D / 8), dc = idx % (D / 8);
-      const int64_t kt = k_base + row_off[k] + i, qt = q_base + row_off[k] + i;
-      cp_async_16(Kr + i * C::kLd + dc * 8, kg + kt * p.k_stride[1] + dc * 8, true);
-      cp_async_16(Vr + i * C::kLd + dc * 8, vg + kt * p.v_stride[1] + dc * 8, true);
-      cp_async_16(Qr + i * C::kLd + dc * 8, qg + qt * p.q_stride[1] + dc * 8, true);
+      cp_async_16(Kd + i * C::kLd + dc * 8, kg + (base + i) * p.k_stride[1] + dc * 8, true);
+      cp_async_16(Vd + i * C::kLd + dc * 8, vg + (base + i) * p.v_stride[1] + dc * 8, true);
     }
+  };
+  __syncthreads();  // zeroing done before the first copies land
+
+  int n = next_allowed(p, m, 0);
+  if (n < p.F) load(n, 0);
+  cp_async_commit();
+  for (int it = 0; n < p.F; ++it) {
+    const int n_next = next_allowed(p, m, n + 1);
+    if (n_next < p.F) load(n_next, (it + 1) % 2);
     cp_async_commit();
-    cp_async_wait_all();
+    cp_async_wait_group<1>();  // row (n, k) has landed; (n_next, k) may still be in flight
     __syncthreads();
+    const T* Kr = bufs + ((it % 2) * 2) * C::kB2Max * C::kLd;
+    const T* Vr = Kr + C::kB2Max * C::kLd;
 
     // ---- S = Q_k K_k^T for this warp's 16 columns
     float s[kNT][4];
@@ -92,15 +115,13 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
     for (int t = 0; t < kNT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      uint32_t a[4];
-      ldmatrix_x4(a, Qr + (warp * 16 + lane % 16) * C::kLd + ks * 16 + (lane / 16) * 8);
 #pragma unroll
       for (int tp = 0; tp < kNT / 2; ++tp) {
         if (2 * tp < ntu) {
           uint32_t bk[4];
           ldmatrix_x4(bk, Kr + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
-          MM::run(s[2 * tp], a, bk[0], bk[1]);
-          MM::run(s[2 * tp + 1], a, bk[2], bk[3]);
+          MM::run(s[2 * tp], qa[ks], bk[0], bk[1]);
+          MM::run(s[2 * tp + 1], qa[ks], bk[2], bk[3]);
         }
       }
     }
@@ -140,14 +161,18 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
       PZ[hr] += __shfl_xor_sync(0xffffffffu, PZ[hr], 2);
     }
     const float inv[2] = {1.f / Z[0], 1.f / Z[1]};
+    int64_t row[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) row[hr] = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
     if (lane % 4 == 0) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {  // cL = sum R (z - lse), natural-log units
-        if (j_row[hr] < p.b2) {
-          p.ws_cl[ws_row(p, bh, m, j_row[hr], n, k)] = kLn2 * (PZ[hr] * inv[hr] - M[hr] - log2f(Z[hr]));
-        }
+        if (row[hr] >= 0) p.ws_cl[row[hr]] = kLn2 * (PZ[hr] * inv[hr] - M[hr] - log2f(Z[hr]));
       }
     }
+    // Workspace row written by this lane in the coalesced stores below: row lane / 2, half lane % 2.
+    const int st_j = warp * 16 + lane / 2;
+    const int64_t st_row = st_j < p.b2 ? ws_row(p, bh, m, st_j, n, k) : -1;
     // R as A fragments over the keys (16 per MMA step)
     uint32_t pa[kNT / 2][4];
 #pragma unroll
@@ -157,18 +182,12 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
       pa[kk][2] = MM::pack(s[2 * kk + 1][0] * inv[0], s[2 * kk + 1][1] * inv[0]);
       pa[kk][3] = MM::pack(s[2 * kk + 1][2] * inv[1], s[2 * kk + 1][3] * inv[1]);
     }
-    // ---- aL = R K_k and Y = R V_k, 16 features at a time, straight to the workspace
-    T* dst_al[2];
-    T* dst_y[2];
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int64_t row = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
-      dst_al[hr] = row >= 0 ? al_ws + row * D : nullptr;
-      dst_y[hr] = row >= 0 ? y_ws + row * D : nullptr;
-    }
+    // ---- aL = R K_k and Y = R V_k, 16 features at a time, staged through shared memory so
+    // that every lane stores 16 bytes (scattered 4-byte stores cost ~2x the instructions).
 #pragma unroll
     for (int which = 0; which < 2; ++which) {
       const T* src = which == 0 ? Kr : Vr;
+      T* ws = which == 0 ? al_ws : y_ws;
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -182,19 +201,20 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
           }
         }
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          T* dst = which == 0 ? dst_al[hr] : dst_y[hr];
-          if (dst) {
-#pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
-              *reinterpret_cast<uint32_t*>(dst + dp * 16 + nt * 8 + c) =
-                  MM::pack(acc[nt][2 * hr], acc[nt][2 * hr + 1]);
-            }
-          }
+        for (int nt = 0; nt < 2; ++nt) {
+          *reinterpret_cast<uint32_t*>(staging + r * C::kStageLd + nt * 8 + c) = MM::pack(acc[nt][0], acc[nt][1]);
+          *reinterpret_cast<uint32_t*>(staging + (r + 8) * C::kStageLd + nt * 8 + c) = MM::pack(acc[nt][2], acc[nt][3]);
         }
+        __syncwarp();
+        if (st_row >= 0) {
+          *reinterpret_cast<uint4*>(ws + st_row * D + dp * 16 + (lane % 2) * 8) =
+              *reinterpret_cast<const uint4*>(staging + (lane / 2) * C::kStageLd + (lane % 2) * 8);
+        }
+        __syncwarp();
       }
     }
-    __syncthreads();  // the next row's loads overwrite Kr, Vr, Qr
+    __syncthreads();  // this stage's buffers are refilled by the next iteration's copies
+    n = n_next;
   }
 }
 
@@ -205,10 +225,8 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr int kCh = C::kChunk;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* aLs = reinterpret_cast<T*>(smem);                   // [kCols][kChunk][kLd]
-  T* Ys = reinterpret_cast<T*>(smem + C::kTileBytes);    // [kCols][kChunk][kLd]
-  float* cLs = reinterpret_cast<float*>(smem + 2 * C::kTileBytes);  // [kCols][kChunk]
-  int* row_off = reinterpret_cast<int*>(smem + 2 * C::kTileBytes + C::kCols * kCh * sizeof(float));
+  // Two stages of [aL: kCols][kChunk][kLd] [Y: same] [cL: kCols][kChunk], then the row offsets.
+  int* row_off = reinterpret_cast<int*>(smem + 2 * C::kStage2);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
   const int row_groups = (p.b1 + 31) / 32;
   const int j0 = blockIdx.x * C::kCols, m = blockIdx.y / row_groups, rg = blockIdx.y % row_groups;
@@ -218,7 +236,7 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
   const T* al_ws = static_cast<const T*>(p.ws_al);
   const T* y_ws = static_cast<const T*>(p.ws_y);
 
-  for (int i = tid; i < int(2 * C::kTileBytes / 16); i += blockDim.x) {
+  for (int i = tid; i < int(2 * C::kStage2 / 16); i += blockDim.x) {
     reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
   }
   for (int i = tid; i < p.b1; i += blockDim.x) row_off[i] = row_offset(p, i);
@@ -242,27 +260,47 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-  for (int n = 0; n < p.F; ++n) {
-    if (!tile_allowed(p, m, n)) continue;
-    for (int k0 = 0; k0 < p.b1; k0 += kCh) {
+  // Chunks of kChunk virtual keys (n, k0 .. k0 + kChunk) over the allowed key tiles, with the
+  // next chunk's copies in flight while this one is computed.
+  auto load = [&](int n, int k0, int stage) {
+    unsigned char* base = smem + stage * C::kStage2;
+    T* aLd = reinterpret_cast<T*>(base);
+    T* Yd = reinterpret_cast<T*>(base + C::kTileBytes);
+    float* cLd = reinterpret_cast<float*>(base + 2 * C::kTileBytes);
+    const int nrows = min(kCh, p.b1 - k0);
+    for (int idx = tid; idx < C::kCols * nrows * (D / 8); idx += blockDim.x) {
+      const int col = idx / (nrows * (D / 8)), rem = idx % (nrows * (D / 8));
+      const int kc = rem / (D / 8), dc = rem % (D / 8);
+      const bool valid = j0 + col < p.b2;
+      const int64_t row = valid ? ws_row(p, bh, m, j0 + col, n, k0 + kc) : 0;
+      cp_async_16(aLd + (col * kCh + kc) * C::kLd + dc * 8, al_ws + row * D + dc * 8, valid);
+      cp_async_16(Yd + (col * kCh + kc) * C::kLd + dc * 8, y_ws + row * D + dc * 8, valid);
+    }
+    for (int idx = tid; idx < C::kCols * nrows; idx += blockDim.x) {
+      const int col = idx / nrows, kc = idx % nrows;
+      const bool valid = j0 + col < p.b2;
+      cp_async_4(cLd + col * kCh + kc, p.ws_cl + (valid ? ws_row(p, bh, m, j0 + col, n, k0 + kc) : 0), valid);
+    }
+  };
+  int n = next_allowed(p, m, 0), k0 = 0;
+  if (n < p.F) load(n, k0, 0);
+  cp_async_commit();
+  for (int it = 0; n < p.F; ++it) {
+    int n_next = n, k_next = k0 + kCh;
+    if (k_next >= p.b1) {
+      n_next = next_allowed(p, m, n + 1);
+      k_next = 0;
+    }
+    if (n_next < p.F) load(n_next, k_next, (it + 1) % 2);
+    cp_async_commit();
+    cp_async_wait_group<1>();
+    __syncthreads();
+    {
       const int nrows = min(kCh, p.b1 - k0);
-      // ---- aL, Y, cL rows (n, k0 .. k0 + nrows) of both columns
-      for (int idx = tid; idx < C::kCols * nrows * (D / 8); idx += blockDim.x) {
-        const int col = idx / (nrows * (D / 8)), rem = idx % (nrows * (D / 8));
-        const int kc = rem / (D / 8), dc = rem % (D / 8);
-        const bool valid = j0 + col < p.b2;
-        const int64_t row = valid ? ws_row(p, bh, m, j0 + col, n, k0 + kc) : 0;
-        cp_async_16(aLs + (col * kCh + kc) * C::kLd + dc * 8, al_ws + row * D + dc * 8, valid);
-        cp_async_16(Ys + (col * kCh + kc) * C::kLd + dc * 8, y_ws + row * D + dc * 8, valid);
-      }
-      for (int idx = tid; idx < C::kCols * nrows; idx += blockDim.x) {
-        const int col = idx / nrows, kc = idx % nrows;
-        cLs[col * kCh + kc] = j0 + col < p.b2 ? p.ws_cl[ws_row(p, bh, m, j0 + col, n, k0 + kc)] : 0.f;
-      }
-      cp_async_commit();
-      cp_async_wait_all();
-      __syncthreads();
-
+      unsigned char* base = smem + (it % 2) * C::kStage2;
+      const T* aLs = reinterpret_cast<const T*>(base);
+      const T* Ys = reinterpret_cast<const T*>(base + C::kTileBytes);
+      const float* cLs = reinterpret_cast<const float*>(base + 2 * C::kTileBytes);
       const T* aLj = aLs + jl * kCh * C::kLd;
       const T* Yj = Ys + jl * kCh * C::kLd;
       float u[kCh / 8][4];
@@ -327,8 +365,10 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
           MM::run(o[2 * dt2 + 1], pa, bv[2], bv[3]);
         }
       }
-      __syncthreads();
     }
+    __syncthreads();  // this stage is refilled by the next iteration's copies
+    n = n_next;
+    k0 = k_next;
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {

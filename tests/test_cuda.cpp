@@ -197,6 +197,71 @@ TEST(CudaForward, RejectsWhatItCannotRun) {
   EXPECT_NE(s.message().find("b2"), std::string::npos);
 }
 
+// Autoregressive run on a ring-buffer KV cache: each step writes the chunk's K/V into its slots
+// and attends in one call (monarch_attention_kv); compared with the fp64 reference over the
+// cache laid out in order. Slots never written hold NaN, so reading one fails the test.
+TEST(CudaForward, RingBufferKvCacheInOneCall) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(106);
+  const VideoGrid chunk{3, 6, 10};
+  const int64_t frames = 15, capacity = 9, sink = 3, window = 6, B = 1, H = 2, D = 128;
+  const int64_t per_frame = chunk.tokens_per_frame();
+  Tensor q(DType::kBF16, B, frames * per_frame, H, D), k = q, v = q;
+  q.fill_normal(rng, 1.5);
+  k.fill_normal(rng, 1.5);
+  v.fill_normal(rng);
+  Tensor ring(DType::kBF16, B, capacity * per_frame, H, D);
+  std::memset(ring.storage.data(), 0xff, ring.storage.size());
+  for (bool two_pass : {false, true}) {
+    DeviceTensor rk(ring), rv(ring);
+    for (int64_t f0 = 0; f0 < frames; f0 += chunk.T) {
+      AttentionParams p;
+      p.grid = chunk;
+      p.kv_cache = true;
+      p.sink_frames = sink;
+      p.window_frames = window;
+      p.cache_capacity_frames = capacity;
+      p.cache_frames = f0 + chunk.T;
+      Tensor qc(DType::kBF16, B, chunk.tokens(), H, D), kc = qc, vc = qc, out = qc;
+      for (int64_t s = 0; s < chunk.tokens(); ++s)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t d = 0; d < D; ++d) {
+            qc.set(0, s, h, d, q.at(0, f0 * per_frame + s, h, d));
+            kc.set(0, s, h, d, k.at(0, f0 * per_frame + s, h, d));
+            vc.set(0, s, h, d, v.at(0, f0 * per_frame + s, h, d));
+          }
+      DeviceTensor dq(qc), dk(kc), dv(vc), dout(out);
+      void* ws = nullptr;
+      size_t bytes = 0;
+      if (two_pass) {
+        bytes = cuda::workspace_size(dq.view, rk.view, rv.view, dout.view, p);
+        ASSERT_EQ(cudaMalloc(&ws, bytes), cudaSuccess);
+      }
+      const Status s = cuda::monarch_attention_kv(dq.view, dk.view, dv.view, rk.view, rv.view,
+                                                  dout.view, p, ws, bytes, nullptr);
+      ASSERT_TRUE(s.ok()) << s.to_string();
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      cudaFree(ws);
+      dout.copy_to(out);
+      // Reference: the same window over frames [0, f0 + T) in order.
+      AttentionParams lp = p;
+      lp.cache_capacity_frames = lp.cache_frames = 0;
+      Tensor kl(DType::kBF16, B, (f0 + chunk.T) * per_frame, H, D), vl = kl;
+      for (int64_t s2 = 0; s2 < kl.view.tokens(); ++s2)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t d = 0; d < D; ++d) {
+            kl.set(0, s2, h, d, k.at(0, s2, h, d));
+            vl.set(0, s2, h, d, v.at(0, s2, h, d));
+          }
+      Tensor want(DType::kF64, B, chunk.tokens(), H, D);
+      ASSERT_TRUE(ref::monarch_attention(qc.view, kl.view, vl.view, want.view, lp).ok());
+      const std::vector<double> got = out.values();
+      ASSERT_TRUE(test::all_finite(got)) << "a slot never written was read, frame " << f0;
+      EXPECT_LT(test::relative_l2(got, want.values()), 1e-2) << "chunk at frame " << f0;
+    }
+  }
+}
+
 TEST(CudaForward, CapturableInAGraphAndDeterministic) {
   SKIP_WITHOUT_GPU();
   Rng rng(105);

@@ -37,5 +37,18 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
                          const TensorView& out, const AttentionParams& params, void* workspace,
                          size_t workspace_bytes, void* stream);
 
+// KV cache: writes the chunk's keys and values into their (ring-buffer) slots of cache_k /
+// cache_v on `stream`, like cpu::kv_cache_write (bf16/fp16, one dtype, 16-byte aligned rows).
+Status kv_cache_write(const TensorView& new_k, const TensorView& new_v, const TensorView& cache_k,
+                      const TensorView& cache_v, const AttentionParams& params, void* stream);
+
+// The autoregressive step in one call: writes the chunk's new K/V into the cache in place, then
+// runs monarch_attention() of q over the cache window. Nothing is written if the problem is
+// not supported.
+Status monarch_attention_kv(const TensorView& q, const TensorView& new_k, const TensorView& new_v,
+                            const TensorView& cache_k, const TensorView& cache_v,
+                            const TensorView& out, const AttentionParams& params, void* workspace,
+                            size_t workspace_bytes, void* stream);
+
 }  // namespace cuda
 }  // namespace monarchrt

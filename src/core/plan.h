@@ -20,6 +20,7 @@ struct AttentionPlan {
   int64_t q_frame_offset = 0;     // key-grid frame of query frame 0 (KV cache: cache - chunk)
   int64_t causal_chunk_frames = 0;
   std::vector<char> frame_attended;  // per key frame
+  std::vector<int64_t> k_phys;       // logical key token -> token of the k/v view (ring); empty = same
 
   int64_t q_frame(int64_t q_token) const { return q_token / q_grid.tokens_per_frame() + q_frame_offset; }
   int64_t k_frame(int64_t k_token) const { return k_token / k_grid.tokens_per_frame(); }
@@ -37,6 +38,24 @@ struct AttentionPlan {
 Status make_plan(const TensorView& q, const TensorView& k, const TensorView& v,
                  const TensorView& out, const AttentionParams& params, bool monarch,
                  Device required_device, AttentionPlan* plan);
+
+// validate_view() plus the size bound of check_attention (every dimension below 2^31), so that
+// shapes can be multiplied safely afterwards.
+Status validate_bounded(const TensorView& view, const char* name, bool writable);
+
+// Checks a kv_cache_write() call (device `device`) and returns the cache rows (tokens of the
+// k/v views) that the chunk's tokens go to, in token order.
+Status plan_kv_write(const TensorView& new_k, const TensorView& new_v, const TensorView& cache_k,
+                     const TensorView& cache_v, const AttentionParams& params, Device device,
+                     std::vector<int64_t>* rows);
+
+// The rows of the k/v views to gather, in order: perm[p] (natural order if perm is null) mapped
+// through the ring buffer. Empty when that is the identity (pass nullptr to the gathers then).
+std::vector<int64_t> key_rows(const AttentionPlan& plan, const std::vector<int64_t>* perm);
+
+// dst[p * D + d] = view[b, rows[p], h, d] for p < count (rows == nullptr: identity), as T.
+template <typename T>
+void gather_rows(const TensorView& view, int64_t b, int64_t h, const int64_t* rows, int64_t count, T* dst);
 
 // dst[p * D + d] = view[b, perm[p], h, d] (perm == nullptr: identity), as T.
 template <typename T>

@@ -155,7 +155,11 @@ Status validate_view(const TensorView& view, const char* name, bool writable) {
         return Status::invalid(std::string(name) +
                                ": output strides overlap (two elements would share an address)");
       }
-      span += view.stride[d] * (view.shape[d] - 1);
+      int64_t extent = 0;
+      if (__builtin_mul_overflow(view.stride[d], view.shape[d] - 1, &extent) ||
+          __builtin_add_overflow(span, extent, &span)) {
+        return Status::invalid(std::string(name) + ": strides times sizes overflow 64 bits");
+      }
     }
   }
   return Status();

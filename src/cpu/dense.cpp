@@ -118,14 +118,16 @@ Status run(const TensorView& q, const TensorView& k, const TensorView& v, const 
     const std::vector<QueryBlock> blocks = query_blocks(p);
     HeadBuffers hb;
     hb.Q.resize(p.Sq * p.D);
+    const std::vector<int64_t> krows = key_rows(p, nullptr);
+    const int64_t* kr = krows.empty() ? nullptr : krows.data();
     hb.K.resize(p.Skv * p.D);
     hb.V.resize(p.Skv * p.D);
     hb.O.resize(p.Sq * p.D);
     for (int64_t b = 0; b < p.B; ++b) {
       for (int64_t h = 0; h < p.H; ++h) {
         gather_head(q, b, h, nullptr, hb.Q.data());
-        gather_head(k, b, h, nullptr, hb.K.data());
-        gather_head(v, b, h, nullptr, hb.V.data());
+        gather_rows(k, b, h, kr, p.Skv, hb.K.data());
+        gather_rows(v, b, h, kr, p.Skv, hb.V.data());
         parallel_for(static_cast<int64_t>(blocks.size()), [&](int64_t t) {
           if (density > 0.0) {
             topk_block(p, hb, blocks[t], density, hb.O.data());

@@ -116,11 +116,12 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
     const std::vector<int64_t> qperm = tile_order_permutation(p.qg);
     const std::vector<int64_t> kperm = tile_order_permutation(p.kg);
     std::vector<float> Q(p.Sq * p.D), K(p.Skv * p.D), V(p.Skv * p.D), O(p.Sq * p.D);
+    const std::vector<int64_t> krows = key_rows(p, &kperm);
     for (int64_t b = 0; b < p.B; ++b) {
       for (int64_t h = 0; h < p.H; ++h) {
         gather_head(q, b, h, qperm.data(), Q.data());
-        gather_head(k, b, h, kperm.data(), K.data());
-        gather_head(v, b, h, kperm.data(), V.data());
+        gather_rows(k, b, h, krows.data(), p.Skv, K.data());
+        gather_rows(v, b, h, krows.data(), p.Skv, V.data());
         parallel_for(p.qg.tiles, [&](int64_t m) {
           TileBuffers tb;
           monarch_tile(p, Q.data(), K.data(), V.data(), O.data(), m, tb);

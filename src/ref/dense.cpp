@@ -19,13 +19,15 @@ Status attention(const TensorView& q, const TensorView& k, const TensorView& v,
   MONARCHRT_RETURN_IF_ERROR(make_plan(q, k, v, out, params, false, Device::kCPU, &p));
   const int64_t D = p.D;
   std::vector<double> Q(p.Sq * D), K(p.Skv * D), V(p.Skv * D), O(p.Sq * D);
+  const std::vector<int64_t> krows = key_rows(p, nullptr);
+  const int64_t* kr = krows.empty() ? nullptr : krows.data();
   std::vector<double> z;
   std::vector<int64_t> keys;
   for (int64_t b = 0; b < p.B; ++b) {
     for (int64_t h = 0; h < p.H; ++h) {
       gather_head(q, b, h, nullptr, Q.data());
-      gather_head(k, b, h, nullptr, K.data());
-      gather_head(v, b, h, nullptr, V.data());
+      gather_rows(k, b, h, kr, p.Skv, K.data());
+      gather_rows(v, b, h, kr, p.Skv, V.data());
       for (int64_t i = 0; i < p.Sq; ++i) {
         keys.clear();
         z.clear();

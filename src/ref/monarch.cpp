@@ -146,11 +146,12 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
   const std::vector<int64_t> qperm = tile_order_permutation(p.qg);
   const std::vector<int64_t> kperm = tile_order_permutation(p.kg);
   std::vector<double> Q(p.Sq * p.D), K(p.Skv * p.D), V(p.Skv * p.D), O(p.Sq * p.D);
+  const std::vector<int64_t> krows = key_rows(p, &kperm);
   for (int64_t b = 0; b < p.B; ++b) {
     for (int64_t h = 0; h < p.H; ++h) {
       gather_head(q, b, h, qperm.data(), Q.data());
-      gather_head(k, b, h, kperm.data(), K.data());
-      gather_head(v, b, h, kperm.data(), V.data());
+      gather_rows(k, b, h, krows.data(), p.Skv, K.data());
+      gather_rows(v, b, h, krows.data(), p.Skv, V.data());
       monarch_head(p, Q.data(), K.data(), V.data(), O.data(), qperm, kperm, nullptr);
       scatter_head(out, b, h, qperm.data(), O.data());
     }
@@ -162,6 +163,7 @@ Status monarch_effective_matrix(const TensorView& q, const TensorView& k,
                                 const AttentionParams& params, int64_t b, int64_t h,
                                 std::vector<double>* P) {
   // k stands in for v and for the (never written) output in the checks.
+  MONARCHRT_RETURN_IF_ERROR(validate_bounded(q, "q", false));
   const TensorView out_shape = TensorView::contiguous(q.data, q.dtype, q.batch(), q.tokens(),
                                                       q.heads(), q.head_dim(), q.device);
   AttentionPlan p;
@@ -174,8 +176,9 @@ Status monarch_effective_matrix(const TensorView& q, const TensorView& k,
   const std::vector<int64_t> qperm = tile_order_permutation(p.qg);
   const std::vector<int64_t> kperm = tile_order_permutation(p.kg);
   std::vector<double> Q(p.Sq * p.D), K(p.Skv * p.D);
+  const std::vector<int64_t> krows = key_rows(p, &kperm);
   gather_head(q, b, h, qperm.data(), Q.data());
-  gather_head(k, b, h, kperm.data(), K.data());
+  gather_rows(k, b, h, krows.data(), p.Skv, K.data());
   P->assign(static_cast<size_t>(p.Sq * p.Skv), 0.0);
   monarch_head(p, Q.data(), K.data(), nullptr, nullptr, qperm, kperm, P->data());
   return Status();

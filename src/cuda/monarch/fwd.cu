@@ -212,6 +212,7 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
   p.causal_chunk = int(plan.causal_chunk_frames);
   const int64_t cache = plan.k_grid.T;
   p.sink = params.kv_cache ? int(params.sink_frames) : 0;
+  p.ring_capacity = params.kv_cache ? int(params.cache_capacity_frames) : 0;
   p.window_start = (params.kv_cache && params.window_frames > 0)
                        ? int(std::max<int64_t>(cache - params.window_frames, p.sink))
                        : p.sink;

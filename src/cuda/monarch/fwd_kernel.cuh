@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(FwdConfig<T, D, G>::kThreads, 1)
 
   for (int n = 0; n < p.F; ++n) {
     if (!tile_allowed(p, m, n)) continue;
-    const int k_base = tile_base(p, n);
+    const int k_base = key_tile_base(p, n);
     for (int k0 = 0; k0 < p.b1; k0 += C::kKC) {
       const int nrows = min(C::kKC, p.b1 - k0);
       for (int g0 = 0; g0 < nrows; g0 += G) {

@@ -24,6 +24,7 @@ struct MonarchFwdParams {
   int q_frame_offset;          // key-grid frame of query frame 0
   int causal_chunk;            // block-causal chunk in frames, 0 = none
   int sink, window_start;      // KV cache: key frame f attended iff f < sink || f >= window_start
+  int ring_capacity;           // KV cache ring buffer: frames of k/v (0: k/v hold every frame)
   float scale_log2;            // softmax scale * log2(e)
   // Two-pass path only: workspace for the stage-1 intermediates, [B*H][A][b2][F][b1] rows
   // (D elements each for aL and Y, one float for cL). See two_pass.cuh.

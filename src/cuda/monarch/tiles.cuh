@@ -15,6 +15,13 @@ __device__ __forceinline__ int tile_base(const MonarchFwdParams& p, int tile) {
   const int fg = tile / p.tpg, rem = tile % p.tpg;
   return (fg * p.f_tied * p.h + (rem / p.w_reduce) * p.rows_pf) * p.w + (rem % p.w_reduce) * p.b2;
 }
+// The same for a key tile, whose frames may live in a ring buffer (AttentionParams).
+__device__ __forceinline__ int key_tile_base(const MonarchFwdParams& p, int tile) {
+  const int fg = tile / p.tpg, rem = tile % p.tpg;
+  int f0 = fg * p.f_tied;  // logical first frame; a tile's frames stay contiguous in the ring
+  if (p.ring_capacity > 0 && f0 >= p.sink) f0 = p.sink + (f0 - p.sink) % (p.ring_capacity - p.sink);
+  return (f0 * p.h + (rem / p.w_reduce) * p.rows_pf) * p.w + (rem % p.w_reduce) * p.b2;
+}
 __device__ __forceinline__ int row_offset(const MonarchFwdParams& p, int row) {
   return ((row / p.rows_pf) * p.h + row % p.rows_pf) * p.w;
 }

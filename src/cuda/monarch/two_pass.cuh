@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
   auto load = [&](int n, int stage) {  // key row (n, k): b2 consecutive tokens of K and of V
     T* Kd = bufs + (stage * 2) * C::kB2Max * C::kLd;
     T* Vd = Kd + C::kB2Max * C::kLd;
-    const int64_t base = tile_base(p, n) + k_off;
+    const int64_t base = key_tile_base(p, n) + k_off;
     for (int idx = tid; idx < p.b2 * (D / 8); idx += blockDim.x) {
       const int i = idx / (D / 8), dc = idx % (D / 8);
       cp_async_16(Kd + i * C::kLd + dc * 8, kg + (base + i) * p.k_stride[1] + dc * 8, true);

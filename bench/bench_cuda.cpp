@@ -34,6 +34,7 @@ struct Shape {
   int64_t causal;  // frames
   bool kv;
   double target_ms;  // 0: none
+  int iters = 1;
 };
 
 // FLOPs of real work: allowed (query tile, key tile) pairs times the per-pair cost of section 5.
@@ -60,6 +61,8 @@ int main(int argc, char** argv) {
       {"SF KV 21, h_reduce=2", 3, 21, {1, 2, 1}, 0, true, 0},
       {"full 32760 bidirectional", 21, 21, {1, 1, 1}, 0, false, 1.5},
       {"full 32760 block-causal 3", 21, 21, {1, 1, 1}, 3, false, 0},
+      {"SF KV 21, 2 iterations", 3, 21, {1, 1, 1}, 0, true, 0, 2},
+      {"SF KV 21, 3 iterations", 3, 21, {1, 1, 1}, 0, true, 0, 3},
   };
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
@@ -90,19 +93,20 @@ int main(int argc, char** argv) {
   void* ws = nullptr;
   size_t ws_capacity = 0;
   for (const Shape& s : shapes) {
-   for (int two_pass = 0; two_pass < 2; ++two_pass) {
+   for (int two_pass = s.iters > 1 ? 1 : 0; two_pass < 2; ++two_pass) {
     AttentionParams p;
     p.grid = VideoGrid{s.q_frames, 30, 52};
     p.layout = s.layout;
     p.causal_chunk_frames = s.causal;
     p.kv_cache = s.kv;
+    p.num_iters = s.iters;
     auto view = [&](void* ptr, int64_t frames) {
       return TensorView::contiguous(ptr, DType::kBF16, 1, frames * per_frame, H, D, Device::kCUDA);
     };
     TileGeometry qg, kg;
     make_tile_geometry(p.grid, p.layout, &qg);
     make_tile_geometry(VideoGrid{s.kv_frames, 30, 52}, p.layout, &kg);
-    const double flops = real_flops(s, qg, kg, H, D);
+    const double flops = s.iters * real_flops(s, qg, kg, H, D);
     size_t ws_bytes = 0;
     if (two_pass) {
       ws_bytes = cuda::workspace_size(view(q[0], s.q_frames), view(k[0], s.kv_frames),

@@ -67,7 +67,8 @@ const Case kCases[] = {
 // Runs one case on the GPU (fused kernel, or the two-pass kernels with a NaN-poisoned workspace
 // so that reading a workspace row stage 1 never wrote shows up) and returns the relative L2
 // error against the fp64 reference.
-double run_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad, bool two_pass) {
+double run_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad, bool two_pass,
+                int iters = 1) {
   const int64_t Sq = c.grid.tokens();
   const int64_t Skv = c.cache_frames ? c.cache_frames * c.grid.tokens_per_frame() : Sq;
   Tensor q(dtype, c.B, Sq, c.H, D, pad), k(dtype, c.B, Skv, c.H, D, pad), v(dtype, c.B, Skv, c.H, D);
@@ -83,6 +84,7 @@ double run_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad, bo
   p.kv_cache = c.cache_frames > 0;
   p.sink_frames = c.sink;
   p.window_frames = c.window;
+  p.num_iters = iters;
   Tensor want(DType::kF64, c.B, Sq, c.H, D);
   EXPECT_TRUE(ref::monarch_attention(q.view, k.view, v.view, want.view, p).ok());
   DeviceTensor dq(q), dk(k), dv(v), dout(out);
@@ -136,6 +138,27 @@ TEST(CudaForward, MatchesReferenceEveryModeDtypeAndHeadDim) {
       }
     }
   }
+  }
+}
+
+// Several iterations (two-pass path only): stage 2's log-sum-exp, the proxy kernel and stage 1
+// on the proxies, per extra iteration; against the fp64 reference with the same iterations.
+TEST(CudaForward, SeveralIterations) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(107);
+  const Case cases[] = {kCases[0], kCases[1], kCases[2], kCases[3], kCases[7], kCases[11], kCases[12]};
+  for (int iters : {2, 3}) {
+    for (DType dtype : {DType::kBF16, DType::kF16}) {
+      for (const Case& c : cases) {
+        const double err = run_case(c, dtype, 128, rng, 0, true, iters);
+        // Each iteration adds bf16 rounding of the proxies, aL and Y (H100: at most 8.6e-3).
+        EXPECT_LT(err, 1e-2) << "iters " << iters << " grid " << c.grid.to_string() << " layout "
+                             << c.layout.to_string() << " " << dtype_name(dtype);
+        std::printf("iters %d %-9s grid %-8s layout %s causal %lld cache %lld: rel L2 %.2e\n", iters,
+                    dtype_name(dtype), c.grid.to_string().c_str(), c.layout.to_string().c_str(),
+                    (long long)c.causal_chunk, (long long)c.cache_frames, err);
+      }
+    }
   }
 }
 

@@ -2,9 +2,10 @@
 // run on a stream. This header is CUDA-free; the functions exist when the library was built with
 // CUDA (the macro MONARCHRT_WITH_CUDA is then defined for users of the library).
 //
-// Version 1 (this one): forward, 1 iteration, bidirectional / block-causal / KV cache with sink
-// and window, bf16 or fp16 in and out, fp32 accumulation, head dim 64 or 128, any tiling with
-// b2 <= 64 (D = 128) or b2 <= 128 (D = 64). Tensors are device pointers with the head dim
+// This version: forward, bidirectional / block-causal / KV cache with sink and window (and a
+// ring-buffer cache), bf16 or fp16 in and out, fp32 accumulation, head dim 64 or 128, any tiling
+// with b2 <= 64 (D = 128) or b2 <= 128 (D = 64) and b1 <= 256; several iterations on the
+// two-pass path. Tensors are device pointers with the head dim
 // contiguous and 16-byte aligned rows. No allocation, no host synchronization, no autotuning:
 // the call is capturable in a CUDA graph.
 #pragma once

@@ -54,7 +54,7 @@ Status dispatch_groups(const MonarchFwdParams& p, int B, int G, cudaStream_t str
 }
 
 template <typename T, int D>
-Status launch_two_pass(const MonarchFwdParams& p, int B, cudaStream_t stream) {
+Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream) {
   using C = TwoPassConfig<T, D>;
   static std::once_flag once;
   static cudaError_t attr = cudaSuccess;
@@ -68,11 +68,23 @@ Status launch_two_pass(const MonarchFwdParams& p, int B, cudaStream_t stream) {
   });
   MONARCHRT_CUDA_CHECK(attr);
   const dim3 grid1(p.b1, p.A, B * p.H);
-  monarch_stage1_kernel<T, D><<<grid1, 32 * ((p.b2 + 15) / 16), C::kSmem1, stream>>>(p);
-  MONARCHRT_CUDA_CHECK(cudaGetLastError());
   const dim3 grid2((p.b2 + C::kCols - 1) / C::kCols, p.A * ((p.b1 + 31) / 32), B * p.H);
-  monarch_stage2_kernel<T, D><<<grid2, 128, C::kSmem2, stream>>>(p);
-  MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  const dim3 grid_proxy((p.b2 + C::kCols - 1) / C::kCols, p.A, B * p.H);
+  void* proxies = p.ws_proxy;
+  float* lse = p.ws_lse;
+  p.ws_proxy = nullptr;  // iteration 1: the queries are the proxies
+  for (int it = 1; it <= iters; ++it) {
+    monarch_stage1_kernel<T, D><<<grid1, 32 * ((p.b2 + 15) / 16), C::kSmem1, stream>>>(p);
+    MONARCHRT_CUDA_CHECK(cudaGetLastError());
+    p.ws_lse = it < iters ? lse : nullptr;  // stage 2 of an inner iteration: its log-sum-exp
+    monarch_stage2_kernel<T, D><<<grid2, 128, C::kSmem2, stream>>>(p);
+    MONARCHRT_CUDA_CHECK(cudaGetLastError());
+    if (it < iters) {
+      p.ws_proxy = proxies;
+      monarch_proxy_kernel<T, D><<<grid_proxy, 128, C::kSmemProxy, stream>>>(p);
+      MONARCHRT_CUDA_CHECK(cudaGetLastError());
+    }
+  }
   return Status();
 }
 
@@ -80,8 +92,13 @@ Status launch_two_pass(const MonarchFwdParams& p, int B, cudaStream_t stream) {
 int64_t workspace_rows(const AttentionPlan& plan) {
   return plan.B * plan.H * plan.qg.tiles * plan.qg.b2 * plan.kg.tiles * plan.qg.b1;
 }
+// Per row: aL and Y (D elements each) and cL; with several iterations also the proxy (D
+// elements), plus one log-sum-exp float per query.
 size_t two_pass_workspace(const AttentionPlan& plan, DType dtype) {
-  return size_t(workspace_rows(plan)) * (2 * size_t(plan.D) * size_t(dtype_size(dtype)) + sizeof(float));
+  const size_t planes = plan.num_iters > 1 ? 3 : 2;
+  size_t bytes = size_t(workspace_rows(plan)) * (planes * size_t(plan.D) * size_t(dtype_size(dtype)) + sizeof(float));
+  if (plan.num_iters > 1) bytes += size_t(plan.B * plan.H * plan.Sq) * sizeof(float);
+  return bytes;
 }
 
 struct Choice {
@@ -102,10 +119,6 @@ Status choose(const TensorView& q, const TensorView& k, const TensorView& v, con
   if (plan->D != 64 && plan->D != 128) {
     return Status::unsupported("q: head dim " + std::to_string(plan->D) +
                                " is not supported by the CUDA path (64 or 128)");
-  }
-  if (params.num_iters != 1) {
-    return Status::unsupported("num_iters = " + std::to_string(params.num_iters) +
-                               ": the CUDA forward runs 1 iteration in this version (use cpu::)");
   }
   const int b2_max = plan->D == 128 ? 64 : 128;
   if (plan->qg.b2 > b2_max) {
@@ -235,12 +248,26 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
     const size_t plane = size_t(workspace_rows(plan)) * size_t(plan.D) * size_t(dtype_size(q.dtype));
     p.ws_al = workspace;
     p.ws_y = static_cast<char*>(workspace) + plane;
-    p.ws_cl = reinterpret_cast<float*>(static_cast<char*>(workspace) + 2 * plane);
-    if (q.dtype == DType::kBF16) {
-      return plan.D == 128 ? launch_two_pass<__nv_bfloat16, 128>(p, B, s)
-                           : launch_two_pass<__nv_bfloat16, 64>(p, B, s);
+    // Layout: aL plane, Y plane, [proxy plane,] cL floats, [log-sum-exp floats]: every plane is
+    // rows * D elements, a multiple of 16 bytes, so each part stays 16-byte aligned.
+    const size_t planes = plan.num_iters > 1 ? 3 : 2;
+    p.ws_cl = reinterpret_cast<float*>(static_cast<char*>(workspace) + planes * plane);
+    if (plan.num_iters > 1) {
+      p.ws_proxy = static_cast<char*>(workspace) + 2 * plane;
+      p.ws_lse = p.ws_cl + workspace_rows(plan);
     }
-    return plan.D == 128 ? launch_two_pass<__half, 128>(p, B, s) : launch_two_pass<__half, 64>(p, B, s);
+    const int iters = params.num_iters;
+    if (q.dtype == DType::kBF16) {
+      return plan.D == 128 ? launch_two_pass<__nv_bfloat16, 128>(p, B, iters, s)
+                           : launch_two_pass<__nv_bfloat16, 64>(p, B, iters, s);
+    }
+    return plan.D == 128 ? launch_two_pass<__half, 128>(p, B, iters, s)
+                         : launch_two_pass<__half, 64>(p, B, iters, s);
+  }
+  if (params.num_iters > 1) {
+    return Status::unsupported("num_iters = " + std::to_string(params.num_iters) + ": several "
+                               "iterations need the two-pass path (pass a workspace of "
+                               "workspace_size() bytes)");
   }
   if (q.dtype == DType::kBF16) {
     return plan.D == 128 ? dispatch_groups<__nv_bfloat16, 128>(p, B, choice.G, s)

@@ -31,6 +31,11 @@ struct MonarchFwdParams {
   void* ws_al;
   void* ws_y;
   float* ws_cl;
+  // Iterations >= 2 only: the stage-1 proxies per workspace row (aR / cR, in the input dtype;
+  // null: the queries themselves), and the per-query log-sum-exp of stage 2 in log2 units,
+  // [B*H][A][b1][b2] (null: not written).
+  void* ws_proxy;
+  float* ws_lse;
 };
 
 }  // namespace cuda_detail

@@ -1,4 +1,4 @@
-// Two-pass CUDA forward of 1-iteration Monarch attention: two FlashAttention-shaped kernels with
+// Two-pass CUDA forward of Monarch attention: two FlashAttention-shaped kernels with
 // the stage-1 intermediates (aL, Y in the input dtype, cL in fp32) in a caller-provided device
 // workspace. Both kernels keep every softmax inside one warp (rows of the MMA = the softmax's
 // rows), which the fused kernel (fwd_kernel.cuh) cannot: there, 8 query columns per CTA force
@@ -13,6 +13,8 @@
 //   written to workspace row ((bh * A + m) * b2 + j) * F + n) * b1 + k.
 // Stage 2 (monarch_stage2_kernel): one warp per (column j, 16 query rows l), FlashAttention over
 //   the F * b1 "virtual keys" (n, k) of column j: u = s q[m,l,j] . aL - cL, O = softmax(u) Y.
+// Several iterations: stage 1, then per further iteration stage 2 (for its log-sum-exp), the
+//   proxy kernel (aR / cR per workspace row, below) and stage 1 on those proxies; stage 2 last.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -39,6 +41,8 @@ struct TwoPassConfig {
   static constexpr size_t kTileBytes = size_t(kCols) * kChunk * kLd * sizeof(T);
   static constexpr size_t kStage2 = 2 * kTileBytes + kCols * kChunk * sizeof(float);
   static constexpr size_t kSmem2 = 2 * kStage2 + kMaxB1 * sizeof(int);
+  // Proxy kernel (iterations >= 2): 32 query rows of kCols columns, and their log-sum-exp.
+  static constexpr size_t kSmemProxy = size_t(kCols) * 32 * kLd * sizeof(T) + kCols * 32 * sizeof(float);
 };
 
 __device__ __forceinline__ int64_t ws_row(const MonarchFwdParams& p, int bh, int m, int j, int n, int k) {
@@ -70,20 +74,24 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
   const int k_off = row_offset(p, k);
   const int ntu = (p.b2 + 7) / 8, kku = (p.b2 + 15) / 16;  // used 8-key tiles, 16-key steps
   const int j_row[2] = {warp * 16 + r, warp * 16 + r + 8};
-  // The proxies q[m, k, j] of this warp's 16 columns, as A fragments (the same for every n).
+  // The proxies of this warp's 16 columns as A fragments: q[m, k, j] on iteration 1 (the same
+  // for every n), the workspace's aR / cR of row (m, j, n, k) on later iterations.
   uint32_t qa[D / 16][4];
-  {
-    const int q_tok = tile_base(p, m) + k_off;
+  auto load_proxies = [&](const T* rows0, const T* rows1) {
+    const T* rows[2] = {rows0, rows1};
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const bool valid = j_row[hr] < p.b2;
-      const T* row = qg + (valid ? int64_t(q_tok + j_row[hr]) * p.q_stride[1] : 0);
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
-        qa[ks][hr] = valid ? *reinterpret_cast<const uint32_t*>(row + ks * 16 + c) : 0u;
-        qa[ks][2 + hr] = valid ? *reinterpret_cast<const uint32_t*>(row + ks * 16 + 8 + c) : 0u;
+        qa[ks][hr] = rows[hr] ? *reinterpret_cast<const uint32_t*>(rows[hr] + ks * 16 + c) : 0u;
+        qa[ks][2 + hr] = rows[hr] ? *reinterpret_cast<const uint32_t*>(rows[hr] + ks * 16 + 8 + c) : 0u;
       }
     }
+  };
+  if (p.ws_proxy == nullptr) {
+    const int q_tok = tile_base(p, m) + k_off;
+    load_proxies(j_row[0] < p.b2 ? qg + int64_t(q_tok + j_row[0]) * p.q_stride[1] : nullptr,
+                 j_row[1] < p.b2 ? qg + int64_t(q_tok + j_row[1]) * p.q_stride[1] : nullptr);
   }
   auto load = [&](int n, int stage) {  // key row (n, k): b2 consecutive tokens of K and of V
     T* Kd = bufs + (stage * 2) * C::kB2Max * C::kLd;
@@ -108,6 +116,11 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
     __syncthreads();
     const T* Kr = bufs + ((it % 2) * 2) * C::kB2Max * C::kLd;
     const T* Vr = Kr + C::kB2Max * C::kLd;
+    if (p.ws_proxy != nullptr) {
+      const T* pr = static_cast<const T*>(p.ws_proxy);
+      load_proxies(j_row[0] < p.b2 ? pr + ws_row(p, bh, m, j_row[0], n, k) * D : nullptr,
+                   j_row[1] < p.b2 ? pr + ws_row(p, bh, m, j_row[1], n, k) * D : nullptr);
+    }
 
     // ---- S = Q_k K_k^T for this warp's 16 columns
     float s[kNT][4];
@@ -375,12 +388,132 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
     row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 1);
     row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 2);
     const int l = rg * 32 + mt * 16 + r + hr * 8;
+    if (p.ws_lse != nullptr && lane % 4 == 0 && l < p.b1 && jq < p.b2) {
+      p.ws_lse[((int64_t(bh) * p.A + m) * p.b1 + l) * p.b2 + jq] = row_max[hr] + log2f(row_sum[hr]);
+    }
     if (l < p.b1 && jq < p.b2) {
       T* orow = og + int64_t(q_base + row_off[l] + jq) * p.o_stride[1];
       const float inv = 1.f / row_sum[hr];
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
         *reinterpret_cast<uint32_t*>(orow + i * 8 + c) = MM::pack(o[i][2 * hr] * inv, o[i][2 * hr + 1] * inv);
+      }
+    }
+  }
+}
+
+
+// Proxies for the next iteration (spec section 3): for every workspace row (m, j, n, k),
+//   L[l] = exp(u[l; n,k] - lse_l) with u = s q[m,l,j] . aL - cL (stage 2's probabilities, from
+//   its log-sum-exp), cR = sum_l L[l], aR = sum_l L[l] q[m,l,j], proxy = aR * min(1/(cR + 1e-6), 1e4).
+// One warp per (column j, 16 rows (n, k) of a 32-row chunk): U^T = aL Q_j^T (M = 16 rows, N = 32
+// query rows, K = D), then aR = P Q_j (M = 16, N = D, K = 32), over blocks of 32 query rows l.
+template <typename T, int D>
+__global__ void __launch_bounds__(128) monarch_proxy_kernel(const MonarchFwdParams p) {
+  using C = TwoPassConfig<T, D>;
+  using MM = Mma<T>;
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem);  // [kCols][32 rows l][kLd]
+  float* lse_s = reinterpret_cast<float*>(smem + size_t(C::kCols) * 32 * C::kLd * sizeof(T));  // [kCols][32]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
+  const int j0 = blockIdx.x * C::kCols, m = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const int jl = warp / 2, half = warp % 2, jq = j0 + jl;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+  const T* al_ws = static_cast<const T*>(p.ws_al);
+  T* proxy_ws = static_cast<T*>(p.ws_proxy);
+  const int q_base = tile_base(p, m);
+
+  for (int n = next_allowed(p, m, 0); n < p.F; n = next_allowed(p, m, n + 1)) {
+    for (int k0 = 0; k0 < p.b1; k0 += 32) {
+      // This warp's 16 rows (n, k0 + half * 16 + ...) of aL as A fragments, and their cL.
+      int64_t row[2];
+      float cl[2];
+      uint32_t aa[D / 16][4];
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int kk = k0 + half * 16 + r + hr * 8;
+        row[hr] = (kk < p.b1 && jq < p.b2) ? ws_row(p, bh, m, jq, n, kk) : -1;
+        cl[hr] = row[hr] >= 0 ? p.ws_cl[row[hr]] * kLog2e : 0.f;
+        const T* src = row[hr] >= 0 ? al_ws + row[hr] * D : nullptr;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+          aa[ks][hr] = src ? *reinterpret_cast<const uint32_t*>(src + ks * 16 + c) : 0u;
+          aa[ks][2 + hr] = src ? *reinterpret_cast<const uint32_t*>(src + ks * 16 + 8 + c) : 0u;
+        }
+      }
+      float acc[D / 8][4];
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+      float cr[2] = {0.f, 0.f};
+      for (int l0 = 0; l0 < p.b1; l0 += 32) {
+        __syncthreads();  // the previous block's Q and lse are no longer read
+        for (int idx = tid; idx < C::kCols * 32 * (D / 8); idx += blockDim.x) {
+          const int col = idx / (32 * (D / 8)), rem = idx % (32 * (D / 8)), l = rem / (D / 8), dc = rem % (D / 8);
+          const bool valid = l0 + l < p.b1 && j0 + col < p.b2;
+          const int64_t tok = valid ? q_base + row_offset(p, l0 + l) + j0 + col : 0;
+          cp_async_16(Qs + (col * 32 + l) * C::kLd + dc * 8, qg + tok * p.q_stride[1] + dc * 8, valid);
+        }
+        for (int idx = tid; idx < C::kCols * 32; idx += blockDim.x) {
+          const int col = idx / 32, l = idx % 32;
+          const bool valid = l0 + l < p.b1 && j0 + col < p.b2;
+          lse_s[idx] = valid ? p.ws_lse[((int64_t(bh) * p.A + m) * p.b1 + l0 + l) * p.b2 + j0 + col] : 0.f;
+        }
+        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();
+        const T* Qj = Qs + jl * 32 * C::kLd;
+        float u[4][4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) u[t][0] = u[t][1] = u[t][2] = u[t][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+          for (int tp = 0; tp < 2; ++tp) {
+            uint32_t bq[4];
+            ldmatrix_x4(bq, Qj + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
+            MM::run(u[2 * tp], aa[ks], bq[0], bq[1]);
+            MM::run(u[2 * tp + 1], aa[ks], bq[2], bq[3]);
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int l = t * 8 + c + e % 2;
+            const float pr = (l0 + l < p.b1 && row[e / 2] >= 0)
+                                 ? exp2f(u[t][e] * p.scale_log2 - cl[e / 2] - lse_s[jl * 32 + l])
+                                 : 0.f;
+            u[t][e] = pr;
+            cr[e / 2] += pr;
+          }
+        }
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+          const uint32_t pa[4] = {MM::pack(u[2 * kk][0], u[2 * kk][1]), MM::pack(u[2 * kk][2], u[2 * kk][3]),
+                                  MM::pack(u[2 * kk + 1][0], u[2 * kk + 1][1]),
+                                  MM::pack(u[2 * kk + 1][2], u[2 * kk + 1][3])};
+#pragma unroll
+          for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+            uint32_t bv[4];
+            ldmatrix_x4_trans(bv, Qj + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kLd + dt2 * 16 + (lane / 16) * 8);
+            MM::run(acc[2 * dt2], pa, bv[0], bv[1]);
+            MM::run(acc[2 * dt2 + 1], pa, bv[2], bv[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        cr[hr] += __shfl_xor_sync(0xffffffffu, cr[hr], 1);
+        cr[hr] += __shfl_xor_sync(0xffffffffu, cr[hr], 2);
+        if (row[hr] >= 0) {
+          const float inv = fminf(1.f / (cr[hr] + 1e-6f), 1e4f);  // the original's guard
+          T* dst = proxy_ws + row[hr] * D;
+#pragma unroll
+          for (int i = 0; i < D / 8; ++i) {
+            *reinterpret_cast<uint32_t*>(dst + i * 8 + c) = MM::pack(acc[i][2 * hr] * inv, acc[i][2 * hr + 1] * inv);
+          }
+        }
       }
     }
   }

@@ -20,6 +20,7 @@
 #include "../common/ptx.cuh"
 #include "fwd_params.h"
 #include "tiles.cuh"
+#include "warp_tiles.cuh"
 
 namespace monarchrt {
 namespace cuda_detail {
@@ -289,51 +290,15 @@ __global__ void __launch_bounds__(FwdConfig<T, D, G>::kThreads, 1)
         MM::run(u[0], qa, bk[0], bk[1]);
         MM::run(u[1], qa, bk[2], bk[3]);
       }
-      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int kc = nt * 8 + c + e % 2;
           u[nt][e] = kc < nrows ? u[nt][e] * p.scale_log2 - cLc[jl * C::kKC + kc] * kLog2e : -INFINITY;
-          mx[e / 2] = fmaxf(mx[e / 2], u[nt][e]);
         }
       }
-      float corr[2], local[2] = {0.f, 0.f};
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
-        mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
-        const float new_max = fmaxf(row_max[hr], mx[hr]);
-        corr[hr] = exp2f(row_max[hr] - new_max);  // 0 on the first chunk (row_max = -inf)
-        row_max[hr] = new_max;
-      }
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          u[nt][e] = exp2f(u[nt][e] - row_max[e / 2]);
-          local[e / 2] += u[nt][e];
-        }
-      }
-      row_sum[0] = row_sum[0] * corr[0] + local[0];
-      row_sum[1] = row_sum[1] * corr[1] + local[1];
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        o[i][0] *= corr[0];
-        o[i][1] *= corr[0];
-        o[i][2] *= corr[1];
-        o[i][3] *= corr[1];
-      }
-      const uint32_t pa[4] = {MM::pack(u[0][0], u[0][1]), MM::pack(u[0][2], u[0][3]),
-                              MM::pack(u[1][0], u[1][1]), MM::pack(u[1][2], u[1][3])};
-#pragma unroll
-      for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, Yj + (((lane / 8) % 2) * 8 + lane % 8) * C::kLdD + dt2 * 16 + (lane / 16) * 8);
-        MM::run(o[2 * dt2], pa, bv[0], bv[1]);
-        MM::run(o[2 * dt2 + 1], pa, bv[2], bv[3]);
-      }
+      online_softmax_pv<T, D, 2>(u, row_max, row_sum, o, Yj, C::kLdD, lane);
       __syncthreads();
     }
   }
@@ -344,18 +309,13 @@ __global__ void __launch_bounds__(FwdConfig<T, D, G>::kThreads, 1)
     row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 1);
     row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 2);
   }
+  T* orow[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int l = rg * C::kRowsPerCta + mt * 16 + r + hr * 8;
-    if (l < p.b1 && jq < p.b2) {
-      T* orow = og + int64_t(q_base + row_off[l] + jq) * p.o_stride[1];
-      const float inv = 1.f / row_sum[hr];
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        *reinterpret_cast<uint32_t*>(orow + i * 8 + c) = MM::pack(o[i][2 * hr] * inv, o[i][2 * hr + 1] * inv);
-      }
-    }
+    orow[hr] = (l < p.b1 && jq < p.b2) ? og + int64_t(q_base + row_off[l] + jq) * p.o_stride[1] : nullptr;
   }
+  store_rows<T, D>(o, row_sum, orow[0], orow[1], lane);
 }
 
 }  // namespace cuda_detail

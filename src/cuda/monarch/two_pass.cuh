@@ -22,6 +22,7 @@
 #include "../common/ptx.cuh"
 #include "fwd_params.h"
 #include "tiles.cuh"
+#include "warp_tiles.cuh"
 
 namespace monarchrt {
 namespace cuda_detail {
@@ -77,21 +78,10 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
   // The proxies of this warp's 16 columns as A fragments: q[m, k, j] on iteration 1 (the same
   // for every n), the workspace's aR / cR of row (m, j, n, k) on later iterations.
   uint32_t qa[D / 16][4];
-  auto load_proxies = [&](const T* rows0, const T* rows1) {
-    const T* rows[2] = {rows0, rows1};
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        qa[ks][hr] = rows[hr] ? *reinterpret_cast<const uint32_t*>(rows[hr] + ks * 16 + c) : 0u;
-        qa[ks][2 + hr] = rows[hr] ? *reinterpret_cast<const uint32_t*>(rows[hr] + ks * 16 + 8 + c) : 0u;
-      }
-    }
-  };
   if (p.ws_proxy == nullptr) {
     const int q_tok = tile_base(p, m) + k_off;
-    load_proxies(j_row[0] < p.b2 ? qg + int64_t(q_tok + j_row[0]) * p.q_stride[1] : nullptr,
-                 j_row[1] < p.b2 ? qg + int64_t(q_tok + j_row[1]) * p.q_stride[1] : nullptr);
+    load_a_rows<T, D>(qa, j_row[0] < p.b2 ? qg + int64_t(q_tok + j_row[0]) * p.q_stride[1] : nullptr,
+                      j_row[1] < p.b2 ? qg + int64_t(q_tok + j_row[1]) * p.q_stride[1] : nullptr, lane);
   }
   auto load = [&](int n, int stage) {  // key row (n, k): b2 consecutive tokens of K and of V
     T* Kd = bufs + (stage * 2) * C::kB2Max * C::kLd;
@@ -118,8 +108,8 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
     const T* Vr = Kr + C::kB2Max * C::kLd;
     if (p.ws_proxy != nullptr) {
       const T* pr = static_cast<const T*>(p.ws_proxy);
-      load_proxies(j_row[0] < p.b2 ? pr + ws_row(p, bh, m, j_row[0], n, k) * D : nullptr,
-                   j_row[1] < p.b2 ? pr + ws_row(p, bh, m, j_row[1], n, k) * D : nullptr);
+      load_a_rows<T, D>(qa, j_row[0] < p.b2 ? pr + ws_row(p, bh, m, j_row[0], n, k) * D : nullptr,
+                        j_row[1] < p.b2 ? pr + ws_row(p, bh, m, j_row[1], n, k) * D : nullptr, lane);
     }
 
     // ---- S = Q_k K_k^T for this warp's 16 columns
@@ -257,16 +247,14 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
   const int q_base = tile_base(p, m);
   const int jl = warp / 2, mt = warp % 2, jq = j0 + jl;
   uint32_t qa[D / 16][4];
+  {
+    const T* rows[2];
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int l = rg * 32 + mt * 16 + r + hr * 8;
-    const bool valid = l < p.b1 && jq < p.b2;
-    const T* row = qg + (valid ? int64_t(q_base + row_off[l] + jq) * p.q_stride[1] : 0);
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      qa[ks][hr] = valid ? *reinterpret_cast<const uint32_t*>(row + ks * 16 + c) : 0u;
-      qa[ks][2 + hr] = valid ? *reinterpret_cast<const uint32_t*>(row + ks * 16 + 8 + c) : 0u;
+    for (int hr = 0; hr < 2; ++hr) {
+      const int l = rg * 32 + mt * 16 + r + hr * 8;
+      rows[hr] = (l < p.b1 && jq < p.b2) ? qg + int64_t(q_base + row_off[l] + jq) * p.q_stride[1] : nullptr;
     }
+    load_a_rows<T, D>(qa, rows[0], rows[1], lane);
   }
   float o[D / 8][4];
 #pragma unroll
@@ -329,55 +317,15 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
           MM::run(u[2 * tp + 1], qa[ks], bk[2], bk[3]);
         }
       }
-      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int t = 0; t < kCh / 8; ++t) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int kc = t * 8 + c + e % 2;
           u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLs[jl * kCh + kc] * kLog2e : -INFINITY;
-          mx[e / 2] = fmaxf(mx[e / 2], u[t][e]);
         }
       }
-      float corr[2], local[2] = {0.f, 0.f};
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
-        mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
-        const float new_max = fmaxf(row_max[hr], mx[hr]);
-        corr[hr] = exp2f(row_max[hr] - new_max);
-        row_max[hr] = new_max;
-      }
-#pragma unroll
-      for (int t = 0; t < kCh / 8; ++t) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          u[t][e] = exp2f(u[t][e] - row_max[e / 2]);
-          local[e / 2] += u[t][e];
-        }
-      }
-      row_sum[0] = row_sum[0] * corr[0] + local[0];
-      row_sum[1] = row_sum[1] * corr[1] + local[1];
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        o[i][0] *= corr[0];
-        o[i][1] *= corr[0];
-        o[i][2] *= corr[1];
-        o[i][3] *= corr[1];
-      }
-#pragma unroll
-      for (int kk = 0; kk < kCh / 16; ++kk) {
-        const uint32_t pa[4] = {MM::pack(u[2 * kk][0], u[2 * kk][1]), MM::pack(u[2 * kk][2], u[2 * kk][3]),
-                                MM::pack(u[2 * kk + 1][0], u[2 * kk + 1][1]),
-                                MM::pack(u[2 * kk + 1][2], u[2 * kk + 1][3])};
-#pragma unroll
-        for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-          uint32_t bv[4];
-          ldmatrix_x4_trans(bv, Yj + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kLd + dt2 * 16 + (lane / 16) * 8);
-          MM::run(o[2 * dt2], pa, bv[0], bv[1]);
-          MM::run(o[2 * dt2 + 1], pa, bv[2], bv[3]);
-        }
-      }
+      online_softmax_pv<T, D, kCh / 8>(u, row_max, row_sum, o, Yj, C::kLd, lane);
     }
     __syncthreads();  // this stage is refilled by the next iteration's copies
     n = n_next;
@@ -391,15 +339,14 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
     if (p.ws_lse != nullptr && lane % 4 == 0 && l < p.b1 && jq < p.b2) {
       p.ws_lse[((int64_t(bh) * p.A + m) * p.b1 + l) * p.b2 + jq] = row_max[hr] + log2f(row_sum[hr]);
     }
-    if (l < p.b1 && jq < p.b2) {
-      T* orow = og + int64_t(q_base + row_off[l] + jq) * p.o_stride[1];
-      const float inv = 1.f / row_sum[hr];
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        *reinterpret_cast<uint32_t*>(orow + i * 8 + c) = MM::pack(o[i][2 * hr] * inv, o[i][2 * hr + 1] * inv);
-      }
-    }
   }
+  T* orow[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int l = rg * 32 + mt * 16 + r + hr * 8;
+    orow[hr] = (l < p.b1 && jq < p.b2) ? og + int64_t(q_base + row_off[l] + jq) * p.o_stride[1] : nullptr;
+  }
+  store_rows<T, D>(o, row_sum, orow[0], orow[1], lane);
 }
 
 
@@ -429,19 +376,16 @@ __global__ void __launch_bounds__(128) monarch_proxy_kernel(const MonarchFwdPara
       // This warp's 16 rows (n, k0 + half * 16 + ...) of aL as A fragments, and their cL.
       int64_t row[2];
       float cl[2];
-      uint32_t aa[D / 16][4];
+      const T* src[2];
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
         const int kk = k0 + half * 16 + r + hr * 8;
         row[hr] = (kk < p.b1 && jq < p.b2) ? ws_row(p, bh, m, jq, n, kk) : -1;
         cl[hr] = row[hr] >= 0 ? p.ws_cl[row[hr]] * kLog2e : 0.f;
-        const T* src = row[hr] >= 0 ? al_ws + row[hr] * D : nullptr;
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          aa[ks][hr] = src ? *reinterpret_cast<const uint32_t*>(src + ks * 16 + c) : 0u;
-          aa[ks][2 + hr] = src ? *reinterpret_cast<const uint32_t*>(src + ks * 16 + 8 + c) : 0u;
-        }
+        src[hr] = row[hr] >= 0 ? al_ws + row[hr] * D : nullptr;
       }
+      uint32_t aa[D / 16][4];
+      load_a_rows<T, D>(aa, src[0], src[1], lane);
       float acc[D / 8][4];
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;

@@ -1,0 +1,102 @@
+// Warp-level building blocks shared by the Monarch kernels (one warp owns 16 rows of an MMA
+// tile; thread `lane` holds rows lane / 4 and lane / 4 + 8, see common/ptx.cuh).
+#pragma once
+
+#include "../common/ptx.cuh"
+
+namespace monarchrt {
+namespace cuda_detail {
+
+// A fragments of a 16 x D block whose rows lane / 4 and lane / 4 + 8 start at row0 / row1
+// (nullptr: a padding row of zeros), read straight from global memory.
+template <typename T, int D>
+__device__ __forceinline__ void load_a_rows(uint32_t (&a)[D / 16][4], const T* row0, const T* row1, int lane) {
+  const int c = (lane % 4) * 2;
+  const T* rows[2] = {row0, row1};
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      a[ks][hr] = rows[hr] ? *reinterpret_cast<const uint32_t*>(rows[hr] + ks * 16 + c) : 0u;
+      a[ks][2 + hr] = rows[hr] ? *reinterpret_cast<const uint32_t*>(rows[hr] + ks * 16 + 8 + c) : 0u;
+    }
+  }
+}
+
+// One step of the online softmax over NT * 8 more keys for the warp's 16 rows: u holds the
+// scores in log2 units (masked entries -inf; every row has at least one finite score over all
+// steps); rescales the accumulator o (16 x D) and adds P V, where V's NT * 8 rows (keys) of D
+// features start at v with row pitch ld (elements) in shared memory.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row_max)[2], float (&row_sum)[2],
+                                                  float (&o)[D / 8][4], const T* v, int ld, int lane) {
+  using MM = Mma<T>;
+  static_assert(NT % 2 == 0, "keys come in steps of 16");
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], u[t][e]);
+  }
+  float corr[2], local[2] = {0.f, 0.f};
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
+    mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+    const float new_max = fmaxf(row_max[hr], mx[hr]);
+    corr[hr] = exp2f(row_max[hr] - new_max);  // 0 on the first step (row_max = -inf)
+    row_max[hr] = new_max;
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      u[t][e] = exp2f(u[t][e] - row_max[e / 2]);
+      local[e / 2] += u[t][e];
+    }
+  }
+  row_sum[0] = row_sum[0] * corr[0] + local[0];
+  row_sum[1] = row_sum[1] * corr[1] + local[1];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    o[i][0] *= corr[0];
+    o[i][1] *= corr[0];
+    o[i][2] *= corr[1];
+    o[i][3] *= corr[1];
+  }
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    const uint32_t pa[4] = {MM::pack(u[2 * kk][0], u[2 * kk][1]), MM::pack(u[2 * kk][2], u[2 * kk][3]),
+                            MM::pack(u[2 * kk + 1][0], u[2 * kk + 1][1]),
+                            MM::pack(u[2 * kk + 1][2], u[2 * kk + 1][3])};
+#pragma unroll
+    for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, v + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * ld + dt2 * 16 + (lane / 16) * 8);
+      MM::run(o[2 * dt2], pa, bv[0], bv[1]);
+      MM::run(o[2 * dt2 + 1], pa, bv[2], bv[3]);
+    }
+  }
+}
+
+// Final normalization and store of the warp's 16 x D output rows (row0 / row1: nullptr skips).
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const float (&o)[D / 8][4], float (&row_sum)[2], T* row0, T* row1,
+                                           int lane) {
+  using MM = Mma<T>;
+  const int c = (lane % 4) * 2;
+  T* rows[2] = {row0, row1};
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    if (rows[hr]) {
+      const float inv = 1.f / row_sum[hr];
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        *reinterpret_cast<uint32_t*>(rows[hr] + i * 8 + c) = MM::pack(o[i][2 * hr] * inv, o[i][2 * hr + 1] * inv);
+      }
+    }
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace monarchrt

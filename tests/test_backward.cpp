@@ -376,16 +376,6 @@ TEST(BackwardStructure, SingleRowTileEqualsDense) {
   }
 }
 
-// Tokens [first, first + count) of `t` as a new contiguous tensor.
-Tensor slice_tokens(const Tensor& t, int64_t first, int64_t count) {
-  Tensor out(t.view.dtype, t.view.batch(), count, t.view.heads(), t.view.head_dim());
-  for (int64_t b = 0; b < t.view.batch(); ++b)
-    for (int64_t s = 0; s < count; ++s)
-      for (int64_t h = 0; h < t.view.heads(); ++h)
-        for (int64_t d = 0; d < t.view.head_dim(); ++d) out.set(b, s, h, d, t.at(b, first + s, h, d));
-  return out;
-}
-
 // Fact 5 for gradients: the block-causal full sequence's dq equals the chunk-by-chunk KV-cache
 // calls' dq, and its dk, dv equal the sum over chunks of theirs (each chunk's cache is a prefix).
 TEST(BackwardStructure, KvCacheChunksSumToBlockCausal) {
@@ -407,12 +397,12 @@ TEST(BackwardStructure, KvCacheChunksSumToBlockCausal) {
         c.params.causal_chunk_frames = 0;
         c.params.kv_cache = true;
         c.params.grid.T = chunk;
-        c.q = slice_tokens(pr.q, f0 * per_frame, chunk * per_frame);
-        c.dout = slice_tokens(pr.dout, f0 * per_frame, chunk * per_frame);
-        c.k = slice_tokens(pr.k, 0, (f0 + chunk) * per_frame);
-        c.v = slice_tokens(pr.v, 0, (f0 + chunk) * per_frame);
+        c.q = test::slice_tokens(pr.q, f0 * per_frame, chunk * per_frame);
+        c.dout = test::slice_tokens(pr.dout, f0 * per_frame, chunk * per_frame);
+        c.k = test::slice_tokens(pr.k, 0, (f0 + chunk) * per_frame);
+        c.v = test::slice_tokens(pr.v, 0, (f0 + chunk) * per_frame);
         const Grads g = analytic(c);
-        const Tensor dq_want = slice_tokens(want.dq, f0 * per_frame, chunk * per_frame);
+        const Tensor dq_want = test::slice_tokens(want.dq, f0 * per_frame, chunk * per_frame);
         EXPECT_LT(rel_err(g.dq.values(), dq_want.values()), 1e-13) << pr.name << " chunk at " << f0;
         for (int64_t b = 0; b < t.B; ++b)
           for (int64_t s = 0; s < (f0 + chunk) * per_frame; ++s)

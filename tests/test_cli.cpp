@@ -23,6 +23,7 @@
 #include "monarchrt/attention.h"
 #include "monarchrt/npy.h"
 #include "monarchrt/workload.h"
+#include "test_util.h"
 
 namespace monarchrt {
 namespace {
@@ -66,28 +67,6 @@ size_t count(const std::string& haystack, const std::string& needle) {
   return n;
 }
 
-// A fresh directory under ::testing::TempDir(), removed with everything in it at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    static int counter = 0;
-    std::string base = ::testing::TempDir();
-    if (!base.empty() && base.back() != '/') base += '/';
-    path_ = base + "monarchrt_test_cli_" + std::to_string(::getpid()) + "_" + std::to_string(counter++);
-    std::filesystem::remove_all(path_);
-    std::filesystem::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
 std::string quote(const std::string& s) { return "'" + s + "'"; }
 bool exists(const std::string& path) { return std::filesystem::exists(path); }
 
@@ -130,7 +109,7 @@ std::string method_name(Method m) {
 // The CLI's output file must be what the library writes for the same inputs and parameters.
 void expect_cli_matches_library(const AttentionCase& c) {
   SCOPED_TRACE(c.what);
-  TempDir dir;
+  test::TempDir dir{"cli"};
   Rng rng(99);
   const std::string qp = dir.file("q.npy"), kp = dir.file("k.npy"), vp = dir.file("v.npy"),
                     op = dir.file("out.npy");
@@ -384,7 +363,7 @@ TEST(Cli, JsonCheckerRejectsBrokenJson) {
 }
 
 TEST(Cli, AnalyzeJson) {
-  TempDir dir;
+  test::TempDir dir{"cli"};
   const std::string err = dir.file("stderr.txt");
   const Result r = run("analyze --grid 2,6,8 --heads 1 --head-dim 16 --max-iters 2 --json", "2>" + quote(err));
   std::ifstream ef(err);
@@ -411,7 +390,7 @@ TEST(Cli, AnalyzeJson) {
 
 // Valid inputs for the error cases: grid 4,2,6, [48, 2, 8] float32.
 struct ErrorFixture {
-  TempDir dir;
+  test::TempDir dir{"cli"};
   std::string q = dir.file("q.npy"), k = dir.file("k.npy"), v = dir.file("v.npy"), out = dir.file("out.npy");
   ErrorFixture() {
     Rng rng(5);

@@ -13,16 +13,6 @@ namespace {
 
 using test::Tensor;
 
-// Tokens [first, first + count) of `t` as a new tensor.
-Tensor slice(const Tensor& t, int64_t first, int64_t count) {
-  Tensor out(t.view.dtype, t.view.batch(), count, t.view.heads(), t.view.head_dim());
-  for (int64_t b = 0; b < t.view.batch(); ++b)
-    for (int64_t s = 0; s < count; ++s)
-      for (int64_t h = 0; h < t.view.heads(); ++h)
-        for (int64_t d = 0; d < t.view.head_dim(); ++d) out.set(b, s, h, d, t.at(b, first + s, h, d));
-  return out;
-}
-
 struct Ring {
   VideoGrid chunk;  // grid of one chunk
   MonarchLayout layout;
@@ -48,14 +38,14 @@ void run_ring(const Ring& rc, bool monarch, bool reference) {
     p.window_frames = rc.window;
     p.cache_capacity_frames = rc.capacity;
     p.cache_frames = f0 + rc.chunk.T;
-    const Tensor qc = slice(q, f0 * per_frame, rc.chunk.tokens());
-    const Tensor kc = slice(k, f0 * per_frame, rc.chunk.tokens());
-    const Tensor vc = slice(v, f0 * per_frame, rc.chunk.tokens());
+    const Tensor qc = test::slice_tokens(q, f0 * per_frame, rc.chunk.tokens());
+    const Tensor kc = test::slice_tokens(k, f0 * per_frame, rc.chunk.tokens());
+    const Tensor vc = test::slice_tokens(v, f0 * per_frame, rc.chunk.tokens());
     ASSERT_TRUE(cpu::kv_cache_write(kc.view, vc.view, ring_k.view, ring_v.view, p).ok());
     // The same window over the cache in order.
     AttentionParams lp = p;
     lp.cache_capacity_frames = lp.cache_frames = 0;
-    const Tensor kl = slice(k, 0, p.cache_frames * per_frame), vl = slice(v, 0, p.cache_frames * per_frame);
+    const Tensor kl = test::slice_tokens(k, 0, p.cache_frames * per_frame), vl = test::slice_tokens(v, 0, p.cache_frames * per_frame);
     Tensor got(DType::kF64, B, rc.chunk.tokens(), H, D), want = got;
     auto run = [&](const TensorView& kk, const TensorView& vv, Tensor& o, const AttentionParams& pp) {
       if (monarch) {

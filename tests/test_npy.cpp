@@ -20,6 +20,7 @@
 
 #include "monarchrt/npy.h"
 #include "monarchrt/workload.h"
+#include "test_util.h"
 
 namespace monarchrt {
 namespace {
@@ -94,29 +95,6 @@ bool is_sentinel(const NpyArray& a) {
   const NpyArray s = sentinel_array();
   return a.dtype == s.dtype && a.shape == s.shape && a.data == s.data;
 }
-
-// A fresh directory under ::testing::TempDir(), removed with everything in it at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    static int counter = 0;
-    std::string base = ::testing::TempDir();
-    if (!base.empty() && base.back() != '/') base += '/';
-    path_ = base + "monarchrt_test_npy_" + std::to_string(::getpid()) + "_" +
-            std::to_string(counter++);
-    std::filesystem::remove_all(path_);
-    std::filesystem::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 Bytes read_file(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -193,7 +171,7 @@ TEST(Npy, EncodedHeaderIsWhatNumpyWrites) {
 }
 
 TEST(Npy, RoundTripThroughFiles) {
-  TempDir dir;
+  test::TempDir dir{"npy"};
   Rng rng(2);
   for (DType dtype : kDtypes) {
     for (const auto& shape : kShapes) {
@@ -449,7 +427,7 @@ TEST(Npy, AbsurdShapes) {
 // ---- writing and I/O errors --------------------------------------------------------------------
 
 TEST(Npy, WriteErrors) {
-  TempDir dir;
+  test::TempDir dir{"npy"};
   const uint16_t bf[4] = {0x3f80, 0, 0, 0};
   Bytes img = {1, 2, 3};
   Status s = encode_npy(DType::kBF16, {4}, bf, &img);
@@ -477,7 +455,7 @@ TEST(Npy, WriteErrors) {
 }
 
 TEST(Npy, ReadErrors) {
-  TempDir dir;
+  test::TempDir dir{"npy"};
   NpyArray a = sentinel_array();
   const std::string missing = dir.file("missing.npy");
   Status s = read_npy(missing, &a);

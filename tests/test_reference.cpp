@@ -233,16 +233,6 @@ TEST(ReferenceFacts, BlockCausalIgnoresTheFuture) {
   }
 }
 
-// Copies tokens [first, first + count) of `t` into a new tensor.
-Tensor slice_tokens(const Tensor& t, int64_t first, int64_t count) {
-  Tensor out(t.view.dtype, t.view.batch(), count, t.view.heads(), t.view.head_dim());
-  for (int64_t b = 0; b < t.view.batch(); ++b)
-    for (int64_t s = 0; s < count; ++s)
-      for (int64_t h = 0; h < t.view.heads(); ++h)
-        for (int64_t d = 0; d < t.view.head_dim(); ++d) out.set(b, s, h, d, t.at(b, first + s, h, d));
-  return out;
-}
-
 // Fact 5: the KV-cache call, chunk by chunk, equals the block-causal full sequence; dense too.
 TEST(ReferenceFacts, KvCacheChunksEqualBlockCausal) {
   Rng rng(5);
@@ -268,13 +258,13 @@ TEST(ReferenceFacts, KvCacheChunksEqualBlockCausal) {
         p.causal_chunk_frames = 0;
         p.kv_cache = true;
         p.grid.T = nf;
-        const Tensor qc = slice_tokens(q, f0 * per_frame, nf * per_frame);
-        const Tensor kc = slice_tokens(k, 0, (f0 + nf) * per_frame);
-        const Tensor vc = slice_tokens(v, 0, (f0 + nf) * per_frame);
+        const Tensor qc = test::slice_tokens(q, f0 * per_frame, nf * per_frame);
+        const Tensor kc = test::slice_tokens(k, 0, (f0 + nf) * per_frame);
+        const Tensor vc = test::slice_tokens(v, 0, (f0 + nf) * per_frame);
         Tensor out(DType::kF64, c.B, nf * per_frame, c.H, c.D);
         ASSERT_TRUE((monarch ? ref::monarch_attention : ref::dense_attention)(qc.view, kc.view, vc.view,
                                                                              out.view, p).ok());
-        const Tensor want = slice_tokens(expected, f0 * per_frame, nf * per_frame);
+        const Tensor want = test::slice_tokens(expected, f0 * per_frame, nf * per_frame);
         EXPECT_LT(test::relative_l2(out.values(), want.values()), 1e-13) << "chunk at frame " << f0;
       }
     }

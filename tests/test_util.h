@@ -2,9 +2,14 @@
 // padded strides), relative L2 error, and a poison value to prove every output was written.
 #pragma once
 
+#include <gtest/gtest.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <string>
 #include <vector>
 
 #include "monarchrt/attention.h"
@@ -64,6 +69,40 @@ struct Tensor {
           for (int64_t d = 0; d < view.shape[3]; ++d) out.push_back(at(b, s, h, d));
     return out;
   }
+};
+
+// Tokens [first, first + count) of t as a new contiguous tensor of the same dtype.
+inline Tensor slice_tokens(const Tensor& t, int64_t first, int64_t count) {
+  Tensor out(t.view.dtype, t.view.batch(), count, t.view.heads(), t.view.head_dim());
+  for (int64_t b = 0; b < t.view.batch(); ++b)
+    for (int64_t s = 0; s < count; ++s)
+      for (int64_t h = 0; h < t.view.heads(); ++h)
+        for (int64_t d = 0; d < t.view.head_dim(); ++d) out.set(b, s, h, d, t.at(b, first + s, h, d));
+  return out;
+}
+
+// A fresh directory under GoogleTest's temporary directory, removed with everything in it.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& tag) {
+    static int counter = 0;
+    std::string base = ::testing::TempDir();
+    if (!base.empty() && base.back() != '/') base += '/';
+    path_ = base + "monarchrt_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++);
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
 };
 
 inline double relative_l2(const std::vector<double>& x, const std::vector<double>& ref) {

@@ -162,6 +162,13 @@ TEST(CudaForward, SeveralIterations) {
   }
 }
 
+TEST(CudaForward, PrepareLoadsEverythingAndIsIdempotent) {
+  SKIP_WITHOUT_GPU();
+  const Status first = cuda::prepare();
+  EXPECT_TRUE(first.ok()) << first.to_string();
+  EXPECT_TRUE(cuda::prepare().ok());
+}
+
 TEST(CudaForward, PaddedStrides) {
   SKIP_WITHOUT_GPU();
   Rng rng(102);

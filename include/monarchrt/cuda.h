@@ -20,6 +20,11 @@ namespace cuda {
 // Number of CUDA devices visible (0 when there is none or the driver is missing).
 int device_count();
 
+// Loads every kernel on the current device and sets its shared-memory limit, so that the first
+// attention call runs as fast as later ones (lazy module loading would otherwise happen inside
+// it). Optional; call once per device at start-up.
+Status prepare();
+
 // Whether the CUDA forward can run this problem on the current device; the Status says why not.
 Status can_implement(const TensorView& q, const TensorView& k, const TensorView& v,
                      const TensorView& out, const AttentionParams& params);

@@ -2,7 +2,7 @@
 // (ahead of time, from the device's shared-memory size: never autotuned), and the launch.
 #include <cuda_runtime.h>
 
-#include <mutex>
+#include <atomic>
 #include <string>
 
 #include "../../core/plan.h"
@@ -32,16 +32,39 @@ size_t smem_bytes(int G) {
   return G == 4 ? FwdConfig<T, D, 4>::kSmem : FwdConfig<T, D, 2>::kSmem;
 }
 
+// Raises `kernel`'s dynamic shared-memory limit on the current device, once per device (a bit
+// per device in `done`). Setting the attribute also loads the kernel's module, which lazy
+// loading would otherwise do inside the first launch.
+template <typename Kernel>
+Status ensure_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done) {
+  int device = 0;
+  MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (done.load() & bit) != 0) return Status();
+  MONARCHRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  done.fetch_or(bit);
+  return Status();
+}
+
+template <typename T, int D, int G>
+Status prepare_fused() {
+  static std::atomic<uint64_t> done{0};
+  return ensure_smem(monarch_fwd_kernel<T, D, G>, FwdConfig<T, D, G>::kSmem, done);
+}
+
+template <typename T, int D>
+Status prepare_two_pass() {
+  using C = TwoPassConfig<T, D>;
+  static std::atomic<uint64_t> done1{0}, done2{0}, done3{0};
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage1_kernel<T, D>, C::kSmem1, done1));
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage2_kernel<T, D>, C::kSmem2, done2));
+  return ensure_smem(monarch_proxy_kernel<T, D>, C::kSmemProxy, done3);
+}
+
 template <typename T, int D, int G>
 Status launch(const MonarchFwdParams& p, int B, cudaStream_t stream) {
   using C = FwdConfig<T, D, G>;
-  static std::once_flag once;
-  static cudaError_t attr = cudaSuccess;
-  std::call_once(once, [] {
-    attr = cudaFuncSetAttribute(monarch_fwd_kernel<T, D, G>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmem));
-  });
-  MONARCHRT_CUDA_CHECK(attr);
+  MONARCHRT_RETURN_IF_ERROR((prepare_fused<T, D, G>()));
   const dim3 grid((p.b2 + C::kJB - 1) / C::kJB, p.A * p.row_groups, B * p.H);
   monarch_fwd_kernel<T, D, G><<<grid, C::kThreads, C::kSmem, stream>>>(p);
   MONARCHRT_CUDA_CHECK(cudaGetLastError());
@@ -56,17 +79,7 @@ Status dispatch_groups(const MonarchFwdParams& p, int B, int G, cudaStream_t str
 template <typename T, int D>
 Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream) {
   using C = TwoPassConfig<T, D>;
-  static std::once_flag once;
-  static cudaError_t attr = cudaSuccess;
-  std::call_once(once, [] {
-    attr = cudaFuncSetAttribute(monarch_stage1_kernel<T, D>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmem1));
-    if (attr == cudaSuccess) {
-      attr = cudaFuncSetAttribute(monarch_stage2_kernel<T, D>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmem2));
-    }
-  });
-  MONARCHRT_CUDA_CHECK(attr);
+  MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<T, D>()));
   const dim3 grid1(p.b1, p.A, B * p.H);
   const dim3 grid2((p.b2 + C::kCols - 1) / C::kCols, p.A * ((p.b1 + 31) / 32), B * p.H);
   const dim3 grid_proxy((p.b2 + C::kCols - 1) / C::kCols, p.A, B * p.H);
@@ -166,6 +179,33 @@ Status choose(const TensorView& q, const TensorView& k, const TensorView& v, con
 }  // namespace cuda_detail
 
 namespace cuda {
+
+Status prepare() {
+  using namespace cuda_detail;
+  int optin = 0, device = 0;
+  MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
+  MONARCHRT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<__nv_bfloat16, 128>()));
+  MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<__nv_bfloat16, 64>()));
+  MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<__half, 128>()));
+  MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<__half, 64>()));
+  // The fused configurations this device can run (the same choice as choose()).
+  MONARCHRT_RETURN_IF_ERROR((prepare_fused<__nv_bfloat16, 64, 2>()));
+  MONARCHRT_RETURN_IF_ERROR((prepare_fused<__half, 64, 2>()));
+  if (size_t(optin) >= FwdConfig<__nv_bfloat16, 128, 2>::kSmem) {
+    MONARCHRT_RETURN_IF_ERROR((prepare_fused<__nv_bfloat16, 128, 2>()));
+    MONARCHRT_RETURN_IF_ERROR((prepare_fused<__half, 128, 2>()));
+  }
+  if (size_t(optin) >= FwdConfig<__nv_bfloat16, 128, 4>::kSmem) {
+    MONARCHRT_RETURN_IF_ERROR((prepare_fused<__nv_bfloat16, 128, 4>()));
+    MONARCHRT_RETURN_IF_ERROR((prepare_fused<__half, 128, 4>()));
+  }
+  if (size_t(optin) >= FwdConfig<__nv_bfloat16, 64, 4>::kSmem) {
+    MONARCHRT_RETURN_IF_ERROR((prepare_fused<__nv_bfloat16, 64, 4>()));
+    MONARCHRT_RETURN_IF_ERROR((prepare_fused<__half, 64, 4>()));
+  }
+  return prepare_kv_write();
+}
 
 int device_count() {
   int n = 0;

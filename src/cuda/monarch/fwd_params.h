@@ -1,8 +1,10 @@
-// The plain parameter struct of the CUDA Monarch forward kernel, filled on the host from an
-// AttentionPlan (src/cuda/monarch/fwd.cu) and passed by value to the kernel.
+// The plain parameter struct of the CUDA Monarch forward kernels, filled on the host from an
+// AttentionPlan (src/cuda/monarch/fwd.cu) and passed by value to the kernels.
 #pragma once
 
 #include <cstdint>
+
+#include "monarchrt/status.h"
 
 namespace monarchrt {
 namespace cuda_detail {
@@ -37,6 +39,9 @@ struct MonarchFwdParams {
   void* ws_proxy;
   float* ws_lse;
 };
+
+// Loads the KV-cache copy kernel (kv_cache.cu), for cuda::prepare().
+Status prepare_kv_write();
 
 }  // namespace cuda_detail
 }  // namespace monarchrt

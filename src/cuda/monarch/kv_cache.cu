@@ -40,6 +40,14 @@ __global__ void kv_write_kernel(const KvWriteParams p) {
 }
 
 }  // namespace
+
+Status prepare_kv_write() {
+  cudaFuncAttributes attributes;
+  const cudaError_t e = cudaFuncGetAttributes(&attributes, kv_write_kernel);  // loads the module
+  if (e != cudaSuccess) return Status::internal(std::string("cudaFuncGetAttributes failed: ") + cudaGetErrorString(e));
+  return Status();
+}
+
 }  // namespace cuda_detail
 
 namespace cuda {

@@ -1,6 +1,8 @@
 // CPU benchmark: times the fast fp32 CPU path of Monarch and dense attention on video shapes and
 // prints time and achieved GFLOP/s of real work (specification section 5). Not a test: it only
 // prints. Usage: bench_cpu [--grid T,h,w] [--heads N] [--head-dim D] [--iters N] [--dense]
+// [--backward] (--backward also times cpu::monarch_attention_backward, one iteration, counting
+// 2.5x the forward FLOPs).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -17,7 +19,7 @@ int main(int argc, char** argv) {
   VideoGrid grid{21, 30, 52};
   int64_t heads = 1, D = 128;
   int iters = 1;
-  bool dense = false;
+  bool dense = false, backward = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -42,8 +44,10 @@ int main(int argc, char** argv) {
       iters = std::atoi(next());
     } else if (a == "--dense") {
       dense = true;
+    } else if (a == "--backward") {
+      backward = true;
     } else {
-      std::fprintf(stderr, "usage: bench_cpu [--grid T,h,w] [--heads N] [--head-dim D] [--iters N] [--dense]\n");
+      std::fprintf(stderr, "usage: bench_cpu [--grid T,h,w] [--heads N] [--head-dim D] [--iters N] [--dense] [--backward]\n");
       return a == "--help" || a == "-h" ? 0 : 2;
     }
   }
@@ -80,6 +84,26 @@ int main(int argc, char** argv) {
                                              : dense_flops(S, S, D));
     std::printf("%-8s %8.3f s  %7.2f GFLOP  %6.1f GFLOP/s\n", which == 0 ? "monarch" : "dense", secs,
                 flops * 1e-9, flops * 1e-9 / secs);
+  }
+  if (backward) {
+    // The upstream gradient: standard normal.
+    std::vector<float> dout(q.size()), dq(q.size()), dk(k.size()), dv(v.size());
+    Rng rng(7);
+    for (float& x : dout) x = static_cast<float>(rng.normal());
+    AttentionParams pb = p;
+    pb.num_iters = 1;  // the backward pass supports one iteration
+    const auto t0 = std::chrono::steady_clock::now();
+    s = cpu::monarch_attention_backward(view(q), view(k), view(v), view(dout), view(dq), view(dk),
+                                        view(dv), pb);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!s.ok()) {
+      std::fprintf(stderr, "bench_cpu: %s\n", s.to_string().c_str());
+      return 1;
+    }
+    const double flops = 2.5 * heads * monarch_flops(g.tiles, g.tiles, g.b1, g.b2, D);
+    std::printf("%-8s %8.3f s  %7.2f GFLOP  %6.1f GFLOP/s  (monarch backward, 1 iteration; FLOPs "
+                "counted as 2.5x the forward formula)\n",
+                "backward", secs, flops * 1e-9, flops * 1e-9 / secs);
   }
   return 0;
 }

@@ -92,6 +92,18 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
                          const TensorView& out, const AttentionParams& params);
 Status topk_attention(const TensorView& q, const TensorView& k, const TensorView& v,
                       const TensorView& out, const AttentionParams& params, double density);
+// Backward passes in fp32 (flash-style recomputation of the forward intermediates, nothing of
+// the forward kept). Same contract, checks and error messages as ref::dense_attention_backward /
+// ref::monarch_attention_backward: dq, dk, dv are overwritten in their own dtypes, unattended keys
+// get exactly zero, Monarch supports num_iters == 1 only. Results do not depend on the thread
+// count (bitwise).
+Status dense_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                                const TensorView& dv, const AttentionParams& params);
+Status monarch_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& dout, const TensorView& dq,
+                                  const TensorView& dk, const TensorView& dv,
+                                  const AttentionParams& params);
 
 // KV cache: writes the current chunk's keys and values (new_k, new_v: [B, grid.T*h*w, H, D])
 // into cache_k / cache_v at logical frames [cache_frames - grid.T, cache_frames), i.e. into

@@ -39,6 +39,15 @@ Status make_plan(const TensorView& q, const TensorView& k, const TensorView& v,
                  const TensorView& out, const AttentionParams& params, bool monarch,
                  Device required_device, AttentionPlan* plan);
 
+// Every check of the backward entry points (src/core/backward_plan.cpp), before anything is
+// read or written: the views of dout, dq, dk, dv; their shapes and devices; then make_plan (q, k,
+// v, params, with dq in the output's place: it has q's shape and is writable); then the gradients
+// must not overlap one another; and Monarch supports num_iters == 1 only (kUnsupported).
+Status make_backward_plan(const TensorView& q, const TensorView& k, const TensorView& v,
+                          const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                          const TensorView& dv, const AttentionParams& params, bool monarch,
+                          Device required_device, AttentionPlan* plan);
+
 // validate_view() plus the size bound of check_attention (every dimension below 2^31), so that
 // shapes can be multiplied safely afterwards.
 Status validate_bounded(const TensorView& view, const char* name, bool writable);

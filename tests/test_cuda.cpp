@@ -64,6 +64,13 @@ const Case kCases[] = {
     {{2, 6, 10}, {2, 2, 1}, 1, 1, 0, 10, 2, 4},   // KV cache with f_tied 2
 };
 
+// Tiles wider than 64 columns (720p's 45 x 80): the two-pass path only at head dim 128.
+const Case kWideCases[] = {
+    {{2, 45, 80}, {1, 1, 1}, 1, 1, 0, 0, 0, 0},   // 45x80, two row groups
+    {{3, 6, 100}, {1, 2, 1}, 1, 2, 1, 0, 0, 0},   // 3x100, block-causal
+    {{3, 4, 128}, {1, 1, 1}, 1, 1, 0, 9, 0, 6},   // b2 = 128, KV cache with window
+};
+
 // Runs one case on the GPU (fused kernel, or the two-pass kernels with a NaN-poisoned workspace
 // so that reading a workspace row stage 1 never wrote shows up) and returns the relative L2
 // error against the fp64 reference.
@@ -162,6 +169,19 @@ TEST(CudaForward, SeveralIterations) {
   }
 }
 
+TEST(CudaForward, WideTilesOnTheTwoPassPath) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(108);
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    for (const Case& c : kWideCases) {
+      const double err = run_case(c, dtype, 128, rng, 0, true);
+      EXPECT_LT(err, 1e-2) << "grid " << c.grid.to_string() << " " << dtype_name(dtype);
+      std::printf("wide %-9s grid %-8s layout %s: rel L2 %.2e\n", dtype_name(dtype),
+                  c.grid.to_string().c_str(), c.layout.to_string().c_str(), err);
+    }
+  }
+}
+
 TEST(CudaForward, PrepareLoadsEverythingAndIsIdempotent) {
   SKIP_WITHOUT_GPU();
   const Status first = cuda::prepare();
@@ -223,6 +243,14 @@ TEST(CudaForward, RejectsWhatItCannotRun) {
   DeviceTensor dw(qw);
   p.grid = VideoGrid{2, 1, 100};
   s = cuda::monarch_attention(dw.view, dw.view, dw.view, dw.view, p, nullptr, 0, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kUnsupported);  // fused path: b2 <= 64 at head dim 128
+  EXPECT_NE(s.message().find("b2"), std::string::npos);
+  EXPECT_TRUE(cuda::can_implement(dw.view, dw.view, dw.view, dw.view, p).ok());  // two-pass can
+  // b2 beyond 128 is beyond every path.
+  Tensor qx(DType::kBF16, 1, 2 * 136, 1, 128);
+  DeviceTensor dx(qx);
+  p.grid = VideoGrid{2, 1, 136};
+  s = cuda::can_implement(dx.view, dx.view, dx.view, dx.view, p);
   EXPECT_EQ(s.code(), StatusCode::kUnsupported);
   EXPECT_NE(s.message().find("b2"), std::string::npos);
 }

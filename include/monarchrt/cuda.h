@@ -4,8 +4,8 @@
 //
 // This version: forward, bidirectional / block-causal / KV cache with sink and window (and a
 // ring-buffer cache), bf16 or fp16 in and out, fp32 accumulation, head dim 64 or 128, any tiling
-// with b2 <= 64 (D = 128) or b2 <= 128 (D = 64) and b1 <= 256; several iterations on the
-// two-pass path. Tensors are device pointers with the head dim
+// with b2 <= 128 and b1 <= 256 on the two-pass path (also several iterations); the fused path
+// runs 1 iteration with b2 <= 64 at head dim 128. Tensors are device pointers with the head dim
 // contiguous and 16-byte aligned rows. No allocation, no host synchronization, no autotuning:
 // the call is capturable in a CUDA graph.
 #pragma once
@@ -25,7 +25,9 @@ int device_count();
 // it). Optional; call once per device at start-up.
 Status prepare();
 
-// Whether the CUDA forward can run this problem on the current device; the Status says why not.
+// Whether the CUDA forward can run this problem on the current device (on the two-pass path,
+// which supports the most: tiles up to 128 columns, several iterations); the Status says why
+// not. The fused path (no workspace) has narrower limits, reported by monarch_attention().
 Status can_implement(const TensorView& q, const TensorView& k, const TensorView& v,
                      const TensorView& out, const AttentionParams& params);
 

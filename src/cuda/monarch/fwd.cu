@@ -55,8 +55,10 @@ Status prepare_fused() {
 template <typename T, int D>
 Status prepare_two_pass() {
   using C = TwoPassConfig<T, D>;
-  static std::atomic<uint64_t> done1{0}, done2{0}, done3{0};
-  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage1_kernel<T, D>, C::kSmem1, done1));
+  using Wide = TwoPassConfig<T, D, 128>;
+  static std::atomic<uint64_t> done1{0}, done1w{0}, done2{0}, done3{0};
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage1_kernel<T, D, C::kB2Max>, C::kSmem1, done1));
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage1_kernel<T, D, 128>, Wide::kSmem1, done1w));
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage2_kernel<T, D>, C::kSmem2, done2));
   return ensure_smem(monarch_proxy_kernel<T, D>, C::kSmemProxy, done3);
 }
@@ -86,8 +88,13 @@ Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream
   void* proxies = p.ws_proxy;
   float* lse = p.ws_lse;
   p.ws_proxy = nullptr;  // iteration 1: the queries are the proxies
+  const bool wide = p.b2 > C::kB2Max;  // rows wider than the default stage-1 buffers
   for (int it = 1; it <= iters; ++it) {
-    monarch_stage1_kernel<T, D><<<grid1, 32 * ((p.b2 + 15) / 16), C::kSmem1, stream>>>(p);
+    if (wide) {
+      monarch_stage1_kernel<T, D, 128><<<grid1, 32 * ((p.b2 + 15) / 16), TwoPassConfig<T, D, 128>::kSmem1, stream>>>(p);
+    } else {
+      monarch_stage1_kernel<T, D, C::kB2Max><<<grid1, 32 * ((p.b2 + 15) / 16), C::kSmem1, stream>>>(p);
+    }
     MONARCHRT_CUDA_CHECK(cudaGetLastError());
     p.ws_lse = it < iters ? lse : nullptr;  // stage 2 of an inner iteration: its log-sum-exp
     monarch_stage2_kernel<T, D><<<grid2, 128, C::kSmem2, stream>>>(p);
@@ -118,8 +125,10 @@ struct Choice {
   int G = 0;
 };
 
+// Checks the problem for the two-pass path (two_pass) or the fused one, and picks the fused
+// configuration for this device.
 Status choose(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
-              const AttentionParams& params, AttentionPlan* plan, Choice* choice) {
+              const AttentionParams& params, bool two_pass, AttentionPlan* plan, Choice* choice) {
   MONARCHRT_RETURN_IF_ERROR(make_plan(q, k, v, out, params, true, Device::kCUDA, plan));
   if (q.dtype != DType::kBF16 && q.dtype != DType::kF16) {
     return Status::unsupported(std::string("q: dtype ") + dtype_name(q.dtype) +
@@ -133,11 +142,12 @@ Status choose(const TensorView& q, const TensorView& k, const TensorView& v, con
     return Status::unsupported("q: head dim " + std::to_string(plan->D) +
                                " is not supported by the CUDA path (64 or 128)");
   }
-  const int b2_max = plan->D == 128 ? 64 : 128;
+  const int b2_max = two_pass || plan->D == 64 ? 128 : 64;
   if (plan->qg.b2 > b2_max) {
-    return Status::unsupported("layout: tile width b2 = " + std::to_string(plan->qg.b2) +
-                               " exceeds the CUDA path's " + std::to_string(b2_max) +
-                               " for head dim " + std::to_string(plan->D));
+    return Status::unsupported("layout: tile width b2 = " + std::to_string(plan->qg.b2) + " exceeds " +
+                               std::to_string(b2_max) + (two_pass ? " (the CUDA path's limit)"
+                                                                  : " for the fused kernel at head dim 128 "
+                                                                    "(pass a workspace for the two-pass path)"));
   }
   if (plan->qg.b1 > 256) {
     return Status::unsupported("layout: tile height b1 = " + std::to_string(plan->qg.b1) +
@@ -176,6 +186,42 @@ Status choose(const TensorView& q, const TensorView& k, const TensorView& v, con
 }
 
 }  // namespace
+
+// Everything monarch_attention() checks before it launches anything.
+Status check_call(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                  const AttentionParams& params, const void* workspace, size_t workspace_bytes,
+                  AttentionPlan* plan, Choice* choice) {
+  const bool two_pass = workspace_bytes > 0;
+  MONARCHRT_RETURN_IF_ERROR(choose(q, k, v, out, params, two_pass, plan, choice));
+  if (plan->qg.tiles * ((plan->qg.b1 + 31) / 32) > 65535 || plan->B * plan->H > 65535) {
+    return Status::unsupported("q: too many tiles or batch*heads for one launch");
+  }
+  if (two_pass) {
+    const size_t need = two_pass_workspace(*plan, q.dtype);
+    if (workspace == nullptr || workspace_bytes < need) {
+      return Status::invalid("workspace: " + std::to_string(workspace_bytes) + " bytes given, the "
+                             "two-pass path needs workspace_size() = " + std::to_string(need) +
+                             " (pass 0 bytes for the fused kernel)");
+    }
+    if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) {
+      return Status::invalid("workspace: must be 16-byte aligned");
+    }
+  } else if (params.num_iters > 1) {
+    return Status::unsupported("num_iters = " + std::to_string(params.num_iters) + ": several "
+                               "iterations need the two-pass path (pass a workspace of "
+                               "workspace_size() bytes)");
+  }
+  return Status();
+}
+
+Status check_attention_call(const TensorView& q, const TensorView& k, const TensorView& v,
+                            const TensorView& out, const AttentionParams& params,
+                            const void* workspace, size_t workspace_bytes) {
+  AttentionPlan plan;
+  Choice choice;
+  return check_call(q, k, v, out, params, workspace, workspace_bytes, &plan, &choice);
+}
+
 }  // namespace cuda_detail
 
 namespace cuda {
@@ -220,14 +266,14 @@ Status can_implement(const TensorView& q, const TensorView& k, const TensorView&
                      const TensorView& out, const AttentionParams& params) {
   AttentionPlan plan;
   cuda_detail::Choice choice;
-  return cuda_detail::choose(q, k, v, out, params, &plan, &choice);
+  return cuda_detail::choose(q, k, v, out, params, true, &plan, &choice);
 }
 
 size_t workspace_size(const TensorView& q, const TensorView& k, const TensorView& v,
                       const TensorView& out, const AttentionParams& params) {
   AttentionPlan plan;
   cuda_detail::Choice choice;
-  if (!cuda_detail::choose(q, k, v, out, params, &plan, &choice).ok()) return 0;
+  if (!cuda_detail::choose(q, k, v, out, params, true, &plan, &choice).ok()) return 0;
   return cuda_detail::two_pass_workspace(plan, q.dtype);
 }
 
@@ -237,7 +283,7 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
   using namespace cuda_detail;
   AttentionPlan plan;
   Choice choice;
-  MONARCHRT_RETURN_IF_ERROR(choose(q, k, v, out, params, &plan, &choice));
+  MONARCHRT_RETURN_IF_ERROR(check_call(q, k, v, out, params, workspace, workspace_bytes, &plan, &choice));
   MonarchFwdParams p{};
   p.q = q.data;
   p.k = k.data;
@@ -270,21 +316,9 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
                        ? int(std::max<int64_t>(cache - params.window_frames, p.sink))
                        : p.sink;
   p.scale_log2 = float(plan.scale * 1.4426950408889634);
-  if (p.A * p.row_groups > 65535 || plan.B * plan.H > 65535) {
-    return Status::unsupported("q: too many tiles or batch*heads for one launch");
-  }
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int B = int(plan.B);
   if (workspace_bytes > 0) {
-    const size_t need = two_pass_workspace(plan, q.dtype);
-    if (workspace == nullptr || workspace_bytes < need) {
-      return Status::invalid("workspace: " + std::to_string(workspace_bytes) + " bytes given, the "
-                             "two-pass path needs workspace_size() = " + std::to_string(need) +
-                             " (pass 0 bytes for the fused kernel)");
-    }
-    if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) {
-      return Status::invalid("workspace: must be 16-byte aligned");
-    }
     const size_t plane = size_t(workspace_rows(plan)) * size_t(plan.D) * size_t(dtype_size(q.dtype));
     p.ws_al = workspace;
     p.ws_y = static_cast<char*>(workspace) + plane;
@@ -303,11 +337,6 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
     }
     return plan.D == 128 ? launch_two_pass<__half, 128>(p, B, iters, s)
                          : launch_two_pass<__half, 64>(p, B, iters, s);
-  }
-  if (params.num_iters > 1) {
-    return Status::unsupported("num_iters = " + std::to_string(params.num_iters) + ": several "
-                               "iterations need the two-pass path (pass a workspace of "
-                               "workspace_size() bytes)");
   }
   if (q.dtype == DType::kBF16) {
     return plan.D == 128 ? dispatch_groups<__nv_bfloat16, 128>(p, B, choice.G, s)

@@ -4,7 +4,9 @@
 
 #include <cstdint>
 
-#include "monarchrt/status.h"
+#include <cstddef>
+
+#include "monarchrt/attention.h"
 
 namespace monarchrt {
 namespace cuda_detail {
@@ -42,6 +44,12 @@ struct MonarchFwdParams {
 
 // Loads the KV-cache copy kernel (kv_cache.cu), for cuda::prepare().
 Status prepare_kv_write();
+
+// Every check cuda::monarch_attention() makes before launching (fwd.cu), for callers that must
+// not change anything when the attention would fail (cuda::monarch_attention_kv).
+Status check_attention_call(const TensorView& q, const TensorView& k, const TensorView& v,
+                            const TensorView& out, const AttentionParams& params,
+                            const void* workspace, size_t workspace_bytes);
 
 }  // namespace cuda_detail
 }  // namespace monarchrt

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "../../core/plan.h"
+#include "fwd_params.h"
 #include "monarchrt/cuda.h"
 
 namespace monarchrt {
@@ -106,8 +107,9 @@ Status monarch_attention_kv(const TensorView& q, const TensorView& new_k, const 
                             const TensorView& cache_k, const TensorView& cache_v,
                             const TensorView& out, const AttentionParams& params, void* workspace,
                             size_t workspace_bytes, void* stream) {
-  // Check the attention first so that an unsupported problem leaves the cache untouched.
-  MONARCHRT_RETURN_IF_ERROR(can_implement(q, cache_k, cache_v, out, params));
+  // Check the attention first so that a call that would fail leaves the cache untouched.
+  MONARCHRT_RETURN_IF_ERROR(
+      cuda_detail::check_attention_call(q, cache_k, cache_v, out, params, workspace, workspace_bytes));
   MONARCHRT_RETURN_IF_ERROR(kv_cache_write(new_k, new_v, cache_k, cache_v, params, stream));
   return monarch_attention(q, cache_k, cache_v, out, params, workspace, workspace_bytes, stream);
 }

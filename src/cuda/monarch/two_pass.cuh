@@ -27,9 +27,11 @@
 namespace monarchrt {
 namespace cuda_detail {
 
-template <typename T, int D>
+// B2Max: the widest key row stage 1 holds in shared memory (64 keeps 3 CTAs per SM for D = 128;
+// 128 serves wider tiles such as 720p's 45 x 80).
+template <typename T, int D, int B2Max = (D == 128 ? 64 : 128)>
 struct TwoPassConfig {
-  static constexpr int kB2Max = D == 128 ? 64 : 128;  // widest key row held in shared memory
+  static constexpr int kB2Max = B2Max;
   static constexpr int kLd = D + 8;                   // row pitch: ldmatrix rows hit distinct banks
   static constexpr int kMaxB1 = 256;
   // Stage 1: one key row of K and of V, double-buffered (the proxies stay in registers).
@@ -50,9 +52,9 @@ __device__ __forceinline__ int64_t ws_row(const MonarchFwdParams& p, int bh, int
   return ((int64_t(bh) * p.A + m) * p.b2 + j) * int64_t(p.F) * p.b1 + int64_t(n) * p.b1 + k;
 }
 
-template <typename T, int D>
+template <typename T, int D, int B2Max>
 __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdParams p) {
-  using C = TwoPassConfig<T, D>;
+  using C = TwoPassConfig<T, D, B2Max>;
   using MM = Mma<T>;
   constexpr float kLn2 = 0.6931471805599453f;
   constexpr int kNT = C::kB2Max / 8;  // 8-key MMA tiles of a row

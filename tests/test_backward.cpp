@@ -163,17 +163,8 @@ const Tiling kTilings[] = {
 };
 
 std::string describe(const Tiling& t, bool monarch, const AttentionParams& p) {
-  std::string s = std::string(monarch ? "monarch" : "dense") + " grid " + t.grid.to_string() +
-                  " layout " + t.layout.to_string() + " B" + std::to_string(t.B) + " H" +
-                  std::to_string(t.H) + " D" + std::to_string(t.D);
-  if (p.causal_chunk_frames) s += " chunk " + std::to_string(p.causal_chunk_frames);
-  if (p.kv_cache) {
-    s += " kv sink " + std::to_string(p.sink_frames) + " window " + std::to_string(p.window_frames);
-    if (p.cache_capacity_frames) {
-      s += " ring " + std::to_string(p.cache_capacity_frames) + " written " + std::to_string(p.cache_frames);
-    }
-  }
-  return s;
+  return std::string(monarch ? "monarch " : "dense ") + test::describe(p) + " B" + std::to_string(t.B) +
+         " H" + std::to_string(t.H) + " D" + std::to_string(t.D);
 }
 
 // A random problem: q over t.grid (T replaced by q_frames when given), k/v of kv_frames frames,

@@ -51,17 +51,8 @@ const Case kCases[] = {
 };
 
 std::string describe(bool monarch, const Case& c, const AttentionParams& p, DType dtype) {
-  std::string s = std::string(monarch ? "monarch" : "dense") + " grid " + p.grid.to_string() +
-                  " layout " + p.layout.to_string() + " B" + std::to_string(c.B) + " H" +
-                  std::to_string(c.H) + " D" + std::to_string(c.D) + " " + dtype_name(dtype);
-  if (p.causal_chunk_frames) s += " chunk " + std::to_string(p.causal_chunk_frames);
-  if (p.kv_cache) {
-    s += " kv sink " + std::to_string(p.sink_frames) + " window " + std::to_string(p.window_frames);
-    if (p.cache_capacity_frames) {
-      s += " ring " + std::to_string(p.cache_capacity_frames) + " written " + std::to_string(p.cache_frames);
-    }
-  }
-  return s;
+  return std::string(monarch ? "monarch " : "dense ") + test::describe(p) + " B" + std::to_string(c.B) +
+         " H" + std::to_string(c.H) + " D" + std::to_string(c.D) + " " + dtype_name(dtype);
 }
 
 struct Inputs {

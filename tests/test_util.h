@@ -105,6 +105,21 @@ class TempDir {
   std::string path_;
 };
 
+// "grid 3x5x7 layout 1/1/1 chunk 1 kv sink 0 window 2 ring 8 written 6": the parts of the
+// parameters that are set, for failure messages.
+inline std::string describe(const AttentionParams& p) {
+  std::string s = "grid " + p.grid.to_string() + " layout " + p.layout.to_string();
+  if (p.num_iters != 1) s += " iters " + std::to_string(p.num_iters);
+  if (p.causal_chunk_frames) s += " chunk " + std::to_string(p.causal_chunk_frames);
+  if (p.kv_cache) {
+    s += " kv sink " + std::to_string(p.sink_frames) + " window " + std::to_string(p.window_frames);
+    if (p.cache_capacity_frames) {
+      s += " ring " + std::to_string(p.cache_capacity_frames) + " written " + std::to_string(p.cache_frames);
+    }
+  }
+  return s;
+}
+
 inline double relative_l2(const std::vector<double>& x, const std::vector<double>& ref) {
   double num = 0, den = 0;
   for (size_t i = 0; i < x.size(); ++i) {

@@ -5,7 +5,8 @@
 // the transposed orientation and cross-warp reductions (measured 44 instructions per MMA).
 //
 // Stage 1 (monarch_stage1_kernel): one CTA per (batch*head, query tile m, tile row k), one warp
-//   per 16 query columns j, the proxies q[m,k,:] in registers; for every allowed key tile n
+//   per 16 query columns j, the proxies q[m,k,:] in registers (rejected: CTAs of 3 query tiles
+//   sharing each K/V row, H100 last chunk 0.871 vs 0.794 ms, docs/cuda-forward.md); for every allowed key tile n
 //   (K/V rows double-buffered) it is a small attention of the b2 proxies over the b2 keys
 //   K[n,k,:] with two value sets:
 //     S = Q_k K_k^T (M = 16 columns, N = b2 keys, K = D); R = softmax rows; cL = sum R (z - lse)

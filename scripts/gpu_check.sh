@@ -3,7 +3,8 @@
 # tests against the fp64 CPU reference, compute-sanitizer memcheck and racecheck on a reduced set,
 # then the benchmark and the dense anchors (cuDNN, FlashAttention-2 through torch) in the same run.
 # Logs go to $OUT (default /tmp/monarchrt-gpu). GoogleTest is built from .deps/googletest when the
-# machine has none installed. Usage: scripts/gpu_check.sh [all|test|bench]
+# machine has none installed (an untracked copy of Debian's /usr/src/googletest, see README).
+# Usage: scripts/gpu_check.sh [all|test|bench]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}

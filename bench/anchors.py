@@ -47,6 +47,21 @@ def main():
                 res.append(float("nan"))
         flops = 4 * sq * skv * 128 * 12
         print(f"{name:28s} {res[0]:10.3f} {res[1]:10.3f} {flops / 1e12:12.3f}")
+    # Backward of the full bidirectional shape: time of out.backward(grad) alone.
+    sq = 21 * PER_FRAME
+    res = []
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        q, k, v = (torch.randn(1, 12, sq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        grad = torch.randn(1, 12, sq, 128, device="cuda", dtype=torch.bfloat16)
+        try:
+            with sdpa_kernel(backend):
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            res.append(time_ms(lambda: out.backward(grad, retain_graph=True), [()]))
+        except RuntimeError as err:
+            print(f"  {backend}: {err}".splitlines()[0])
+            res.append(float("nan"))
+    print(f"{'bwd full 32760 bidirect.':28s} {res[0]:10.3f} {res[1]:10.3f} {2.5 * 4 * sq * sq * 128 * 12 / 1e12:12.3f}")
 
 
 if __name__ == "__main__":

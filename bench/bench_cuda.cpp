@@ -1,4 +1,4 @@
-// CUDA benchmark of the Monarch forward on the shapes of ../shared/docs/targets.md (B = 1,
+// CUDA benchmark of the Monarch forward (and backward) on the shapes of ../shared/docs/targets.md (B = 1,
 // H = 12, D = 128, bf16): Self-Forcing chunks (3 query frames against a KV cache of 3, 9, 15 and
 // 21 frames), full bidirectional and block-causal 32760 tokens, and the f_tied = 3 and
 // h_reduce = 2 layouts. Prints the first call's time, the median of many timed calls (device
@@ -160,6 +160,78 @@ int main(int argc, char** argv) {
                 first, med, flops / (med * 1e-3) * 1e-12, target, status);
    }
   }
+
+  // Backward (one iteration): dq, dk, dv for the upstream gradient o. TFLOP/s count 2.5x the
+  // forward's real work (the FlashAttention convention: five GEMM-sized products against two).
+  const Shape bwd_shapes[] = {
+      {"bwd full 32760 bidirect.", 21, 21, {1, 1, 1}, 0, false, 6.0},
+      {"bwd full 32760 causal 3", 21, 21, {1, 1, 1}, 3, false, 0},
+      {"bwd SF chunk, KV 21", 3, 21, {1, 1, 1}, 0, true, 0},
+  };
+  std::vector<void*> grads(3);
+  for (void*& g : grads) CHECK_CUDA(cudaMalloc(&g, elems * 2));
+  std::printf("%-28s %-9s %10s %10s %10s %9s %9s\n", "shape", "path", "first ms", "median ms", "TFLOP/s",
+              "target", "status");
+  for (const Shape& s : bwd_shapes) {
+    AttentionParams p;
+    p.grid = VideoGrid{s.q_frames, 30, 52};
+    p.layout = s.layout;
+    p.causal_chunk_frames = s.causal;
+    p.kv_cache = s.kv;
+    auto view = [&](void* ptr, int64_t frames) {
+      return TensorView::contiguous(ptr, DType::kBF16, 1, frames * per_frame, H, D, Device::kCUDA);
+    };
+    TileGeometry qg, kg;
+    make_tile_geometry(p.grid, p.layout, &qg);
+    make_tile_geometry(VideoGrid{s.kv_frames, 30, 52}, p.layout, &kg);
+    const double flops = 2.5 * real_flops(s, qg, kg, H, D);
+    auto args = [&](int i) {
+      return std::vector<TensorView>{view(q[i], s.q_frames), view(k[i], s.kv_frames), view(v[i], s.kv_frames),
+                                     view(o[i], s.q_frames), view(grads[0], s.q_frames),
+                                     view(grads[1], s.kv_frames), view(grads[2], s.kv_frames)};
+    };
+    const std::vector<TensorView> a0 = args(0);
+    const size_t ws_bytes = cuda::backward_workspace_size(a0[0], a0[1], a0[2], a0[3], a0[4], a0[5], a0[6], p);
+    if (ws_bytes > ws_capacity) {
+      cudaFree(ws);
+      CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
+      ws_capacity = ws_bytes;
+    }
+    auto call = [&](int i) {
+      const std::vector<TensorView> a = args(i);
+      Status st = cuda::monarch_attention_backward(a[0], a[1], a[2], a[3], a[4], a[5], a[6], p, ws, ws_bytes, nullptr);
+      if (!st.ok()) {
+        std::fprintf(stderr, "%s: %s\n", s.name, st.to_string().c_str());
+        std::exit(1);
+      }
+    };
+    float first = 0;
+    CHECK_CUDA(cudaEventRecord(e0));
+    call(0);
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    CHECK_CUDA(cudaEventElapsedTime(&first, e0, e1));
+    std::vector<float> times;
+    for (int r = 0; r < std::max(5, reps / 5); ++r) {
+      CHECK_CUDA(cudaEventRecord(e0));
+      call(r % sets);
+      CHECK_CUDA(cudaEventRecord(e1));
+      CHECK_CUDA(cudaEventSynchronize(e1));
+      float ms = 0;
+      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+      times.push_back(ms);
+    }
+    std::sort(times.begin(), times.end());
+    const double med = times[times.size() / 2];
+    char target[32] = "-", status[32] = "-";
+    if (s.target_ms > 0) {
+      std::snprintf(target, sizeof target, "%.2f", s.target_ms);
+      std::snprintf(status, sizeof status, "%s", med <= s.target_ms ? "met" : "missed");
+    }
+    std::printf("%-28s %-9s %10.3f %10.3f %10.1f %9s %9s\n", s.name, "backward", first, med,
+                flops / (med * 1e-3) * 1e-12, target, status);
+  }
+  for (void* g : grads) cudaFree(g);
   cudaFree(ws);
   for (int i = 0; i < sets; ++i)
     for (void* p : {q[i], k[i], v[i], o[i]}) cudaFree(p);

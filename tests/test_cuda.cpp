@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -318,6 +319,114 @@ TEST(CudaForward, RingBufferKvCacheInOneCall) {
       EXPECT_LT(test::relative_l2(got, want.values()), 1e-2) << "chunk at frame " << f0;
     }
   }
+}
+
+// Backward: dq, dk, dv of the CUDA kernels against the fp64 reference backward on the same
+// (rounded) inputs, with NaN-poisoned gradients and workspace, so that an element or workspace
+// row never written fails. Returns the largest of the three relative L2 errors.
+double run_backward_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad) {
+  const int64_t Sq = c.grid.tokens();
+  const int64_t Skv = c.cache_frames ? c.cache_frames * c.grid.tokens_per_frame() : Sq;
+  Tensor q(dtype, c.B, Sq, c.H, D, pad), k(dtype, c.B, Skv, c.H, D, pad), v(dtype, c.B, Skv, c.H, D);
+  Tensor go(dtype, c.B, Sq, c.H, D, pad);
+  q.fill_normal(rng, 1.5);
+  k.fill_normal(rng, 1.5);
+  v.fill_normal(rng);
+  go.fill_normal(rng);
+  AttentionParams p;
+  p.grid = c.grid;
+  p.layout = c.layout;
+  p.causal_chunk_frames = c.causal_chunk;
+  p.kv_cache = c.cache_frames > 0;
+  p.sink_frames = c.sink;
+  p.window_frames = c.window;
+  Tensor wq(DType::kF64, c.B, Sq, c.H, D), wk(DType::kF64, c.B, Skv, c.H, D), wv = wk;
+  EXPECT_TRUE(ref::monarch_attention_backward(q.view, k.view, v.view, go.view, wq.view, wk.view, wv.view, p).ok());
+  Tensor gq(dtype, c.B, Sq, c.H, D, pad), gk(dtype, c.B, Skv, c.H, D, pad), gv(dtype, c.B, Skv, c.H, D);
+  for (Tensor* t : {&gq, &gk, &gv}) std::memset(t->storage.data(), 0xff, t->storage.size());
+  DeviceTensor dq(q), dk(k), dv(v), dgo(go), dgq(gq), dgk(gk), dgv(gv);
+  const size_t bytes = cuda::backward_workspace_size(dq.view, dk.view, dv.view, dgo.view, dgq.view, dgk.view, dgv.view, p);
+  EXPECT_GT(bytes, 0u);
+  void* ws = nullptr;
+  EXPECT_EQ(cudaMalloc(&ws, bytes), cudaSuccess);
+  EXPECT_EQ(cudaMemset(ws, 0xff, bytes), cudaSuccess);
+  const Status s = cuda::monarch_attention_backward(dq.view, dk.view, dv.view, dgo.view, dgq.view, dgk.view,
+                                                    dgv.view, p, ws, bytes, nullptr);
+  EXPECT_TRUE(s.ok()) << s.to_string();
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  cudaFree(ws);
+  dgq.copy_to(gq);
+  dgk.copy_to(gk);
+  dgv.copy_to(gv);
+  double worst = 0.0;
+  const Tensor* got[3] = {&gq, &gk, &gv};
+  const Tensor* want[3] = {&wq, &wk, &wv};
+  const char* names[3] = {"dq", "dk", "dv"};
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<double> g = got[i]->values();
+    EXPECT_TRUE(test::all_finite(g)) << names[i] << ": unwritten or non-finite element";
+    const double err = test::relative_l2(g, want[i]->values());
+    EXPECT_LT(err, 1e-2) << names[i];
+    worst = std::max(worst, err);
+  }
+  return worst;
+}
+
+TEST(CudaBackward, MatchesReferenceEveryModeDtypeAndHeadDim) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(201);
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    for (int64_t D : {64, 128}) {
+      for (const Case& c : kCases) {
+        const double err = run_backward_case(c, dtype, D, rng, D == 64 ? 8 : 0);
+        std::printf("backward %-9s D=%3lld grid %-8s layout %s causal %lld cache %lld sink %lld window %lld: "
+                    "max rel L2 %.2e\n",
+                    dtype_name(dtype), (long long)D, c.grid.to_string().c_str(), c.layout.to_string().c_str(),
+                    (long long)c.causal_chunk, (long long)c.cache_frames, (long long)c.sink, (long long)c.window,
+                    err);
+      }
+    }
+  }
+  // Tiles wider than 64 columns at head dim 64.
+  const Case wide{{2, 2, 100}, {1, 1, 1}, 1, 2, 1, 0, 0, 0};
+  std::printf("backward wide 2x100 D=64: max rel L2 %.2e\n", run_backward_case(wide, DType::kBF16, 64, rng, 0));
+}
+
+// A small set for compute-sanitizer (scripts/gpu_check.sh): block-causal, odd tiles, KV window.
+TEST(CudaBackward, SanitizerSet) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(202);
+  for (int64_t D : {64, 128})
+    for (const Case& c : {kCases[3], kCases[7], kCases[11]}) run_backward_case(c, DType::kBF16, D, rng, 0);
+}
+
+TEST(CudaBackward, RejectsWhatItCannotRun) {
+  SKIP_WITHOUT_GPU();
+  Tensor t(DType::kBF16, 1, 200, 1, 128);
+  DeviceTensor d(t), g1(t), g2(t), g3(t);
+  AttentionParams p;
+  p.grid = VideoGrid{2, 1, 100};  // b2 = 100 > 64 at head dim 128
+  Status s = cuda::monarch_attention_backward(d.view, d.view, d.view, d.view, g1.view, g2.view, g3.view, p,
+                                              nullptr, 0, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kUnsupported);
+  EXPECT_NE(s.message().find("b2"), std::string::npos);
+  p.grid = VideoGrid{2, 10, 10};
+  p.num_iters = 2;
+  s = cuda::monarch_attention_backward(d.view, d.view, d.view, d.view, g1.view, g2.view, g3.view, p, nullptr, 0,
+                                       nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kUnsupported);
+  EXPECT_NE(s.message().find("num_iters"), std::string::npos);
+  p.num_iters = 1;
+  const size_t need = cuda::backward_workspace_size(d.view, d.view, d.view, d.view, g1.view, g2.view, g3.view, p);
+  EXPECT_GT(need, 0u);
+  s = cuda::monarch_attention_backward(d.view, d.view, d.view, d.view, g1.view, g2.view, g3.view, p, d.ptr,
+                                       need - 1, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("workspace"), std::string::npos);
+  // Gradients that alias each other are rejected before anything runs.
+  s = cuda::monarch_attention_backward(d.view, d.view, d.view, d.view, g1.view, g1.view, g3.view, p, nullptr, 0,
+                                       nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
 }
 
 TEST(CudaForward, CapturableInAGraphAndDeterministic) {

@@ -2,8 +2,8 @@
 // run on a stream. This header is CUDA-free; the functions exist when the library was built with
 // CUDA (the macro MONARCHRT_WITH_CUDA is then defined for users of the library).
 //
-// This version: forward, bidirectional / block-causal / KV cache with sink and window (and a
-// ring-buffer cache), bf16 or fp16 in and out, fp32 accumulation, head dim 64 or 128, any tiling
+// This version: forward (below) and one-iteration backward (at the end). The forward runs
+// bidirectional / block-causal / KV cache with sink and window (and a ring-buffer cache), bf16 or fp16 in and out, fp32 accumulation, head dim 64 or 128, any tiling
 // with b2 <= 128 and b1 <= 256 on the two-pass path (also several iterations); the fused path
 // runs 1 iteration with b2 <= 64 at head dim 128. Tensors are device pointers with the head dim
 // contiguous and 16-byte aligned rows. No allocation, no host synchronization, no autotuning:
@@ -57,6 +57,22 @@ Status monarch_attention_kv(const TensorView& q, const TensorView& new_k, const 
                             const TensorView& cache_k, const TensorView& cache_v,
                             const TensorView& out, const AttentionParams& params, void* workspace,
                             size_t workspace_bytes, void* stream);
+
+// Backward of one-iteration Monarch attention (all modes; design in docs/cuda-backward.md):
+// overwrites dq (q's shape), dk and dv (k's shape, the whole cache in KV-cache mode, where keys
+// that no query attends get exactly zero), with the same checks and messages as
+// cpu::monarch_attention_backward. All seven tensors bf16 or fp16 of one dtype, on the device,
+// head dim 64 (tiles up to 128 columns) or 128 (up to 64 columns), 16-byte aligned rows.
+// The workspace holds the recomputed stage-1 intermediates and the per-row / per-query
+// gradients (about the forward's workspace plus 4 bytes x (3 x rows + (2 + D) x queries)).
+// No allocation, no host synchronization: capturable in a CUDA graph.
+size_t backward_workspace_size(const TensorView& q, const TensorView& k, const TensorView& v,
+                               const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                               const TensorView& dv, const AttentionParams& params);
+Status monarch_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                                  const TensorView& dv, const AttentionParams& params, void* workspace,
+                                  size_t workspace_bytes, void* stream);
 
 }  // namespace cuda
 }  // namespace monarchrt

@@ -78,24 +78,32 @@ Status dispatch_groups(const MonarchFwdParams& p, int B, int G, cudaStream_t str
   return G == 4 ? launch<T, D, 4>(p, B, stream) : launch<T, D, 2>(p, B, stream);
 }
 
+// Stage 1 into the workspace, with the configuration that holds rows of b2 keys.
+template <typename T, int D>
+Status launch_stage1_typed(const MonarchFwdParams& p, int B, cudaStream_t stream) {
+  using C = TwoPassConfig<T, D>;
+  MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<T, D>()));
+  const dim3 grid1(p.b1, p.A, B * p.H);
+  if (p.b2 > C::kB2Max) {  // rows wider than the default stage-1 buffers
+    monarch_stage1_kernel<T, D, 128><<<grid1, 32 * ((p.b2 + 15) / 16), TwoPassConfig<T, D, 128>::kSmem1, stream>>>(p);
+  } else {
+    monarch_stage1_kernel<T, D, C::kB2Max><<<grid1, 32 * ((p.b2 + 15) / 16), C::kSmem1, stream>>>(p);
+  }
+  MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  return Status();
+}
+
 template <typename T, int D>
 Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream) {
   using C = TwoPassConfig<T, D>;
   MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<T, D>()));
-  const dim3 grid1(p.b1, p.A, B * p.H);
   const dim3 grid2((p.b2 + C::kCols - 1) / C::kCols, p.A * ((p.b1 + 31) / 32), B * p.H);
   const dim3 grid_proxy((p.b2 + C::kCols - 1) / C::kCols, p.A, B * p.H);
   void* proxies = p.ws_proxy;
   float* lse = p.ws_lse;
   p.ws_proxy = nullptr;  // iteration 1: the queries are the proxies
-  const bool wide = p.b2 > C::kB2Max;  // rows wider than the default stage-1 buffers
   for (int it = 1; it <= iters; ++it) {
-    if (wide) {
-      monarch_stage1_kernel<T, D, 128><<<grid1, 32 * ((p.b2 + 15) / 16), TwoPassConfig<T, D, 128>::kSmem1, stream>>>(p);
-    } else {
-      monarch_stage1_kernel<T, D, C::kB2Max><<<grid1, 32 * ((p.b2 + 15) / 16), C::kSmem1, stream>>>(p);
-    }
-    MONARCHRT_CUDA_CHECK(cudaGetLastError());
+    MONARCHRT_RETURN_IF_ERROR((launch_stage1_typed<T, D>(p, B, stream)));
     p.ws_lse = it < iters ? lse : nullptr;  // stage 2 of an inner iteration: its log-sum-exp
     monarch_stage2_kernel<T, D><<<grid2, 128, C::kSmem2, stream>>>(p);
     MONARCHRT_CUDA_CHECK(cudaGetLastError());
@@ -108,10 +116,6 @@ Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream
   return Status();
 }
 
-// Workspace rows of the two-pass path: one per (batch*head, query tile, column, key tile, row).
-int64_t workspace_rows(const AttentionPlan& plan) {
-  return plan.B * plan.H * plan.qg.tiles * plan.qg.b2 * plan.kg.tiles * plan.qg.b1;
-}
 // Per row: aL and Y (D elements each) and cL; with several iterations also the proxy (D
 // elements), plus one log-sum-exp float per query.
 size_t two_pass_workspace(const AttentionPlan& plan, DType dtype) {
@@ -187,6 +191,57 @@ Status choose(const TensorView& q, const TensorView& k, const TensorView& v, con
 
 }  // namespace
 
+// The kernels' parameters for a checked problem (pointers, strides, geometry, masks; no workspace).
+MonarchFwdParams make_fwd_params(const TensorView& q, const TensorView& k, const TensorView& v,
+                                 const TensorView& out, const AttentionParams& params,
+                                 const AttentionPlan& plan) {
+  MonarchFwdParams p{};
+  p.q = q.data;
+  p.k = k.data;
+  p.v = v.data;
+  p.out = out.data;
+  for (int i = 0; i < 3; ++i) {
+    p.q_stride[i] = q.stride[i];
+    p.k_stride[i] = k.stride[i];
+    p.v_stride[i] = v.stride[i];
+    p.o_stride[i] = out.stride[i];
+  }
+  p.H = int(plan.H);
+  p.h = int(plan.q_grid.h);
+  p.w = int(plan.q_grid.w);
+  p.f_tied = int(params.layout.f_tied);
+  p.w_reduce = int(params.layout.w_reduce);
+  p.rows_pf = int(plan.q_grid.h / params.layout.h_reduce);
+  p.tpg = int(plan.qg.tiles_per_frame_group);
+  p.b1 = int(plan.qg.b1);
+  p.b2 = int(plan.qg.b2);
+  p.A = int(plan.qg.tiles);
+  p.F = int(plan.kg.tiles);
+  p.row_groups = int((plan.qg.b1 + 31) / 32);
+  p.q_frame_offset = int(plan.q_frame_offset);
+  p.causal_chunk = int(plan.causal_chunk_frames);
+  const int64_t cache = plan.k_grid.T;
+  p.sink = params.kv_cache ? int(params.sink_frames) : 0;
+  p.ring_capacity = params.kv_cache ? int(params.cache_capacity_frames) : 0;
+  p.window_start = (params.kv_cache && params.window_frames > 0)
+                       ? int(std::max<int64_t>(cache - params.window_frames, p.sink))
+                       : p.sink;
+  p.scale_log2 = float(plan.scale * 1.4426950408889634);
+  return p;
+}
+
+int64_t workspace_rows(const AttentionPlan& plan) {
+  return plan.B * plan.H * plan.qg.tiles * plan.qg.b2 * plan.kg.tiles * plan.qg.b1;
+}
+
+Status launch_stage1(const MonarchFwdParams& p, int B, DType dtype, int D, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (dtype == DType::kBF16) {
+    return D == 128 ? launch_stage1_typed<__nv_bfloat16, 128>(p, B, s) : launch_stage1_typed<__nv_bfloat16, 64>(p, B, s);
+  }
+  return D == 128 ? launch_stage1_typed<__half, 128>(p, B, s) : launch_stage1_typed<__half, 64>(p, B, s);
+}
+
 // Everything monarch_attention() checks before it launches anything.
 Status check_call(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
                   const AttentionParams& params, const void* workspace, size_t workspace_bytes,
@@ -250,6 +305,7 @@ Status prepare() {
     MONARCHRT_RETURN_IF_ERROR((prepare_fused<__nv_bfloat16, 64, 4>()));
     MONARCHRT_RETURN_IF_ERROR((prepare_fused<__half, 64, 4>()));
   }
+  MONARCHRT_RETURN_IF_ERROR(prepare_backward());
   return prepare_kv_write();
 }
 
@@ -284,38 +340,7 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
   AttentionPlan plan;
   Choice choice;
   MONARCHRT_RETURN_IF_ERROR(check_call(q, k, v, out, params, workspace, workspace_bytes, &plan, &choice));
-  MonarchFwdParams p{};
-  p.q = q.data;
-  p.k = k.data;
-  p.v = v.data;
-  p.out = out.data;
-  for (int i = 0; i < 3; ++i) {
-    p.q_stride[i] = q.stride[i];
-    p.k_stride[i] = k.stride[i];
-    p.v_stride[i] = v.stride[i];
-    p.o_stride[i] = out.stride[i];
-  }
-  p.H = int(plan.H);
-  p.h = int(plan.q_grid.h);
-  p.w = int(plan.q_grid.w);
-  p.f_tied = int(params.layout.f_tied);
-  p.w_reduce = int(params.layout.w_reduce);
-  p.rows_pf = int(plan.q_grid.h / params.layout.h_reduce);
-  p.tpg = int(plan.qg.tiles_per_frame_group);
-  p.b1 = int(plan.qg.b1);
-  p.b2 = int(plan.qg.b2);
-  p.A = int(plan.qg.tiles);
-  p.F = int(plan.kg.tiles);
-  p.row_groups = int((plan.qg.b1 + 31) / 32);
-  p.q_frame_offset = int(plan.q_frame_offset);
-  p.causal_chunk = int(plan.causal_chunk_frames);
-  const int64_t cache = plan.k_grid.T;
-  p.sink = params.kv_cache ? int(params.sink_frames) : 0;
-  p.ring_capacity = params.kv_cache ? int(params.cache_capacity_frames) : 0;
-  p.window_start = (params.kv_cache && params.window_frames > 0)
-                       ? int(std::max<int64_t>(cache - params.window_frames, p.sink))
-                       : p.sink;
-  p.scale_log2 = float(plan.scale * 1.4426950408889634);
+  MonarchFwdParams p = make_fwd_params(q, k, v, out, params, plan);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int B = int(plan.B);
   if (workspace_bytes > 0) {

@@ -9,6 +9,9 @@
 #include "monarchrt/attention.h"
 
 namespace monarchrt {
+
+struct AttentionPlan;
+
 namespace cuda_detail {
 
 struct MonarchFwdParams {
@@ -40,7 +43,23 @@ struct MonarchFwdParams {
   // [B*H][A][b1][b2] (null: not written).
   void* ws_proxy;
   float* ws_lse;
+  // Backward only (bwd.cu): stage 1 also writes its log-sum-exp per workspace row (log2 units of
+  // the scaled scores), so that the key-oriented backward can rebuild R without a softmax.
+  float* ws_lse1;
 };
+
+// The kernels' parameters of a problem that make_plan() accepted (no workspace pointers set).
+MonarchFwdParams make_fwd_params(const TensorView& q, const TensorView& k, const TensorView& v,
+                                 const TensorView& out, const AttentionParams& params,
+                                 const AttentionPlan& plan);
+// Workspace rows of the two-pass path: one per (batch*head, query tile, column, key tile, row).
+int64_t workspace_rows(const AttentionPlan& plan);
+// Launches stage 1 of the two-pass path (p.ws_al, ws_y, ws_cl and optionally ws_lse1 set) on
+// `stream` (a cudaStream_t) for bf16 / fp16 and head dim 64 / 128.
+Status launch_stage1(const MonarchFwdParams& p, int B, DType dtype, int D, void* stream);
+
+// Sets the shared-memory limits of the backward kernels (bwd.cu), for cuda::prepare().
+Status prepare_backward();
 
 // Loads the KV-cache copy kernel (kv_cache.cu), for cuda::prepare().
 Status prepare_kv_write();

@@ -174,6 +174,7 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {  // cL = sum R (z - lse), natural-log units
         if (row[hr] >= 0) p.ws_cl[row[hr]] = kLn2 * (PZ[hr] * inv[hr] - M[hr] - log2f(Z[hr]));
+        if (row[hr] >= 0 && p.ws_lse1 != nullptr) p.ws_lse1[row[hr]] = M[hr] + log2f(Z[hr]);
       }
     }
     // Workspace row written by this lane in the coalesced stores below: row lane / 2, half lane % 2.

@@ -1,0 +1,220 @@
+// Host side of the CUDA Monarch backward (kernels and design: bwd.cuh): checks, workspace
+// layout and the five launches.
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <string>
+#include <type_traits>
+
+#include "../../core/plan.h"
+#include "bwd.cuh"
+#include "monarchrt/cuda.h"
+
+namespace monarchrt {
+namespace cuda_detail {
+namespace {
+
+#define MONARCHRT_CUDA_CHECK(call)                                                                 \
+  do {                                                                                             \
+    cudaError_t e_ = (call);                                                                       \
+    if (e_ != cudaSuccess)                                                                         \
+      return Status::internal(std::string(#call) + " failed: " + cudaGetErrorString(e_) + " (" +  \
+                              __FILE__ + ":" + std::to_string(__LINE__) + ")");                    \
+  } while (0)
+
+size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Workspace layout: aL and Y planes (rows x D, input dtype), then per row cL, lse1 and D1
+// (floats), then per query the stage-2 log-sum-exp and Delta (floats) and dq's stage-2 part
+// (D floats). Every part starts 16-byte aligned.
+struct BwdLayout {
+  size_t plane = 0, rows_f = 0, queries_f = 0, total = 0;
+};
+BwdLayout bwd_layout(const AttentionPlan& plan, DType dtype) {
+  BwdLayout l;
+  const size_t rows = size_t(workspace_rows(plan)), queries = size_t(plan.B * plan.H * plan.Sq);
+  l.plane = rows * size_t(plan.D) * size_t(dtype_size(dtype));
+  l.rows_f = round16(rows * sizeof(float));
+  l.queries_f = round16(queries * sizeof(float));
+  l.total = 2 * l.plane + 3 * l.rows_f + 2 * l.queries_f + queries * size_t(plan.D) * sizeof(float);
+  return l;
+}
+
+const char* kNames[7] = {"q", "k", "v", "dout", "dq", "dk", "dv"};
+
+Status check_backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& dout,
+                      const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                      const AttentionParams& params, AttentionPlan* plan) {
+  MONARCHRT_RETURN_IF_ERROR(make_backward_plan(q, k, v, dout, dq, dk, dv, params, true, Device::kCUDA, plan));
+  const TensorView* views[7] = {&q, &k, &v, &dout, &dq, &dk, &dv};
+  if (q.dtype != DType::kBF16 && q.dtype != DType::kF16) {
+    return Status::unsupported(std::string("q: dtype ") + dtype_name(q.dtype) +
+                               " is not supported by the CUDA backward (bfloat16 or float16)");
+  }
+  for (int i = 1; i < 7; ++i) {
+    if (views[i]->dtype != q.dtype) {
+      return Status::unsupported(std::string(kNames[i]) + ": dtype must equal q's " + dtype_name(q.dtype) +
+                                 " on the CUDA path, got " + dtype_name(views[i]->dtype));
+    }
+  }
+  if (plan->D != 64 && plan->D != 128) {
+    return Status::unsupported("q: head dim " + std::to_string(plan->D) +
+                               " is not supported by the CUDA backward (64 or 128)");
+  }
+  const int b2_max = plan->D == 128 ? 64 : 128;
+  if (plan->qg.b2 > b2_max) {
+    return Status::unsupported("layout: tile width b2 = " + std::to_string(plan->qg.b2) + " exceeds the CUDA "
+                               "backward's " + std::to_string(b2_max) + " at head dim " + std::to_string(plan->D));
+  }
+  if (plan->qg.b1 > 256) {
+    return Status::unsupported("layout: tile height b1 = " + std::to_string(plan->qg.b1) +
+                               " exceeds the CUDA path's 256");
+  }
+  for (int i = 0; i < 7; ++i) {
+    const TensorView& t = *views[i];
+    if (t.stride[3] != 1) {
+      return Status::unsupported(std::string(kNames[i]) + ": the head dim must be contiguous (stride 1)");
+    }
+    if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0 || t.stride[0] % 8 != 0 || t.stride[1] % 8 != 0 ||
+        t.stride[2] % 8 != 0) {
+      return Status::unsupported(std::string(kNames[i]) +
+                                 ": data and strides must be 16-byte aligned (multiples of 8 elements)");
+    }
+  }
+  const int64_t rblocks = (plan->kg.tiles * plan->qg.b1 + 63) / 64;
+  if (plan->qg.tiles * rblocks > 65535 || plan->kg.tiles > 65535 || plan->B * plan->H > 65535 ||
+      plan->qg.tiles * ((plan->qg.b1 + 31) / 32) > 65535) {
+    return Status::unsupported("q: too many tiles or batch*heads for one launch");
+  }
+  int device = 0, optin = 0;
+  MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
+  MONARCHRT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t need = plan->D == 128 ? DkvConfig<__nv_bfloat16, 128>::kSmem : DkvConfig<__nv_bfloat16, 64>::kSmem;
+  if (size_t(optin) < need) {
+    return Status::unsupported("device: " + std::to_string(optin) +
+                               " bytes of shared memory per block are too few for the CUDA backward");
+  }
+  return Status();
+}
+
+template <typename Kernel>
+Status set_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done) {
+  int device = 0;
+  MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (done.load() & bit) != 0) return Status();
+  MONARCHRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  done.fetch_or(bit);
+  return Status();
+}
+
+template <typename T, int D>
+Status prepare_backward_typed() {
+  static std::atomic<uint64_t> d1{0}, d2{0}, d3{0}, d4{0};
+  MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dq2_kernel<T, D>, TwoPassConfig<T, D>::kSmem2, d1));
+  MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dl_kernel<T, D>, DlConfig<T, D>::kSmem, d2));
+  MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dq1_kernel<T, D>, Dq1Config<T, D>::kSmem, d3));
+  return set_smem(monarch_bwd_dkv_kernel<T, D>, DkvConfig<T, D>::kSmem, d4);
+}
+
+template <typename T, int D>
+Status launch_backward(const MonarchBwdParams& bp, int B, bool zero_dkv, int64_t k_rows, cudaStream_t s) {
+  const MonarchFwdParams& p = bp.f;
+  MONARCHRT_RETURN_IF_ERROR((prepare_backward_typed<T, D>()));
+  const DType dtype = std::is_same<T, __half>::value ? DType::kF16 : DType::kBF16;
+  MONARCHRT_RETURN_IF_ERROR(launch_stage1(p, B, dtype, D, s));
+  using C2 = TwoPassConfig<T, D>;
+  const int BH = B * p.H;
+  monarch_bwd_dq2_kernel<T, D><<<dim3((p.b2 + C2::kCols - 1) / C2::kCols, p.A * ((p.b1 + 31) / 32), BH), 128,
+                                 C2::kSmem2, s>>>(bp);
+  MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  const int rblocks = (p.F * p.b1 + DlConfig<T, D>::kRows - 1) / DlConfig<T, D>::kRows;
+  monarch_bwd_dl_kernel<T, D><<<dim3(p.b2, p.A * rblocks, BH), 128, DlConfig<T, D>::kSmem, s>>>(bp);
+  MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  if (zero_dkv) {
+    zero_rows_kernel<D><<<1024, 256, 0, s>>>(bp.dk, bp.dk_stride[0], bp.dk_stride[1], bp.dk_stride[2], B, k_rows,
+                                             p.H, int(sizeof(T)));
+    zero_rows_kernel<D><<<1024, 256, 0, s>>>(bp.dv, bp.dv_stride[0], bp.dv_stride[1], bp.dv_stride[2], B, k_rows,
+                                             p.H, int(sizeof(T)));
+    MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  }
+  const int warps = (p.b2 + 15) / 16;
+  monarch_bwd_dq1_kernel<T, D><<<dim3(p.b1, p.A, BH), 32 * warps, Dq1Config<T, D>::kSmem, s>>>(bp);
+  MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  monarch_bwd_dkv_kernel<T, D><<<dim3(p.b1, p.F, BH), 32 * warps, DkvConfig<T, D>::kSmem, s>>>(bp);
+  MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  return Status();
+}
+
+}  // namespace
+
+Status prepare_backward() {
+  MONARCHRT_RETURN_IF_ERROR((prepare_backward_typed<__nv_bfloat16, 128>()));
+  MONARCHRT_RETURN_IF_ERROR((prepare_backward_typed<__nv_bfloat16, 64>()));
+  MONARCHRT_RETURN_IF_ERROR((prepare_backward_typed<__half, 128>()));
+  return prepare_backward_typed<__half, 64>();
+}
+
+}  // namespace cuda_detail
+
+namespace cuda {
+
+size_t backward_workspace_size(const TensorView& q, const TensorView& k, const TensorView& v,
+                               const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                               const TensorView& dv, const AttentionParams& params) {
+  AttentionPlan plan;
+  if (!cuda_detail::check_backward(q, k, v, dout, dq, dk, dv, params, &plan).ok()) return 0;
+  return cuda_detail::bwd_layout(plan, q.dtype).total;
+}
+
+Status monarch_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                                  const TensorView& dv, const AttentionParams& params, void* workspace,
+                                  size_t workspace_bytes, void* stream) {
+  using namespace cuda_detail;
+  AttentionPlan plan;
+  MONARCHRT_RETURN_IF_ERROR(check_backward(q, k, v, dout, dq, dk, dv, params, &plan));
+  const BwdLayout layout = bwd_layout(plan, q.dtype);
+  if (workspace == nullptr || workspace_bytes < layout.total) {
+    return Status::invalid("workspace: " + std::to_string(workspace_bytes) + " bytes given, the backward needs "
+                           "backward_workspace_size() = " + std::to_string(layout.total));
+  }
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) return Status::invalid("workspace: must be 16-byte aligned");
+  MonarchBwdParams bp{};
+  bp.f = make_fwd_params(q, k, v, dq, params, plan);
+  char* ws = static_cast<char*>(workspace);
+  bp.f.ws_al = ws;
+  bp.f.ws_y = ws + layout.plane;
+  ws += 2 * layout.plane;
+  bp.f.ws_cl = reinterpret_cast<float*>(ws);
+  bp.f.ws_lse1 = reinterpret_cast<float*>(ws + layout.rows_f);
+  bp.ws_d1 = reinterpret_cast<float*>(ws + 2 * layout.rows_f);
+  ws += 3 * layout.rows_f;
+  bp.q_lse = reinterpret_cast<float*>(ws);
+  bp.q_delta = reinterpret_cast<float*>(ws + layout.queries_f);
+  bp.dq_acc = reinterpret_cast<float*>(ws + 2 * layout.queries_f);
+  bp.dout = dout.data;
+  bp.dq = dq.data;
+  bp.dk = dk.data;
+  bp.dv = dv.data;
+  for (int i = 0; i < 3; ++i) {
+    bp.do_stride[i] = dout.stride[i];
+    bp.dq_stride[i] = dq.stride[i];
+    bp.dk_stride[i] = dk.stride[i];
+    bp.dv_stride[i] = dv.stride[i];
+  }
+  bp.scale = float(plan.scale);
+  // Keys nobody attends (outside the KV window, ring slots of no attended frame) get zero.
+  const bool zero_dkv = params.kv_cache;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int B = int(plan.B);
+  if (q.dtype == DType::kBF16) {
+    return plan.D == 128 ? launch_backward<__nv_bfloat16, 128>(bp, B, zero_dkv, k.tokens(), s)
+                         : launch_backward<__nv_bfloat16, 64>(bp, B, zero_dkv, k.tokens(), s);
+  }
+  return plan.D == 128 ? launch_backward<__half, 128>(bp, B, zero_dkv, k.tokens(), s)
+                       : launch_backward<__half, 64>(bp, B, zero_dkv, k.tokens(), s);
+}
+
+}  // namespace cuda
+}  // namespace monarchrt

@@ -52,7 +52,16 @@ double real_flops(const Shape& s, const TileGeometry& qg, const TileGeometry& kg
 
 int main(int argc, char** argv) {
   const int64_t H = 12, D = 128;
-  const int reps = argc > 1 ? std::atoi(argv[1]) : 50;
+  // Usage: bench_cuda [reps] [--backward]  (--backward: only the backward table, e.g. under ncu)
+  int reps = 50;
+  bool backward_only = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--backward") {
+      backward_only = true;
+    } else {
+      reps = std::atoi(argv[i]);
+    }
+  }
   const Shape shapes[] = {
       {"SF chunk, KV 3 frames", 3, 3, {1, 1, 1}, 0, true, 0.06},
       {"SF chunk, KV 9 frames", 3, 9, {1, 1, 1}, 0, true, 0.12},
@@ -99,6 +108,7 @@ int main(int argc, char** argv) {
   void* ws = nullptr;
   size_t ws_capacity = 0;
   for (const Shape& s : shapes) {
+   if (backward_only) break;
    for (int two_pass = s.iters > 1 ? 1 : 0; two_pass < 2; ++two_pass) {
     AttentionParams p;
     p.grid = VideoGrid{s.q_frames, 30, 52};

@@ -10,8 +10,8 @@ if ! "$python" -c "import torch" >/dev/null 2>&1; then
     echo "== creating .venv with torch 2.11 from PyPI"
     "$python" -m venv .venv
   fi
-  python=.venv/bin/python
-  "$python" -c "import torch" >/dev/null 2>&1 || "$python" -m pip install -q "torch==2.11.*"
+  python=$PWD/.venv/bin/python
+  "$python" -c "import torch" >/dev/null 2>&1 || "$python" -m pip install -q "torch==2.11.*" numpy
 fi
 missing=()
 for mod in pytest setuptools wheel; do "$python" -c "import $mod" >/dev/null 2>&1 || missing+=("$mod"); done

@@ -261,7 +261,8 @@ struct DlConfig {
   static constexpr int kLd = D + 8;
   static constexpr int kRows = 64;  // workspace rows per CTA (4 warps x 16)
   static constexpr int kQ = 32;     // queries per step
-  static constexpr size_t kSmem = size_t(2 * kRows + 2 * kQ) * kLd * sizeof(T) + (kRows + 2 * kQ) * sizeof(float);
+  static constexpr size_t kSmem = size_t(2 * kRows + 2 * kQ) * kLd * sizeof(T) + (kRows + 2 * kQ) * sizeof(float) +
+                                  kRows * sizeof(int64_t);
 };
 
 template <typename T, int D>
@@ -287,33 +288,27 @@ __global__ void __launch_bounds__(128) monarch_bwd_dl_kernel(const MonarchBwdPar
   T* al_ws = static_cast<T*>(p.ws_al);
   T* y_ws = static_cast<T*>(p.ws_y);
   const int q_base = tile_base(p, m);
-  // Workspace row of CTA row i (-1: past the end or a key tile m may not attend).
-  auto ws_of = [&](int i) -> int64_t {
-    const int vr = rb * C::kRows + i;
-    if (vr >= p.F * p.b1) return -1;
-    const int n = vr / p.b1;
-    return tile_allowed(p, m, n) ? ws_row(p, bh, m, j, n, vr % p.b1) : -1;
-  };
-  {
-    bool any = false;
-    for (int i = 0; i < C::kRows; ++i) any = any || ws_of(i) >= 0;  // uniform across the CTA
-    if (!any) return;
+  // Workspace row of CTA row i (-1: past the end or a key tile m may not attend), once per row.
+  int64_t* rows_s = reinterpret_cast<int64_t*>(deltas + C::kQ);  // [kRows]
+  int found = 0;
+  if (tid < C::kRows) {
+    const int vr = rb * C::kRows + tid, n = vr / p.b1;
+    rows_s[tid] = (vr < p.F * p.b1 && tile_allowed(p, m, n)) ? ws_row(p, bh, m, j, n, vr % p.b1) : -1;
+    found = rows_s[tid] >= 0;
   }
+  if (!__syncthreads_or(found)) return;  // no allowed row: nothing to do (uniform exit)
   for (int idx = tid; idx < C::kRows * (D / 8); idx += blockDim.x) {
     const int i = idx / (D / 8), dc = idx % (D / 8);
-    const int64_t row = ws_of(i);
+    const int64_t row = rows_s[i];
     cp_async_16(aLs + i * C::kLd + dc * 8, al_ws + (row < 0 ? 0 : row) * D + dc * 8, row >= 0);
     cp_async_16(Ys + i * C::kLd + dc * 8, y_ws + (row < 0 ? 0 : row) * D + dc * 8, row >= 0);
   }
-  for (int i = tid; i < C::kRows; i += blockDim.x) {
-    const int64_t row = ws_of(i);
-    cls[i] = row >= 0 ? p.ws_cl[row] : 0.f;
-  }
+  for (int i = tid; i < C::kRows; i += blockDim.x) cls[i] = rows_s[i] >= 0 ? p.ws_cl[rows_s[i]] : 0.f;
   cp_async_commit();
 
   int64_t wrow[2];
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) wrow[hr] = ws_of(warp * 16 + r + hr * 8);
+  for (int hr = 0; hr < 2; ++hr) wrow[hr] = rows_s[warp * 16 + r + hr * 8];
   const T* aLw = aLs + warp * 16 * C::kLd;
   const T* Yw = Ys + warp * 16 * C::kLd;
   float dal[D / 8][4], dy[D / 8][4];
@@ -423,7 +418,9 @@ struct Dq1Config {
   static constexpr int kB2Max = D == 128 ? 64 : 128;
   static constexpr int kLd = D + 8;
   static constexpr size_t kRowBytes = size_t(kB2Max) * kLd * sizeof(T);
-  static constexpr size_t kSmem = 2 * 2 * kRowBytes;  // K and V rows, double-buffered
+  // K and V rows double-buffered, then the daL and dY rows of the current key tile (one buffer,
+  // loaded while S is computed).
+  static constexpr size_t kSmem = 2 * 2 * kRowBytes + 2 * kRowBytes;
 };
 
 template <typename T, int D>
@@ -470,21 +467,32 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
+  T* dLs = bufs + 4 * C::kB2Max * C::kLd;  // [kB2Max][kLd] daL rows of the columns j
+  T* dYs = dLs + C::kB2Max * C::kLd;
+  const int kb = kku * 16;  // rows of dLs / dYs that the warps read
   int n = next_allowed(p, m, 0);
   if (n < p.F) load(n, 0);
   cp_async_commit();
   for (int it = 0; n < p.F; ++it) {
     const int n_next = next_allowed(p, m, n + 1);
+    cp_async_wait_group<0>();
+    __syncthreads();  // K, V of (n, k) landed; every warp is done with the previous iteration
+    for (int idx = tid; idx < kb * (D / 8); idx += blockDim.x) {
+      const int jj = idx / (D / 8), dc = idx % (D / 8);
+      const bool valid = jj < p.b2;
+      const int64_t wr = valid ? ws_row(p, bh, m, jj, n, k) : 0;
+      cp_async_16(dLs + jj * C::kLd + dc * 8, dal_ws + wr * D + dc * 8, valid);
+      cp_async_16(dYs + jj * C::kLd + dc * 8, dy_ws + wr * D + dc * 8, valid);
+    }
+    cp_async_commit();
     if (n_next < p.F) load(n_next, (it + 1) % 2);
     cp_async_commit();
-    cp_async_wait_group<1>();
-    __syncthreads();
     const T* Kr = bufs + ((it % 2) * 2) * C::kB2Max * C::kLd;
     const T* Vr = Kr + C::kB2Max * C::kLd;
     int64_t row[2];
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) row[hr] = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
-    // S = Q_k K^T and dR = daL K^T + dY V^T (16 columns x b2 keys)
+    // S = Q_k K^T while daL, dY land; then dR = daL K^T + dY V^T (16 columns x b2 keys)
     float s[kNT][4], dr[kNT][4];
 #pragma unroll
     for (int t = 0; t < kNT; ++t) {
@@ -493,24 +501,29 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
     }
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      uint32_t la[4], ya[4];
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const T* lrow = row[hr] >= 0 ? dal_ws + row[hr] * D + ks * 16 + c : nullptr;
-        const T* yrow = row[hr] >= 0 ? dy_ws + row[hr] * D + ks * 16 + c : nullptr;
-        la[hr] = lrow ? *reinterpret_cast<const uint32_t*>(lrow) : 0u;
-        la[2 + hr] = lrow ? *reinterpret_cast<const uint32_t*>(lrow + 8) : 0u;
-        ya[hr] = yrow ? *reinterpret_cast<const uint32_t*>(yrow) : 0u;
-        ya[2 + hr] = yrow ? *reinterpret_cast<const uint32_t*>(yrow + 8) : 0u;
+      for (int tp = 0; tp < kNT / 2; ++tp) {
+        if (2 * tp < ntu) {
+          uint32_t bk[4];
+          ldmatrix_x4(bk, Kr + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
+          MM::run(s[2 * tp], qa[ks], bk[0], bk[1]);
+          MM::run(s[2 * tp + 1], qa[ks], bk[2], bk[3]);
+        }
       }
+    }
+    cp_async_wait_group<1>();
+    __syncthreads();  // daL, dY of (n, k) landed
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t la[4], ya[4];
+      ldmatrix_a(la, dLs + warp * 16 * C::kLd, C::kLd * sizeof(T), ks, lane);
+      ldmatrix_a(ya, dYs + warp * 16 * C::kLd, C::kLd * sizeof(T), ks, lane);
 #pragma unroll
       for (int tp = 0; tp < kNT / 2; ++tp) {
         if (2 * tp < ntu) {
           const int off = (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8;
           uint32_t bk[4];
           ldmatrix_x4(bk, Kr + off);
-          MM::run(s[2 * tp], qa[ks], bk[0], bk[1]);
-          MM::run(s[2 * tp + 1], qa[ks], bk[2], bk[3]);
           MM::run(dr[2 * tp], la, bk[0], bk[1]);
           MM::run(dr[2 * tp + 1], la, bk[2], bk[3]);
           ldmatrix_x4(bk, Vr + off);
@@ -588,8 +601,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
         }
       }
     }
-    __syncthreads();
-    n = n_next;
+    n = n_next;  // the next iteration's barrier protects both buffers
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {

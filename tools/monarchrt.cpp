@@ -1,5 +1,6 @@
 // The `monarchrt` command: run Monarch, dense or oracle top-k attention on .npy tensors
-// (`attention`) and compare attention variants on a workload (`analyze`). It only calls the
+// (`attention`), compare attention variants on a workload (`analyze`) and list checkpoints
+// (`inspect`). It only calls the
 // public API in include/monarchrt/. Every error is printed as one line naming the argument and
 // the rule it broke, with exit status 1 (2 for command-line usage errors).
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "monarchrt/attention.h"
+#include "monarchrt/checkpoint.h"
 #include "monarchrt/npy.h"
 #include "monarchrt/workload.h"
 
@@ -448,12 +450,85 @@ int cmd_analyze(int argc, char** argv) {
   return 0;
 }
 
+// ---- inspect ---------------------------------------------------------------------------------
+
+const std::vector<OptionSpec> kInspectOptions = {
+    {"json", nullptr, nullptr, "print JSON: [{\"name\", \"dtype\", \"shape\", \"sum\"?}]"},
+    {"sums", nullptr, nullptr, "also read every tensor and print the sum of its elements (float64)"},
+};
+
+std::string json_escape(const std::string& s) {
+  std::string o;
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') o += '\\';
+    if (static_cast<unsigned char>(ch) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", ch);
+      o += buf;
+      continue;
+    }
+    o += ch;
+  }
+  return o;
+}
+
+int cmd_inspect(int argc, char** argv) {
+  if (argc >= 3 && std::string(argv[2]).rfind("--", 0) != 0 && std::string(argv[2]) != "-h") {
+    Args a(kInspectOptions, argc, argv, 3);
+    if (a.help()) throw UsageError{"--help goes alone: monarchrt inspect --help"};
+    Checkpoint ck;
+    check(Checkpoint::open(argv[2], &ck));
+    const bool json = a.has("json"), sums = a.has("sums");
+    if (json) std::printf("[");
+    int64_t total = 0;
+    for (size_t i = 0; i < ck.tensors().size(); ++i) {
+      const CheckpointTensor& t = ck.tensors()[i];
+      std::string shape;
+      for (size_t d = 0; d < t.shape.size(); ++d) shape += (d ? ", " : "") + std::to_string(t.shape[d]);
+      double sum = 0;
+      if (sums) {
+        std::vector<float> data;
+        check(ck.read_f32(t, &data));
+        for (float x : data) sum += x;
+      }
+      total += t.numel();
+      if (json) {
+        std::printf("%s{\"name\": \"%s\", \"dtype\": \"%s\", \"shape\": [%s]", i ? ", " : "",
+                    json_escape(t.name).c_str(), dtype_name(t.dtype), shape.c_str());
+        if (sums) std::printf(", \"sum\": %.17g", sum);
+        std::printf("}");
+      } else {
+        std::printf("%-60s %-9s [%s]", t.name.c_str(), dtype_name(t.dtype), shape.c_str());
+        if (sums) std::printf("  sum %.9g", sum);
+        std::printf("\n");
+      }
+    }
+    if (json) {
+      std::printf("]\n");
+    } else {
+      std::printf("%zu tensors, %lld elements (%s)\n", ck.tensors().size(), static_cast<long long>(total),
+                  ck.format() == Checkpoint::Format::kTorchZip ? "torch zip" : "safetensors");
+    }
+    return 0;
+  }
+  Args a(kInspectOptions, argc, argv, 2);
+  if (a.help()) {
+    print_help("monarchrt inspect FILE [--json] [--sums]",
+               "Lists the tensors of a checkpoint (.safetensors, or .pt/.pth written by torch.save; nested\n"
+               "dicts such as generator_ema/ are joined with '/'), checking the file as it goes.",
+               kInspectOptions);
+    return 0;
+  }
+  throw UsageError{"missing the checkpoint FILE (see --help)"};
+}
+
 const char* kMainHelp =
     "usage: monarchrt <command> [options]\n\n"
     "Monarch-structured attention for video diffusion transformers.\n\n"
     "commands:\n"
     "  attention   run Monarch, dense or oracle top-k attention on q, k, v from .npy files\n"
-    "  analyze     compare Monarch tilings/iterations and oracle top-k against dense attention\n\n"
+    "  analyze     compare Monarch tilings/iterations and oracle top-k against dense attention\n"
+    "  inspect     list and check the tensors of a .safetensors or torch .pt/.pth checkpoint\n\n"
     "Run 'monarchrt <command> --help' for the options of a command.\n";
 
 }  // namespace
@@ -471,6 +546,7 @@ int main(int argc, char** argv) {
     }
     if (cmd == "attention") return cmd_attention(argc, argv);
     if (cmd == "analyze") return cmd_analyze(argc, argv);
+    if (cmd == "inspect") return cmd_inspect(argc, argv);
     std::fprintf(stderr, "monarchrt: unknown command '%s'\n\n%s", cmd.c_str(), kMainHelp);
     return 2;
   } catch (const UsageError& e) {

@@ -16,6 +16,7 @@
 #include "monarchrt/attention.h"
 #include "monarchrt/checkpoint.h"
 #include "monarchrt/npy.h"
+#include "monarchrt/wan.h"
 #include "monarchrt/workload.h"
 
 using namespace monarchrt;
@@ -455,6 +456,8 @@ int cmd_analyze(int argc, char** argv) {
 const std::vector<OptionSpec> kInspectOptions = {
     {"json", nullptr, nullptr, "print JSON: [{\"name\", \"dtype\", \"shape\", \"sum\"?}]"},
     {"sums", nullptr, nullptr, "also read every tensor and print the sum of its elements (float64)"},
+    {"check-wan", nullptr, nullptr, "check names, shapes and dtypes against the Wan2.1-T2V-1.3B DiT (825 tensors)"},
+    {"ema", nullptr, nullptr, "with --check-wan on a Self-Forcing .pt: check generator_ema (default: generator)"},
 };
 
 std::string json_escape(const std::string& s) {
@@ -478,6 +481,13 @@ int cmd_inspect(int argc, char** argv) {
     if (a.help()) throw UsageError{"--help goes alone: monarchrt inspect --help"};
     Checkpoint ck;
     check(Checkpoint::open(argv[2], &ck));
+    if (a.has("check-wan")) {
+      const std::string prefix = wan_checkpoint_prefix(ck, a.has("ema"));
+      check(check_wan_checkpoint(ck, WanConfig(), prefix));
+      std::printf("%s: the Wan2.1-T2V-1.3B DiT is complete under '%s' (825 tensors, names and shapes match)\n",
+                  argv[2], prefix.c_str());
+      return 0;
+    }
     const bool json = a.has("json"), sums = a.has("sums");
     if (json) std::printf("[");
     int64_t total = 0;
@@ -513,7 +523,7 @@ int cmd_inspect(int argc, char** argv) {
   }
   Args a(kInspectOptions, argc, argv, 2);
   if (a.help()) {
-    print_help("monarchrt inspect FILE [--json] [--sums]",
+    print_help("monarchrt inspect FILE [--json] [--sums] [--check-wan [--ema]]",
                "Lists the tensors of a checkpoint (.safetensors, or .pt/.pth written by torch.save; nested\n"
                "dicts such as generator_ema/ are joined with '/'), checking the file as it goes.",
                kInspectOptions);

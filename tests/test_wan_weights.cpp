@@ -1,0 +1,164 @@
+// Wan DiT weights: the parameter list matches the specification's counts for the 1.3B model, and
+// a tiny model's weights written with the real key names, as a Wan safetensors file and as a
+// Self-Forcing .pt (generator / generator_ema of `model.`-prefixed names), load back exactly;
+// every departure from the model (missing, misshapen, extra tensor) is an error naming it.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "checkpoint_writers.h"
+#include "monarchrt/wan.h"
+#include "monarchrt/workload.h"
+
+namespace monarchrt {
+namespace {
+
+WanConfig tiny() {
+  WanConfig c;
+  c.dim = 24;
+  c.num_heads = 2;
+  c.num_layers = 2;
+  c.ffn_dim = 40;
+  c.freq_dim = 8;
+  c.text_dim = 20;
+  c.text_len = 5;
+  c.in_dim = c.out_dim = 4;
+  return c;
+}
+
+using Tensors = std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>;
+
+Tensors random_weights(const WanConfig& c, uint64_t seed) {
+  Rng rng(seed);
+  Tensors t;
+  for (const WanParameter& p : wan_parameters(c)) {
+    std::vector<float> v(size_t(p.numel()));
+    for (float& x : v) x = float(rng.normal());
+    t[p.name] = {p.shape, v};
+  }
+  return t;
+}
+
+std::vector<uint8_t> safetensors_of(const Tensors& t) {
+  std::vector<SafetensorsEntry> e;
+  for (const auto& kv : t) e.push_back({kv.first, DType::kF32, kv.second.first, kv.second.second.data()});
+  std::vector<uint8_t> bytes;
+  EXPECT_TRUE(encode_safetensors(e, &bytes).ok());
+  return bytes;
+}
+
+// torch.save({"generator": {"model." + name: tensor}, "generator_ema": {...}, "step": 3})
+std::vector<uint8_t> self_forcing_pt(const Tensors& gen, const Tensors& ema) {
+  test::PickleWriter pk;
+  test::ZipWriter z;
+  int key = 0;
+  pk.op(0x80);
+  pk.op(2);
+  pk.op('}');
+  pk.op('(');
+  for (const auto& sub : {std::make_pair(std::string("generator"), &gen), std::make_pair(std::string("generator_ema"), &ema)}) {
+    pk.str(sub.first);
+    pk.op('}');
+    pk.op('(');
+    for (const auto& kv : *sub.second) {
+      const auto& shape = kv.second.first;
+      std::vector<int64_t> strides(shape.size(), 1);
+      for (int i = int(shape.size()) - 2; i >= 0; --i) strides[i] = strides[i + 1] * shape[i + 1];
+      pk.str("model." + kv.first);
+      pk.tensor("FloatStorage", std::to_string(key), int64_t(kv.second.second.size()), 0, shape, strides, false);
+      std::vector<uint8_t> raw(kv.second.second.size() * 4);
+      std::memcpy(raw.data(), kv.second.second.data(), raw.size());
+      z.add("archive/data/" + std::to_string(key++), raw);
+    }
+    pk.op('u');
+  }
+  pk.str("step");
+  pk.integer(3);
+  pk.op('u');
+  pk.op('.');
+  z.add("archive/data.pkl", pk.b);
+  return z.finish();
+}
+
+TEST(WanWeights, ParameterListMatchesTheSpecification) {
+  const WanConfig c;  // Wan2.1-T2V-1.3B
+  ASSERT_TRUE(c.validate().ok());
+  const std::vector<WanParameter> p = wan_parameters(c);
+  int64_t total = 0;
+  for (const WanParameter& w : p) total += w.numel();
+  EXPECT_EQ(p.size(), 825u);
+  EXPECT_EQ(total, 1418996800);
+  int64_t block0 = 0;
+  for (const WanParameter& w : p)
+    if (w.name.rfind("blocks.0.", 0) == 0) block0 += w.numel();
+  EXPECT_EQ(block0, 46440704);  // spec 1.2: parameters per block
+}
+
+TEST(WanWeights, SafetensorsAndSelfForcingPtLoadBack) {
+  const WanConfig c = tiny();
+  const Tensors gen = random_weights(c, 1), ema = random_weights(c, 2);
+  Checkpoint st;
+  ASSERT_TRUE(Checkpoint::open(memory_source(safetensors_of(gen), "wan.safetensors"), &st).ok());
+  WanWeights w;
+  Status s = load_wan_weights(st, c, wan_checkpoint_prefix(st, true), &w);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  for (const auto& kv : gen) EXPECT_EQ(w.at(kv.first), kv.second.second) << kv.first;
+
+  Checkpoint pt;
+  s = Checkpoint::open(memory_source(self_forcing_pt(gen, ema), "self_forcing_dmd.pt"), &pt);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  EXPECT_EQ(wan_checkpoint_prefix(pt, true), "generator_ema/model.");
+  s = load_wan_weights(pt, c, wan_checkpoint_prefix(pt, true), &w);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  for (const auto& kv : ema) EXPECT_EQ(w.at(kv.first), kv.second.second) << kv.first;
+  ASSERT_TRUE(load_wan_weights(pt, c, wan_checkpoint_prefix(pt, false), &w).ok());
+  for (const auto& kv : gen) EXPECT_EQ(w.at(kv.first), kv.second.second) << kv.first;
+}
+
+TEST(WanWeights, EveryDepartureFromTheModelIsNamed) {
+  const WanConfig c = tiny();
+  const Tensors good = random_weights(c, 3);
+  auto check = [&](const Tensors& t, const std::string& expect) {
+    Checkpoint ck;
+    ASSERT_TRUE(Checkpoint::open(memory_source(safetensors_of(t), "w.safetensors"), &ck).ok());
+    WanWeights w;
+    w.tensors["sentinel"] = {1.0f};
+    const Status s = load_wan_weights(ck, c, "", &w);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find(expect), std::string::npos) << s.message();
+    EXPECT_EQ(w.tensors.count("sentinel"), 1u);  // the caller's object is untouched
+  };
+  Tensors missing = good;
+  missing.erase("blocks.1.ffn.2.bias");
+  check(missing, "'blocks.1.ffn.2.bias' is missing");
+  Tensors shaped = good;
+  shaped["head.modulation"].first = {1, 3, 8};
+  check(shaped, "'head.modulation' has shape [1, 3, 8], the model needs [1, 2, 24]");
+  Tensors extra = good;
+  extra["blocks.2.modulation"] = {{1, 6, 24}, std::vector<float>(144)};
+  check(extra, "unexpected tensor 'blocks.2.modulation'");
+  // A different configuration: the count of problems is reported too.
+  WanConfig other = c;
+  other.num_layers = 3;
+  Checkpoint ck;
+  ASSERT_TRUE(Checkpoint::open(memory_source(safetensors_of(good), "w.safetensors"), &ck).ok());
+  const Status s = check_wan_checkpoint(ck, other, "");
+  EXPECT_NE(s.message().find("more problems"), std::string::npos) << s.message();
+  // A Self-Forcing file read with the safetensors prefix finds nothing under it.
+  Checkpoint pt;
+  ASSERT_TRUE(Checkpoint::open(memory_source(self_forcing_pt(good, good), "sf.pt"), &pt).ok());
+  EXPECT_FALSE(check_wan_checkpoint(pt, c, "").ok());
+  // Invalid configurations.
+  WanConfig bad = c;
+  bad.num_heads = 5;
+  EXPECT_NE(bad.validate().message().find("config.num_heads"), std::string::npos);
+  bad = c;
+  bad.dim = 0;
+  EXPECT_NE(bad.validate().message().find("config.dim"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace monarchrt

@@ -221,6 +221,18 @@ TEST(Cli, Help) {
     EXPECT_TRUE(contains(r.output, opt)) << "analyze --help lacks " << opt << ":\n" << r.output;
   }
 
+  r = run("inspect --help");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  for (const char* opt : {"--json", "--sums", "--check-wan", "--ema"}) {
+    EXPECT_TRUE(contains(r.output, opt)) << "inspect --help lacks " << opt << ":\n" << r.output;
+  }
+  r = run("generate --help");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  for (const char* opt : {"--dit FILE", "--ema", "--heads N", "--text FILE", "--frames N", "--chunk N", "--latent H,W",
+                          "--attention KIND", "--noise FILE", "--renoise FILE", "--out FILE", "--seed N"}) {
+    EXPECT_TRUE(contains(r.output, opt)) << "generate --help lacks " << opt << ":\n" << r.output;
+  }
+
   // Help wins over everything else on the line, even options that would be errors.
   r = run("attention --grid 1,2 --help");
   EXPECT_EQ(r.exit_code, 0) << r.output;

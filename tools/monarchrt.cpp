@@ -532,13 +532,163 @@ int cmd_inspect(int argc, char** argv) {
   throw UsageError{"missing the checkpoint FILE (see --help)"};
 }
 
+// ---- generate --------------------------------------------------------------------------------
+
+const std::vector<OptionSpec> kGenerateOptions = {
+    {"dit", "FILE", nullptr, "DiT weights: Wan .safetensors or Self-Forcing .pt (default: a small built-in random model)"},
+    {"ema", nullptr, nullptr, "with a .pt: use generator_ema (the documented choice), else generator"},
+    {"heads", "N", "12", "attention heads (not stored in the weights)"},
+    {"text", "FILE", nullptr, "text features .npy [text_len, text_dim] or [batch, text_len, text_dim] (default: seeded random)"},
+    {"frames", "N", nullptr, "latent frames (default 21, built-in model 6)"},
+    {"chunk", "N", "3", "latent frames per autoregressive chunk"},
+    {"latent", "H,W", nullptr, "latent rows,columns (default 60,104; built-in model 8,12)"},
+    {"batch", "N", "1", "videos generated together"},
+    {"attention", "KIND", "dense", "self-attention: dense or monarch"},
+    {"tiling", "F,HR,WR", "1,1,1", "Monarch layout f_tied,h_reduce,w_reduce"},
+    {"sink-frames", "N", "0", "KV cache: leading frames always attended"},
+    {"window-frames", "N", "0", "KV cache: most recent frames attended, 0 = all"},
+    {"seed", "N", "0", "seed of the noise (and of the built-in model and text)"},
+    {"noise", "FILE", nullptr, "initial noise .npy [batch, frames, channels, H, W] instead of seeded noise"},
+    {"renoise", "FILE", nullptr, "re-noising draws .npy [chunks, 3, batch, chunk, channels, H, W]"},
+    {"out", "FILE", "latents.npy", "where the clean latents [batch, frames, channels, H, W] go (float32)"},
+    {"threads", "N", nullptr, "worker threads (default: all cores, or MONARCHRT_NUM_THREADS)"},
+};
+
+std::vector<float> load_floats(const std::string& path, const char* what, const std::vector<int64_t>& shape) {
+  NpyArray a;
+  check(read_npy(path, &a));
+  if (a.shape != shape) {
+    std::string want, got;
+    for (int64_t d : shape) want += (want.empty() ? "" : ", ") + std::to_string(d);
+    for (int64_t d : a.shape) got += (got.empty() ? "" : ", ") + std::to_string(d);
+    throw Failure{Status::invalid(std::string(what) + " (" + path + "): shape [" + got + "], expected [" + want + "]")};
+  }
+  std::vector<float> v(size_t(a.numel()));
+  for (size_t i = 0; i < v.size(); ++i) v[i] = float(load_element(a.data.data(), a.dtype, int64_t(i)));
+  return v;
+}
+
+int cmd_generate(int argc, char** argv) {
+  Args a(kGenerateOptions, argc, argv, 2);
+  if (a.help()) {
+    print_help("monarchrt generate [--dit FILE [--ema]] [--text FEATURES.npy] [options]",
+               "Runs the Self-Forcing pipeline of the causal Wan DiT on the CPU (fp32): chunks of latent\n"
+               "frames, 4 denoising steps and a cache-refresh pass each, and writes the clean latents.\n"
+               "Without --dit a small random-weight model runs, so the whole path can be tried anywhere.",
+               kGenerateOptions);
+    return 0;
+  }
+  apply_threads(a);
+  const bool builtin = !a.has("dit");
+  WanWeights weights;
+  if (builtin) {
+    WanConfig c;
+    c.dim = 64;
+    c.num_heads = 4;
+    c.num_layers = 2;
+    c.ffn_dim = 128;
+    c.freq_dim = 32;
+    c.text_dim = 48;
+    c.text_len = 8;
+    weights = wan_random_weights(c, uint64_t(a.get_int("seed")) + 1000);
+  } else {
+    Checkpoint ck;
+    check(Checkpoint::open(a.get("dit"), &ck));
+    const std::string prefix = wan_checkpoint_prefix(ck, a.has("ema"));
+    WanConfig c;
+    check(wan_config_from_checkpoint(ck, prefix, a.get_int("heads"), &c));
+    std::fprintf(stderr, "loading %s (%s%s, %lld layers, dim %lld)...\n", a.get("dit").c_str(),
+                 prefix.empty() ? "safetensors" : "prefix ", prefix.c_str(), (long long)c.num_layers, (long long)c.dim);
+    check(load_wan_weights(ck, c, prefix, &weights));
+  }
+  NpyArray text_file;
+  if (a.has("text")) {  // the text length comes from the features (512 for umT5)
+    check(read_npy(a.get("text"), &text_file));
+    if (text_file.shape.size() != 2 && text_file.shape.size() != 3) {
+      throw Failure{Status::invalid("--text: expected [text_len, text_dim] or [batch, text_len, text_dim]")};
+    }
+    weights.config.text_len = text_file.shape[text_file.shape.size() - 2];
+  }
+  const WanConfig& c = weights.config;
+  WanRunConfig run;
+  run.batch = a.get_int("batch");
+  const int64_t frames = a.has("frames") ? a.get_int("frames") : (builtin ? 6 : 21);
+  const int64_t chunk = a.get_int("chunk");
+  const std::vector<int64_t> hw = parse_int_list(a.has("latent") ? a.get("latent") : (builtin ? "8,12" : "60,104"), "latent", 2);
+  run.latent_h = hw[0];
+  run.latent_w = hw[1];
+  run.max_frames = frames;
+  const std::string kind = a.get("attention");
+  if (kind != "dense" && kind != "monarch") throw UsageError{"--attention must be dense or monarch, got '" + kind + "'"};
+  run.monarch = kind == "monarch";
+  run.layout = parse_tiling(a.get("tiling"));
+  run.sink_frames = a.get_int("sink-frames");
+  run.window_frames = a.get_int("window-frames");
+  if (run.batch < 1) throw UsageError{"--batch must be >= 1"};
+  WanDiT dit;
+  check(dit.init(weights, run));
+  const int64_t B = run.batch, frame = c.in_dim * run.latent_h * run.latent_w;
+  Rng rng(uint64_t(a.get_int("seed")));
+  std::vector<float> text;
+  if (a.has("text")) {
+    std::vector<int64_t> want2 = {c.text_len, c.text_dim}, want3 = {B, c.text_len, c.text_dim};
+    text = load_floats(a.get("text"), "--text", text_file.shape.size() == 2 ? want2 : want3);
+    if (text_file.shape.size() == 2) {  // the same prompt for every video of the batch
+      std::vector<float> rep;
+      for (int64_t b = 0; b < B; ++b) rep.insert(rep.end(), text.begin(), text.end());
+      text = rep;
+    }
+  } else {
+    text.resize(size_t(B * c.text_len * c.text_dim));
+    for (float& x : text) x = float(rng.normal());
+  }
+  check(dit.set_text(text.data()));
+  std::vector<float> noise;
+  if (a.has("noise")) {
+    noise = load_floats(a.get("noise"), "--noise", {B, frames, c.in_dim, run.latent_h, run.latent_w});
+  } else {
+    noise.resize(size_t(B * frames * frame));
+    for (float& x : noise) x = float(rng.normal());
+  }
+  std::vector<float> renoise;
+  if (a.has("renoise")) {
+    if (chunk < 1 || frames % chunk != 0) throw UsageError{"--frames must be a multiple of --chunk"};
+    renoise = load_floats(a.get("renoise"), "--renoise",
+                          {frames / chunk, 3, B, chunk, c.in_dim, run.latent_h, run.latent_w});
+  }
+  SelfForcingCallbacks cb;
+  cb.renoise = [&](int64_t k, int step, float* dst, size_t n) {
+    if (renoise.empty()) {
+      for (size_t i = 0; i < n; ++i) dst[i] = float(rng.normal());
+    } else {
+      std::copy_n(renoise.begin() + (k * 3 + step - 1) * int64_t(n), n, dst);
+    }
+  };
+  const int64_t chunks = chunk > 0 ? frames / chunk : 0;
+  double total = 0;
+  cb.on_chunk = [&](int64_t k, const float*, double secs) {
+    total += secs;
+    std::fprintf(stderr, "chunk %lld/%lld  frames [%lld, %lld)  %d passes  %.3f s\n", (long long)k + 1,
+                 (long long)chunks, (long long)(k * chunk), (long long)((k + 1) * chunk), k + 1 < chunks ? 5 : 4, secs);
+  };
+  std::fprintf(stderr, "%s model, %lld layers, dim %lld, %lld frames of %lldx%lld latents, batch %lld, %s attention\n",
+               builtin ? "built-in random" : "checkpoint", (long long)c.num_layers, (long long)c.dim, (long long)frames,
+               (long long)run.latent_h, (long long)run.latent_w, (long long)B, kind.c_str());
+  std::vector<float> latents(size_t(B * frames * frame));
+  check(self_forcing_generate(dit, noise.data(), frames, chunk, cb, latents.data()));
+  check(write_npy(a.get("out"), DType::kF32, {B, frames, c.in_dim, run.latent_h, run.latent_w}, latents.data()));
+  std::fprintf(stderr, "wrote %s; %lld chunks in %.3f s\n", a.get("out").c_str(), (long long)chunks, total);
+  return 0;
+}
+
 const char* kMainHelp =
     "usage: monarchrt <command> [options]\n\n"
     "Monarch-structured attention for video diffusion transformers.\n\n"
     "commands:\n"
     "  attention   run Monarch, dense or oracle top-k attention on q, k, v from .npy files\n"
     "  analyze     compare Monarch tilings/iterations and oracle top-k against dense attention\n"
-    "  inspect     list and check the tensors of a .safetensors or torch .pt/.pth checkpoint\n\n"
+    "  inspect     list and check the tensors of a .safetensors or torch .pt/.pth checkpoint\n"
+    "  generate    run the Self-Forcing pipeline of the causal Wan DiT (CPU) and write latents\n\n"
     "Run 'monarchrt <command> --help' for the options of a command.\n";
 
 }  // namespace
@@ -557,6 +707,7 @@ int main(int argc, char** argv) {
     if (cmd == "attention") return cmd_attention(argc, argv);
     if (cmd == "analyze") return cmd_analyze(argc, argv);
     if (cmd == "inspect") return cmd_inspect(argc, argv);
+    if (cmd == "generate") return cmd_generate(argc, argv);
     std::fprintf(stderr, "monarchrt: unknown command '%s'\n\n%s", cmd.c_str(), kMainHelp);
     return 2;
   } catch (const UsageError& e) {

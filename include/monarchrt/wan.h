@@ -6,11 +6,13 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "monarchrt/checkpoint.h"
+#include "monarchrt/layout.h"
 #include "monarchrt/status.h"
 
 namespace monarchrt {
@@ -59,5 +61,73 @@ struct WanWeights {
 };
 Status load_wan_weights(const Checkpoint& ck, const WanConfig& config, const std::string& prefix,
                         WanWeights* out);
+
+}  // namespace monarchrt
+
+namespace monarchrt {
+
+// The configuration a checkpoint implies (every dimension except num_heads, which the weights do
+// not determine): for a Self-Forcing .pt pass the prefix from wan_checkpoint_prefix().
+Status wan_config_from_checkpoint(const Checkpoint& ck, const std::string& prefix, int64_t num_heads,
+                                  WanConfig* out);
+// Random weights in the real layout (N(0, scale^2) matrices, gains near 1), for trying the
+// pipeline without a checkpoint and for tests.
+WanWeights wan_random_weights(const WanConfig& config, uint64_t seed);
+
+// How the DiT runs (spec sections 1.3, 2.4, 3): latent size, cache capacity, self-attention kind.
+struct WanRunConfig {
+  int64_t batch = 1;
+  int64_t latent_h = 60, latent_w = 104;  // latent rows / columns (tokens: / patch_h, / patch_w)
+  int64_t max_frames = 21;                // KV-cache capacity in latent frames
+  bool monarch = false;                   // self-attention: Monarch (else dense)
+  MonarchLayout layout;                   // Monarch tiling
+  int num_iters = 1;
+  int64_t sink_frames = 0, window_frames = 0;  // attended cache window (0 = all frames)
+};
+
+// The causal Wan DiT on the CPU in fp32 (a reference-quality path: plain loops, threads over
+// rows). Holds the per-layer KV cache (post-RMSNorm, post-RoPE keys; values) and the
+// cross-attention cache of the current text.
+class WanDiT {
+ public:
+  Status init(const WanWeights& weights, const WanRunConfig& run);
+  // Text features [batch, text_len, text_dim]: runs the text MLP and fills every layer's
+  // cross-attention K/V (once per video).
+  Status set_text(const float* context);
+  // One call on a chunk (spec 1.3): x [batch, frames, in_dim, latent_h, latent_w] at timestep t
+  // (all frames), first frame start_frame; writes the chunk's K/V into the cache at its frames,
+  // attends the cache window, returns the flow prediction, same layout as x.
+  Status forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow);
+  const WanRunConfig& run() const { return run_; }
+  const WanConfig& config() const { return w_->config; }
+
+ private:
+  const WanWeights* w_ = nullptr;
+  WanRunConfig run_;
+  int64_t th_ = 0, tw_ = 0;                       // token grid of a frame
+  std::vector<std::vector<float>> kc_, vc_;       // per layer [B, max_frames * th * tw, H, hd]
+  std::vector<std::vector<float>> xk_, xv_;       // per layer cross-attention [B, text_len, H, hd]
+  bool text_ready_ = false;
+};
+
+// The Self-Forcing schedule (spec 2.2): t and sigma of the 4 denoising steps.
+struct SelfForcingStep {
+  double t, sigma;
+};
+std::vector<SelfForcingStep> self_forcing_steps();
+
+// The Self-Forcing loop (spec 2.3) over `frames` latent frames in chunks of `chunk` frames:
+// per chunk, 4 denoising calls (x0 = xt - sigma v; re-noised to the next level with fresh
+// Gaussian noise) and one refresh call at t = 0 on the clean chunk (skipped after the last chunk:
+// its cache is never read). `noise` is the initial noise [batch, frames, in_dim, h, w];
+// `renoise(chunk, step, dst, n)` fills the n values of the noise for step 1..3 of a chunk
+// (layout [batch, chunk, in_dim, h, w]); `on_chunk(chunk, x0, seconds)` sees each finished chunk.
+// Writes the clean latents [batch, frames, in_dim, h, w]. set_text() must have run.
+struct SelfForcingCallbacks {
+  std::function<void(int64_t chunk, int step, float* dst, size_t n)> renoise;
+  std::function<void(int64_t chunk, const float* x0, double seconds)> on_chunk;
+};
+Status self_forcing_generate(WanDiT& dit, const float* noise, int64_t frames, int64_t chunk,
+                             const SelfForcingCallbacks& callbacks, float* latents);
 
 }  // namespace monarchrt

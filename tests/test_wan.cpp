@@ -1,9 +1,10 @@
-// Wan DiT weights: the parameter list matches the specification's counts for the 1.3B model, and
-// a tiny model's weights written with the real key names, as a Wan safetensors file and as a
+// The Wan DiT: the parameter list matches the specification's counts for the 1.3B model, and a
+// tiny model's weights written with the real key names, as a Wan safetensors file and as a
 // Self-Forcing .pt (generator / generator_ema of `model.`-prefixed names), load back exactly;
 // every departure from the model (missing, misshapen, extra tensor) is an error naming it.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <string>
@@ -158,6 +159,66 @@ TEST(WanWeights, EveryDepartureFromTheModelIsNamed) {
   bad = c;
   bad.dim = 0;
   EXPECT_NE(bad.validate().message().find("config.dim"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace monarchrt
+
+namespace monarchrt {
+namespace {
+
+// The CPU DiT and the Self-Forcing loop on a tiny random model (parity with an independent
+// PyTorch implementation is python/tests/test_wan_parity.py; here: every path runs under the
+// sanitizers, results are finite and deterministic, bad calls are rejected).
+TEST(WanDiT, SelfForcingLoopRunsAndRejectsBadCalls) {
+  const WanConfig c = tiny();
+  const WanWeights w = wan_random_weights(c, 7);
+  for (bool monarch : {false, true}) {
+    WanRunConfig run;
+    run.batch = 2;
+    run.latent_h = 4;
+    run.latent_w = 6;
+    run.max_frames = 6;
+    run.monarch = monarch;
+    WanDiT dit;
+    ASSERT_TRUE(dit.init(w, run).ok());
+    std::vector<float> text(size_t(2 * c.text_len * c.text_dim), 0.5f), noise(size_t(2 * 6 * 4 * 4 * 6));
+    Rng rng(8);
+    for (float& x : noise) x = float(rng.normal());
+    std::vector<float> flow(size_t(2 * 3 * 4 * 4 * 6));
+    EXPECT_EQ(dit.forward(noise.data(), 3, 0, 500.0, flow.data()).code(), StatusCode::kInvalidArgument);  // no text
+    ASSERT_TRUE(dit.set_text(text.data()).ok());
+    EXPECT_EQ(dit.forward(noise.data(), 3, 4, 500.0, flow.data()).code(), StatusCode::kInvalidArgument);  // past cache
+    SelfForcingCallbacks cb;
+    Rng renoise(9);
+    cb.renoise = [&](int64_t, int, float* dst, size_t n) {
+      for (size_t i = 0; i < n; ++i) dst[i] = float(renoise.normal());
+    };
+    int chunks = 0;
+    cb.on_chunk = [&](int64_t, const float*, double) { ++chunks; };
+    std::vector<float> a(noise.size()), b(noise.size());
+    ASSERT_TRUE(self_forcing_generate(dit, noise.data(), 6, 3, cb, a.data()).ok());
+    EXPECT_EQ(chunks, 2);
+    for (float x : a) ASSERT_TRUE(std::isfinite(x));
+    renoise = Rng(9);
+    ASSERT_TRUE(self_forcing_generate(dit, noise.data(), 6, 3, cb, b.data()).ok());
+    EXPECT_EQ(a, b);  // the cache of the previous video does not leak into the next
+    EXPECT_EQ(self_forcing_generate(dit, noise.data(), 6, 4, cb, a.data()).code(), StatusCode::kInvalidArgument);
+  }
+  WanRunConfig bad;
+  bad.latent_h = 5;  // not a multiple of the 2x2 patch
+  WanDiT dit;
+  EXPECT_EQ(dit.init(w, bad).code(), StatusCode::kInvalidArgument);
+}
+
+TEST(WanDiT, ScheduleMatchesTheSpecification) {
+  const std::vector<SelfForcingStep> s = self_forcing_steps();
+  ASSERT_EQ(s.size(), 4u);
+  const double t[4] = {1000.0, 937.5, 833.3333, 625.0};
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_NEAR(s[i].t, t[i], 1e-3);
+    EXPECT_NEAR(s[i].sigma, t[i] / 1000.0, 1e-6);
+  }
 }
 
 }  // namespace

@@ -1,0 +1,47 @@
+// The Self-Forcing autoregressive loop (../shared/docs/self-forcing-spec.md section 2.3).
+#include <chrono>
+
+#include "monarchrt/wan.h"
+
+namespace monarchrt {
+
+Status self_forcing_generate(WanDiT& dit, const float* noise, int64_t frames, int64_t chunk,
+                             const SelfForcingCallbacks& cb, float* latents) {
+  const WanRunConfig& run = dit.run();
+  const WanConfig& c = dit.config();
+  if (chunk < 1 || frames < 1 || frames % chunk != 0) {
+    return Status::invalid("frames = " + std::to_string(frames) + " must be a positive multiple of chunk = " +
+                           std::to_string(chunk));
+  }
+  if (frames > run.max_frames) {
+    return Status::invalid("frames = " + std::to_string(frames) + " exceed the cache of " +
+                           std::to_string(run.max_frames) + " frames");
+  }
+  if (!cb.renoise) return Status::invalid("callbacks.renoise is required");
+  const int64_t B = run.batch, frame = c.in_dim * run.latent_h * run.latent_w, per = chunk * frame;
+  const std::vector<SelfForcingStep> steps = self_forcing_steps();
+  std::vector<float> xt(size_t(B * per)), x0(xt.size()), v(xt.size()), fresh(xt.size());
+  for (int64_t k = 0; k * chunk < frames; ++k) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const int64_t s = k * chunk;
+    for (int64_t b = 0; b < B; ++b)
+      std::copy(noise + (b * frames + s) * frame, noise + (b * frames + s + chunk) * frame, xt.begin() + b * per);
+    for (size_t j = 0; j < steps.size(); ++j) {
+      MONARCHRT_RETURN_IF_ERROR(dit.forward(xt.data(), chunk, s, steps[j].t, v.data()));
+      for (size_t i = 0; i < xt.size(); ++i) x0[i] = float(double(xt[i]) - steps[j].sigma * double(v[i]));
+      if (j + 1 < steps.size()) {
+        cb.renoise(k, int(j + 1), fresh.data(), fresh.size());
+        const double sn = steps[j + 1].sigma;
+        for (size_t i = 0; i < xt.size(); ++i) xt[i] = float((1.0 - sn) * x0[i] + sn * fresh[i]);
+      }
+    }
+    for (int64_t b = 0; b < B; ++b)
+      std::copy(x0.begin() + b * per, x0.begin() + (b + 1) * per, latents + (b * frames + s) * frame);
+    if (s + chunk < frames) MONARCHRT_RETURN_IF_ERROR(dit.forward(x0.data(), chunk, s, 0.0, v.data()));  // refresh
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (cb.on_chunk) cb.on_chunk(k, x0.data(), secs);
+  }
+  return Status();
+}
+
+}  // namespace monarchrt

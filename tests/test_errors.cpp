@@ -384,9 +384,9 @@ TEST(AttentionErrors, KvCache) {
   expect_rejected("window smaller than the chunk", [&](Problem& p) { kv(p); p.params.window_frames = 2; },
                   kAll, kInvalid, {"window_frames = 2 must be 0 (whole cache) or at least"});
   expect_rejected("negative sink", [&](Problem& p) { kv(p); p.params.sink_frames = -2; }, kAll, kInvalid,
-                  {"sink_frames", "must be >= 0"});
+                  {"sink_frames = -2 must be >= 0"});
   expect_rejected("negative window", [&](Problem& p) { kv(p); p.params.window_frames = -4; }, kAll,
-                  kInvalid, {"window_frames", "must be >= 0"});
+                  kInvalid, {"window_frames = -4 must be >= 0"});
 
   // Whole tiles: the rules of Monarch only.
   const Mutation sink1 = [&](Problem& p) { kv(p); p.params.sink_frames = 1; };
@@ -468,11 +468,11 @@ TEST(AttentionErrors, CudaTensorsOnTheCpuPath) {
   // check_attention has no device of its own: it only asks for one device.
   expect_accepted("all on cuda", all_cuda, kCheck);
   expect_rejected("k on cuda", [](Problem& p) { p.k.view.device = Device::kCUDA; }, kAll, kInvalid,
-                  {"q, k, v, out: all four must be on one device"});
+                  {"k: tensor is on cuda, q on cpu", "must be on one device"});
   expect_rejected("v on cuda", [](Problem& p) { p.v.view.device = Device::kCUDA; }, kHasVOut, kInvalid,
-                  {"all four must be on one device"});
+                  {"v: tensor is on cuda, q on cpu"});
   expect_rejected("out on cuda", [](Problem& p) { p.out.view.device = Device::kCUDA; }, kHasVOut, kInvalid,
-                  {"all four must be on one device"});
+                  {"out: tensor is on cuda, q on cpu"});
 }
 
 // ---- views -------------------------------------------------------------------------------------

@@ -69,8 +69,12 @@ Status check_attention(const TensorView& q, const TensorView& k, const TensorVie
     return Status::invalid(std::string("k, v: dtype must equal q's ") + dtype_name(q.dtype) +
                            ", got k " + dtype_name(k.dtype) + " and v " + dtype_name(v.dtype));
   }
-  if (k.device != q.device || v.device != q.device || out.device != q.device) {
-    return Status::invalid("q, k, v, out: all four must be on one device");
+  const std::pair<const TensorView*, const char*> others[3] = {{&k, "k"}, {&v, "v"}, {&out, "out"}};
+  for (const auto& o : others) {
+    if (o.first->device != q.device) {
+      return Status::invalid(std::string(o.second) + ": tensor is on " + device_name(o.first->device) + ", q on " +
+                             device_name(q.device) + " (q, k, v and out must be on one device)");
+    }
   }
   MONARCHRT_RETURN_IF_ERROR(check_same("batch", q, "q", k, "k", 0));
   MONARCHRT_RETURN_IF_ERROR(check_same("batch", q, "q", v, "v", 0));
@@ -162,8 +166,9 @@ Status check_attention(const TensorView& q, const TensorView& k, const TensorVie
       return Status::invalid("k: the cache holds " + str(cache_frames) +
                              " frames, fewer than the query chunk's grid.T = " + str(g.T));
     }
-    if (params.sink_frames < 0 || params.window_frames < 0) {
-      return Status::invalid("sink_frames and window_frames must be >= 0");
+    if (params.sink_frames < 0) return Status::invalid("sink_frames = " + str(params.sink_frames) + " must be >= 0");
+    if (params.window_frames < 0) {
+      return Status::invalid("window_frames = " + str(params.window_frames) + " must be >= 0");
     }
     if (params.window_frames != 0 && params.window_frames < g.T) {
       return Status::invalid("window_frames = " + str(params.window_frames) +

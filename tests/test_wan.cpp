@@ -223,3 +223,48 @@ TEST(WanDiT, ScheduleMatchesTheSpecification) {
 
 }  // namespace
 }  // namespace monarchrt
+
+namespace monarchrt {
+namespace {
+
+// Spec acceptance: running the chunks one after another through the KV cache equals the
+// block-causal full-sequence forward (dense and Monarch self-attention).
+TEST(WanDiT, ChunksThroughTheCacheEqualTheBlockCausalFullSequence) {
+  const WanConfig c = tiny();
+  const WanWeights w = wan_random_weights(c, 11);
+  const int64_t B = 2, T = 6, chunk = 2, Hl = 4, Wl = 6, frame = c.in_dim * Hl * Wl;
+  Rng rng(12);
+  std::vector<float> text(size_t(B * c.text_len * c.text_dim)), x(size_t(B * T * frame));
+  for (float& v : text) v = float(rng.normal());
+  for (float& v : x) v = float(rng.normal());
+  for (bool monarch : {false, true}) {
+    WanRunConfig run;
+    run.batch = B;
+    run.latent_h = Hl;
+    run.latent_w = Wl;
+    run.max_frames = T;
+    run.monarch = monarch;
+    WanDiT dit;
+    ASSERT_TRUE(dit.init(w, run).ok());
+    ASSERT_TRUE(dit.set_text(text.data()).ok());
+    std::vector<float> full(x.size());
+    ASSERT_TRUE(dit.forward_full(x.data(), T, 700.0, chunk, full.data()).ok());
+    double num = 0, den = 0;
+    for (int64_t s = 0; s < T; s += chunk) {
+      std::vector<float> in(size_t(B * chunk * frame)), out(in.size());
+      for (int64_t b = 0; b < B; ++b)
+        std::copy_n(x.begin() + (b * T + s) * frame, chunk * frame, in.begin() + b * chunk * frame);
+      ASSERT_TRUE(dit.forward(in.data(), chunk, s, 700.0, out.data()).ok());
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < chunk * frame; ++i) {
+          const double d = out[size_t(b * chunk * frame + i)] - full[size_t((b * T + s) * frame + i)];
+          num += d * d;
+          den += double(full[size_t((b * T + s) * frame + i)]) * full[size_t((b * T + s) * frame + i)];
+        }
+    }
+    EXPECT_LT(std::sqrt(num / den), 1e-5) << (monarch ? "monarch" : "dense");
+  }
+}
+
+}  // namespace
+}  // namespace monarchrt

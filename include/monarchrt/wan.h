@@ -98,10 +98,15 @@ class WanDiT {
   // (all frames), first frame start_frame; writes the chunk's K/V into the cache at its frames,
   // attends the cache window, returns the flow prediction, same layout as x.
   Status forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow);
+  // The full-sequence pass (training without a cache, spec 1.5): all `frames` at once, self-
+  // attention block-causal by chunks of causal_chunk_frames (0: bidirectional); the cache is
+  // neither read nor written. Chunk by chunk through the cache gives the same result.
+  Status forward_full(const float* x, int64_t frames, double t, int64_t causal_chunk_frames, float* flow);
   const WanRunConfig& run() const { return run_; }
   const WanConfig& config() const { return w_->config; }
 
  private:
+  Status pass(const float* x, int64_t frames, int64_t start_frame, double t, int64_t causal, float* flow);
   const WanWeights* w_ = nullptr;
   WanRunConfig run_;
   int64_t th_ = 0, tw_ = 0;                       // token grid of a frame

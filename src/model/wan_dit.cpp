@@ -232,9 +232,19 @@ Status WanDiT::set_text(const float* context) {
   return Status();
 }
 
-Status WanDiT::forward(const float* x_in, int64_t F, int64_t start_frame, double t, float* flow) {
+Status WanDiT::forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow) {
+  return pass(x, frames, start_frame, t, -1, flow);
+}
+
+Status WanDiT::forward_full(const float* x, int64_t frames, double t, int64_t causal_chunk_frames, float* flow) {
+  if (causal_chunk_frames < 0) return Status::invalid("causal_chunk_frames must be >= 0");
+  return pass(x, frames, 0, t, causal_chunk_frames, flow);
+}
+
+Status WanDiT::pass(const float* x_in, int64_t F, int64_t start_frame, double t, int64_t causal, float* flow) {
   if (!w_ || !text_ready_) return Status::invalid("WanDiT: init() and set_text() first");
-  if (F < 1 || start_frame < 0 || start_frame + F > run_.max_frames) {
+  if (F < 1) return Status::invalid("frames = " + std::to_string(F) + " must be >= 1");
+  if (causal < 0 && (start_frame < 0 || start_frame + F > run_.max_frames)) {
     return Status::invalid("frames [" + std::to_string(start_frame) + ", " + std::to_string(start_frame + F) +
                            ") do not fit the cache of " + std::to_string(run_.max_frames) + " frames");
   }
@@ -275,9 +285,12 @@ Status WanDiT::forward(const float* x_in, int64_t F, int64_t start_frame, double
   ap.layout = run_.layout;
   ap.num_iters = run_.num_iters;
   ap.scale = 1.0 / std::sqrt(double(hd));
-  ap.kv_cache = true;
-  ap.sink_frames = run_.sink_frames;
-  ap.window_frames = run_.window_frames;
+  ap.kv_cache = causal < 0;
+  ap.causal_chunk_frames = causal < 0 ? 0 : causal;
+  if (causal < 0) {
+    ap.sink_frames = run_.sink_frames;
+    ap.window_frames = run_.window_frames;
+  }
   const int64_t cache_rows = run_.max_frames * tpf, used = (start_frame + F) * tpf;
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string bl = "blocks." + std::to_string(i) + ".";
@@ -296,23 +309,27 @@ Status WanDiT::forward(const float* x_in, int64_t F, int64_t start_frame, double
     const std::string sa = bl + "self_attn.";
     Vec q = linear(h, N, D, w_->at(sa + "q.weight"), &w_->at(sa + "q.bias"), D);
     Vec k = linear(h, N, D, w_->at(sa + "k.weight"), &w_->at(sa + "k.bias"), D);
-    const Vec v = linear(h, N, D, w_->at(sa + "v.weight"), &w_->at(sa + "v.bias"), D);
+    Vec v = linear(h, N, D, w_->at(sa + "v.weight"), &w_->at(sa + "v.bias"), D);
     rms_norm(q, N, D, c.eps, w_->at(sa + "norm_q.weight"));
     rms_norm(k, N, D, c.eps, w_->at(sa + "norm_k.weight"));
     rope(q, B, S, H, hd, th_, tw_, start_frame);
     rope(k, B, S, H, hd, th_, tw_, start_frame);
-    Vec& kc = kc_[size_t(i)];
-    Vec& vc = vc_[size_t(i)];
-    for (int64_t b = 0; b < B; ++b) {
-      std::copy(k.begin() + b * S * D, k.begin() + (b + 1) * S * D, kc.begin() + (b * cache_rows + start_frame * tpf) * D);
-      std::copy(v.begin() + b * S * D, v.begin() + (b + 1) * S * D, vc.begin() + (b * cache_rows + start_frame * tpf) * D);
-    }
     Vec attn(size_t(N * D));
     TensorView qv = TensorView::contiguous(q.data(), DType::kF32, B, S, H, hd);
     TensorView ov = TensorView::contiguous(attn.data(), DType::kF32, B, S, H, hd);
-    TensorView kv = TensorView::contiguous(kc.data(), DType::kF32, B, used, H, hd);
-    TensorView vv = TensorView::contiguous(vc.data(), DType::kF32, B, used, H, hd);
-    kv.stride[0] = vv.stride[0] = cache_rows * D;  // the cache holds max_frames frames per batch
+    TensorView kv = TensorView::contiguous(k.data(), DType::kF32, B, S, H, hd);
+    TensorView vv = TensorView::contiguous(v.data(), DType::kF32, B, S, H, hd);
+    if (causal < 0) {  // write the chunk into the cache, attend the cache
+      Vec& kc = kc_[size_t(i)];
+      Vec& vc = vc_[size_t(i)];
+      for (int64_t b = 0; b < B; ++b) {
+        std::copy(k.begin() + b * S * D, k.begin() + (b + 1) * S * D, kc.begin() + (b * cache_rows + start_frame * tpf) * D);
+        std::copy(v.begin() + b * S * D, v.begin() + (b + 1) * S * D, vc.begin() + (b * cache_rows + start_frame * tpf) * D);
+      }
+      kv = TensorView::contiguous(kc.data(), DType::kF32, B, used, H, hd);
+      vv = TensorView::contiguous(vc.data(), DType::kF32, B, used, H, hd);
+      kv.stride[0] = vv.stride[0] = cache_rows * D;  // the cache holds max_frames frames per batch
+    }
     MONARCHRT_RETURN_IF_ERROR(run_.monarch ? cpu::monarch_attention(qv, kv, vv, ov, ap)
                                            : cpu::dense_attention(qv, kv, vv, ov, ap));
     Vec y = linear(attn, N, D, w_->at(sa + "o.weight"), &w_->at(sa + "o.bias"), D);

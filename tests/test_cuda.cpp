@@ -387,9 +387,16 @@ TEST(CudaBackward, MatchesReferenceEveryModeDtypeAndHeadDim) {
       }
     }
   }
-  // Tiles wider than 64 columns at head dim 64.
+  // Tiles wider than 64 columns: head dim 64, and head dim 128 (the wide configuration, 720p's
+  // 45 x 80 among them).
   const Case wide{{2, 2, 100}, {1, 1, 1}, 1, 2, 1, 0, 0, 0};
   std::printf("backward wide 2x100 D=64: max rel L2 %.2e\n", run_backward_case(wide, DType::kBF16, 64, rng, 0));
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    for (const Case& c : kWideCases) {
+      std::printf("backward wide %-9s D=128 grid %-8s: max rel L2 %.2e\n", dtype_name(dtype),
+                  c.grid.to_string().c_str(), run_backward_case(c, dtype, 128, rng, 0));
+    }
+  }
 }
 
 // A small set for compute-sanitizer (scripts/gpu_check.sh): block-causal, odd tiles, KV window.
@@ -402,15 +409,15 @@ TEST(CudaBackward, SanitizerSet) {
 
 TEST(CudaBackward, RejectsWhatItCannotRun) {
   SKIP_WITHOUT_GPU();
-  Tensor t(DType::kBF16, 1, 200, 1, 128);
+  Tensor t(DType::kBF16, 1, 272, 1, 128);
   DeviceTensor d(t), g1(t), g2(t), g3(t);
   AttentionParams p;
-  p.grid = VideoGrid{2, 1, 100};  // b2 = 100 > 64 at head dim 128
+  p.grid = VideoGrid{2, 1, 136};  // b2 = 136 > 128
   Status s = cuda::monarch_attention_backward(d.view, d.view, d.view, d.view, g1.view, g2.view, g3.view, p,
                                               nullptr, 0, nullptr);
   EXPECT_EQ(s.code(), StatusCode::kUnsupported);
   EXPECT_NE(s.message().find("b2"), std::string::npos);
-  p.grid = VideoGrid{2, 10, 10};
+  p.grid = VideoGrid{2, 8, 17};
   p.num_iters = 2;
   s = cuda::monarch_attention_backward(d.view, d.view, d.view, d.view, g1.view, g2.view, g3.view, p, nullptr, 0,
                                        nullptr);

@@ -62,7 +62,8 @@ Status monarch_attention_kv(const TensorView& q, const TensorView& new_k, const 
 // overwrites dq (q's shape), dk and dv (k's shape, the whole cache in KV-cache mode, where keys
 // that no query attends get exactly zero), with the same checks and messages as
 // cpu::monarch_attention_backward. All seven tensors bf16 or fp16 of one dtype, on the device,
-// head dim 64 (tiles up to 128 columns) or 128 (up to 64 columns), 16-byte aligned rows.
+// head dim 64 or 128, tiles up to 128 columns (at head dim 128 beyond 64 columns only on devices
+// with Hopper's 227 KB of shared memory per block), 16-byte aligned rows.
 // The workspace holds the recomputed stage-1 intermediates and the per-row / per-query
 // gradients (about the forward's workspace plus 4 bytes x (3 x rows + (2 + D) x queries)).
 // No allocation, no host synchronization: capturable in a CUDA graph.

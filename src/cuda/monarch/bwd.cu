@@ -2,6 +2,7 @@
 // layout and the five launches.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <string>
 #include <type_traits>
@@ -61,10 +62,17 @@ Status check_backward(const TensorView& q, const TensorView& k, const TensorView
     return Status::unsupported("q: head dim " + std::to_string(plan->D) +
                                " is not supported by the CUDA backward (64 or 128)");
   }
-  const int b2_max = plan->D == 128 ? 64 : 128;
+  int device = 0, optin = 0;
+  MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
+  MONARCHRT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  // Head dim 128 with rows wider than 64 keys needs the wide configuration's shared memory.
+  const bool wide_ok = size_t(optin) >= std::max(Dq1Config<__nv_bfloat16, 128, 128>::kSmem,
+                                                 DkvConfig<__nv_bfloat16, 128, 128>::kSmem);
+  const int b2_max = plan->D == 128 && !wide_ok ? 64 : 128;
   if (plan->qg.b2 > b2_max) {
     return Status::unsupported("layout: tile width b2 = " + std::to_string(plan->qg.b2) + " exceeds the CUDA "
-                               "backward's " + std::to_string(b2_max) + " at head dim " + std::to_string(plan->D));
+                               "backward's " + std::to_string(b2_max) + " at head dim " + std::to_string(plan->D) +
+                               " on this device");
   }
   if (plan->qg.b1 > 256) {
     return Status::unsupported("layout: tile height b1 = " + std::to_string(plan->qg.b1) +
@@ -86,9 +94,6 @@ Status check_backward(const TensorView& q, const TensorView& k, const TensorView
       plan->qg.tiles * ((plan->qg.b1 + 31) / 32) > 65535) {
     return Status::unsupported("q: too many tiles or batch*heads for one launch");
   }
-  int device = 0, optin = 0;
-  MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
-  MONARCHRT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const size_t need = plan->D == 128 ? DkvConfig<__nv_bfloat16, 128>::kSmem : DkvConfig<__nv_bfloat16, 64>::kSmem;
   if (size_t(optin) < need) {
     return Status::unsupported("device: " + std::to_string(optin) +
@@ -110,11 +115,22 @@ Status set_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done) {
 
 template <typename T, int D>
 Status prepare_backward_typed() {
-  static std::atomic<uint64_t> d1{0}, d2{0}, d3{0}, d4{0};
+  static std::atomic<uint64_t> d1{0}, d2{0}, d3{0}, d4{0}, d5{0}, d6{0};
+  constexpr int kNarrow = D == 128 ? 64 : 128;
   MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dq2_kernel<T, D>, TwoPassConfig<T, D>::kSmem2, d1));
   MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dl_kernel<T, D>, DlConfig<T, D>::kSmem, d2));
-  MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dq1_kernel<T, D>, Dq1Config<T, D>::kSmem, d3));
-  return set_smem(monarch_bwd_dkv_kernel<T, D>, DkvConfig<T, D>::kSmem, d4);
+  MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dq1_kernel<T, D, kNarrow>, Dq1Config<T, D, kNarrow>::kSmem, d3));
+  MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dkv_kernel<T, D, kNarrow>, DkvConfig<T, D, kNarrow>::kSmem, d4));
+  if (D == 128) {  // the wide configuration, where the device has the shared memory for it
+    int device = 0, optin = 0;
+    MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
+    MONARCHRT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    if (size_t(optin) >= Dq1Config<T, D, 128>::kSmem && size_t(optin) >= DkvConfig<T, D, 128>::kSmem) {
+      MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dq1_kernel<T, D, 128>, Dq1Config<T, D, 128>::kSmem, d5));
+      MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dkv_kernel<T, D, 128>, DkvConfig<T, D, 128>::kSmem, d6));
+    }
+  }
+  return Status();
 }
 
 template <typename T, int D>
@@ -139,9 +155,16 @@ Status launch_backward(const MonarchBwdParams& bp, int B, bool zero_dkv, int64_t
     MONARCHRT_CUDA_CHECK(cudaGetLastError());
   }
   const int warps = (p.b2 + 15) / 16;
-  monarch_bwd_dq1_kernel<T, D><<<dim3(p.b1, p.A, BH), 32 * warps, Dq1Config<T, D>::kSmem, s>>>(bp);
-  MONARCHRT_CUDA_CHECK(cudaGetLastError());
-  monarch_bwd_dkv_kernel<T, D><<<dim3(p.b1, p.F, BH), 32 * warps, DkvConfig<T, D>::kSmem, s>>>(bp);
+  constexpr int kNarrow = D == 128 ? 64 : 128;
+  if (p.b2 <= kNarrow) {
+    monarch_bwd_dq1_kernel<T, D, kNarrow><<<dim3(p.b1, p.A, BH), 32 * warps, Dq1Config<T, D, kNarrow>::kSmem, s>>>(bp);
+    MONARCHRT_CUDA_CHECK(cudaGetLastError());
+    monarch_bwd_dkv_kernel<T, D, kNarrow><<<dim3(p.b1, p.F, BH), 32 * warps, DkvConfig<T, D, kNarrow>::kSmem, s>>>(bp);
+  } else {
+    monarch_bwd_dq1_kernel<T, D, 128><<<dim3(p.b1, p.A, BH), 32 * warps, Dq1Config<T, D, 128>::kSmem, s>>>(bp);
+    MONARCHRT_CUDA_CHECK(cudaGetLastError());
+    monarch_bwd_dkv_kernel<T, D, 128><<<dim3(p.b1, p.F, BH), 32 * warps, DkvConfig<T, D, 128>::kSmem, s>>>(bp);
+  }
   MONARCHRT_CUDA_CHECK(cudaGetLastError());
   return Status();
 }

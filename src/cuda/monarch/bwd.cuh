@@ -413,9 +413,11 @@ __global__ void __launch_bounds__(128) monarch_bwd_dl_kernel(const MonarchBwdPar
 
 // ---- 3. stage-1 backward, query orientation: dq -------------------------------------------
 
-template <typename T, int D>
+// B2Max: the widest key row held (64 at head dim 128 keeps 2 CTAs per SM; 128 serves 720p's
+// 45 x 80 tiles at the price of register spills and one CTA per SM, Hopper's shared memory only).
+template <typename T, int D, int B2Max = (D == 128 ? 64 : 128)>
 struct Dq1Config {
-  static constexpr int kB2Max = D == 128 ? 64 : 128;
+  static constexpr int kB2Max = B2Max;
   static constexpr int kLd = D + 8;
   static constexpr size_t kRowBytes = size_t(kB2Max) * kLd * sizeof(T);
   // K and V rows double-buffered, then the daL and dY rows of the current key tile (one buffer,
@@ -423,10 +425,10 @@ struct Dq1Config {
   static constexpr size_t kSmem = 2 * 2 * kRowBytes + 2 * kRowBytes;
 };
 
-template <typename T, int D>
+template <typename T, int D, int B2Max>
 __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdParams bp) {
   const MonarchFwdParams& p = bp.f;
-  using C = Dq1Config<T, D>;
+  using C = Dq1Config<T, D, B2Max>;
   using MM = Mma<T>;
   constexpr float kLn2 = 0.6931471805599453f;
   constexpr int kNT = C::kB2Max / 8;
@@ -618,19 +620,19 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
 
 // ---- 4. stage-1 backward, key orientation: dK, dV ------------------------------------------
 
-template <typename T, int D>
+template <typename T, int D, int B2Max = (D == 128 ? 64 : 128)>
 struct DkvConfig {
-  static constexpr int kB2Max = D == 128 ? 64 : 128;
+  static constexpr int kB2Max = B2Max;
   static constexpr int kLd = D + 8;
   // K and V of the key row, then per query tile: q[m,k,:], daL and dY rows of every column j.
   static constexpr size_t kBlock = size_t(kB2Max) * kLd * sizeof(T);
   static constexpr size_t kSmem = 5 * kBlock + 3 * kB2Max * sizeof(float);
 };
 
-template <typename T, int D>
+template <typename T, int D, int B2Max>
 __global__ void __launch_bounds__(256) monarch_bwd_dkv_kernel(const MonarchBwdParams bp) {
   const MonarchFwdParams& p = bp.f;
-  using C = DkvConfig<T, D>;
+  using C = DkvConfig<T, D, B2Max>;
   using MM = Mma<T>;
   constexpr float kLn2 = 0.6931471805599453f;
   const int k = blockIdx.x, n = blockIdx.y, bh = blockIdx.z;

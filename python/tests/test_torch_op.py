@@ -1,5 +1,5 @@
 """Tests of the monarchrt PyTorch op: gradients (gradcheck in float64 on CPU, every mode), opcheck,
-torch.compile without graph breaks, KV-cache steps, errors, a 2-process DDP training step (gloo),
+torch.compile without graph breaks, KV-cache steps, errors, 2-process DDP and FSDP2 training steps (gloo),
 and, on a CUDA machine, the CUDA kernels against the fp64 CPU reference."""
 import os
 
@@ -207,6 +207,39 @@ def test_ddp_two_processes(tmp_path):
         assert synced, "parameters differ between ranks after the DDP step"
         assert loss == loss  # not NaN
     assert results[0][0] != results[1][0]  # the ranks saw different data
+
+
+def _fsdp_worker(rank, world, init_file, results):
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    grid = (2, 3, 5)
+    model = TinyVideoBlock(16, 2, grid)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(2 * world, tokens(grid), 16, generator=torch.Generator().manual_seed(7))[2 * rank:2 * rank + 2]
+    model(x).square().mean().backward()
+    opt.step()
+    full = [p.full_tensor().detach().clone() for p in model.parameters()]
+    if rank == 0:
+        results["params"] = [t.tolist() for t in full]
+    dist.destroy_process_group()
+
+
+def test_fsdp_two_processes_match_one_process(tmp_path):
+    """FSDP2 (fully_shard, gloo): the sharded step equals one process on both ranks' data."""
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    torch.manual_seed(0)
+    grid = (2, 3, 5)
+    model = TinyVideoBlock(16, 2, grid)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, tokens(grid), 16, generator=torch.Generator().manual_seed(7))
+    model(x).square().mean().backward()
+    opt.step()
+    for got, want in zip(results["params"], model.parameters()):
+        assert torch.allclose(torch.tensor(got), want.detach(), atol=1e-6)
 
 
 # ---- CUDA ----------------------------------------------------------------------------------------

@@ -8,20 +8,13 @@
 #include <type_traits>
 
 #include "../../core/plan.h"
+#include "../common/host.h"
 #include "bwd.cuh"
 #include "monarchrt/cuda.h"
 
 namespace monarchrt {
 namespace cuda_detail {
 namespace {
-
-#define MONARCHRT_CUDA_CHECK(call)                                                                 \
-  do {                                                                                             \
-    cudaError_t e_ = (call);                                                                       \
-    if (e_ != cudaSuccess)                                                                         \
-      return Status::internal(std::string(#call) + " failed: " + cudaGetErrorString(e_) + " (" +  \
-                              __FILE__ + ":" + std::to_string(__LINE__) + ")");                    \
-  } while (0)
 
 size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
@@ -102,32 +95,21 @@ Status check_backward(const TensorView& q, const TensorView& k, const TensorView
   return Status();
 }
 
-template <typename Kernel>
-Status set_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done) {
-  int device = 0;
-  MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit != 0 && (done.load() & bit) != 0) return Status();
-  MONARCHRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  done.fetch_or(bit);
-  return Status();
-}
-
 template <typename T, int D>
 Status prepare_backward_typed() {
   static std::atomic<uint64_t> d1{0}, d2{0}, d3{0}, d4{0}, d5{0}, d6{0};
   constexpr int kNarrow = D == 128 ? 64 : 128;
-  MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dq2_kernel<T, D>, TwoPassConfig<T, D>::kSmem2, d1));
-  MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dl_kernel<T, D>, DlConfig<T, D>::kSmem, d2));
-  MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dq1_kernel<T, D, kNarrow>, Dq1Config<T, D, kNarrow>::kSmem, d3));
-  MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dkv_kernel<T, D, kNarrow>, DkvConfig<T, D, kNarrow>::kSmem, d4));
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq2_kernel<T, D>, TwoPassConfig<T, D>::kSmem2, d1));
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dl_kernel<T, D>, DlConfig<T, D>::kSmem, d2));
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq1_kernel<T, D, kNarrow>, Dq1Config<T, D, kNarrow>::kSmem, d3));
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dkv_kernel<T, D, kNarrow>, DkvConfig<T, D, kNarrow>::kSmem, d4));
   if (D == 128) {  // the wide configuration, where the device has the shared memory for it
     int device = 0, optin = 0;
     MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
     MONARCHRT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     if (size_t(optin) >= Dq1Config<T, D, 128>::kSmem && size_t(optin) >= DkvConfig<T, D, 128>::kSmem) {
-      MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dq1_kernel<T, D, 128>, Dq1Config<T, D, 128>::kSmem, d5));
-      MONARCHRT_RETURN_IF_ERROR(set_smem(monarch_bwd_dkv_kernel<T, D, 128>, DkvConfig<T, D, 128>::kSmem, d6));
+      MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq1_kernel<T, D, 128>, Dq1Config<T, D, 128>::kSmem, d5));
+      MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dkv_kernel<T, D, 128>, DkvConfig<T, D, 128>::kSmem, d6));
     }
   }
   return Status();

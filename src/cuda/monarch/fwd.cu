@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../../core/plan.h"
+#include "../common/host.h"
 #include "fwd_kernel.cuh"
 #include "two_pass.cuh"
 #include "monarchrt/cuda.h"
@@ -15,35 +16,11 @@ namespace monarchrt {
 namespace cuda_detail {
 namespace {
 
-Status cuda_error(cudaError_t e, const char* what, const char* file, int line) {
-  return Status::internal(std::string(what) + " failed: " + cudaGetErrorString(e) + " (" + file +
-                          ":" + std::to_string(line) + ")");
-}
-#define MONARCHRT_CUDA_CHECK(call)                                                   \
-  do {                                                                               \
-    cudaError_t e_ = (call);                                                         \
-    if (e_ != cudaSuccess) return cuda_error(e_, #call, __FILE__, __LINE__);         \
-  } while (0)
-
 // Configurations, largest first: G = 4 key rows per stage-1 group needs about 219 KB of shared
 // memory for D = 128 (Hopper: 227 KB per block); G = 2 fits the 163 KB of sm_80.
 template <typename T, int D>
 size_t smem_bytes(int G) {
   return G == 4 ? FwdConfig<T, D, 4>::kSmem : FwdConfig<T, D, 2>::kSmem;
-}
-
-// Raises `kernel`'s dynamic shared-memory limit on the current device, once per device (a bit
-// per device in `done`). Setting the attribute also loads the kernel's module, which lazy
-// loading would otherwise do inside the first launch.
-template <typename Kernel>
-Status ensure_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done) {
-  int device = 0;
-  MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit != 0 && (done.load() & bit) != 0) return Status();
-  MONARCHRT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  done.fetch_or(bit);
-  return Status();
 }
 
 template <typename T, int D, int G>

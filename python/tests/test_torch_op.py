@@ -210,12 +210,13 @@ def test_ddp_two_processes(tmp_path):
 
 
 def _fsdp_worker(rank, world, init_file, results):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     grid = (2, 3, 5)
     model = TinyVideoBlock(16, 2, grid)
-    fully_shard(model)
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))  # CPU even where a GPU is visible
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(2 * world, tokens(grid), 16, generator=torch.Generator().manual_seed(7))[2 * rank:2 * rank + 2]
     model(x).square().mean().backward()

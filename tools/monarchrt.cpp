@@ -493,8 +493,7 @@ int cmd_inspect(int argc, char** argv) {
     int64_t total = 0;
     for (size_t i = 0; i < ck.tensors().size(); ++i) {
       const CheckpointTensor& t = ck.tensors()[i];
-      std::string shape;
-      for (size_t d = 0; d < t.shape.size(); ++d) shape += (d ? ", " : "") + std::to_string(t.shape[d]);
+      const std::string shape = shape_string(t.shape);
       double sum = 0;
       if (sums) {
         std::vector<float> data;
@@ -503,12 +502,12 @@ int cmd_inspect(int argc, char** argv) {
       }
       total += t.numel();
       if (json) {
-        std::printf("%s{\"name\": \"%s\", \"dtype\": \"%s\", \"shape\": [%s]", i ? ", " : "",
+        std::printf("%s{\"name\": \"%s\", \"dtype\": \"%s\", \"shape\": %s", i ? ", " : "",
                     json_escape(t.name).c_str(), dtype_name(t.dtype), shape.c_str());
         if (sums) std::printf(", \"sum\": %.17g", sum);
         std::printf("}");
       } else {
-        std::printf("%-60s %-9s [%s]", t.name.c_str(), dtype_name(t.dtype), shape.c_str());
+        std::printf("%-60s %-9s %s", t.name.c_str(), dtype_name(t.dtype), shape.c_str());
         if (sums) std::printf("  sum %.9g", sum);
         std::printf("\n");
       }
@@ -558,10 +557,8 @@ std::vector<float> load_floats(const std::string& path, const char* what, const 
   NpyArray a;
   check(read_npy(path, &a));
   if (a.shape != shape) {
-    std::string want, got;
-    for (int64_t d : shape) want += (want.empty() ? "" : ", ") + std::to_string(d);
-    for (int64_t d : a.shape) got += (got.empty() ? "" : ", ") + std::to_string(d);
-    throw Failure{Status::invalid(std::string(what) + " (" + path + "): shape [" + got + "], expected [" + want + "]")};
+    throw Failure{Status::invalid(std::string(what) + " (" + path + "): shape " + shape_string(a.shape) +
+                                  ", expected " + shape_string(shape))};
   }
   std::vector<float> v(size_t(a.numel()));
   for (size_t i = 0; i < v.size(); ++i) v[i] = float(load_element(a.data.data(), a.dtype, int64_t(i)));

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "monarchrt/status.h"
 
@@ -22,6 +23,9 @@ float half_to_float(uint16_t h);
 uint16_t float_to_half(float f);
 float bf16_to_float(uint16_t b);
 uint16_t float_to_bf16(float f);
+
+// "[a, b, c]": a shape for messages.
+std::string shape_string(const std::vector<int64_t>& shape);
 
 // Reads element `offset` (in elements, not bytes) of a buffer of `dtype` as double / writes it.
 double load_element(const void* data, DType dtype, int64_t offset);

@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <sstream>
 
 namespace monarchrt {
 
@@ -123,11 +122,13 @@ TensorView TensorView::contiguous(void* data, DType dtype, int64_t B, int64_t S,
   return v;
 }
 
-std::string TensorView::shape_string() const {
-  std::ostringstream os;
-  os << "[" << shape[0] << ", " << shape[1] << ", " << shape[2] << ", " << shape[3] << "]";
-  return os.str();
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string o = "[";
+  for (size_t i = 0; i < shape.size(); ++i) o += (i ? ", " : "") + std::to_string(shape[i]);
+  return o + "]";
 }
+
+std::string TensorView::shape_string() const { return monarchrt::shape_string({shape[0], shape[1], shape[2], shape[3]}); }
 
 Status validate_view(const TensorView& view, const char* name, bool writable) {
   static const char* kDims[4] = {"batch (dim 0)", "tokens (dim 1)", "heads (dim 2)", "head dim (dim 3)"};

@@ -6,14 +6,6 @@
 
 namespace monarchrt {
 
-namespace {
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string o = "[";
-  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
-  return o + "]";
-}
-}  // namespace
-
 Status WanConfig::validate() const {
   const std::pair<const char*, int64_t> dims[] = {
       {"dim", dim},         {"num_heads", num_heads}, {"num_layers", num_layers}, {"ffn_dim", ffn_dim},
@@ -100,8 +92,8 @@ Status check_wan_checkpoint(const Checkpoint& ck, const WanConfig& config, const
     if (t == nullptr) {
       problems.push_back("tensor '" + prefix + w.name + "' is missing");
     } else if (t->shape != w.shape) {
-      problems.push_back("tensor '" + prefix + w.name + "' has shape " + shape_str(t->shape) + ", the model needs " +
-                         shape_str(w.shape));
+      problems.push_back("tensor '" + prefix + w.name + "' has shape " + shape_string(t->shape) + ", the model needs " +
+                         shape_string(w.shape));
     }
   }
   // Another dict of the file (e.g. generator when loading generator_ema) is not "under" prefix.

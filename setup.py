@@ -19,7 +19,8 @@ CPU_SOURCES = [
     "src/core/backward_plan.cpp", "src/core/threads.cpp", "src/ref/dense.cpp", "src/ref/monarch.cpp",
     "src/ref/backward.cpp", "src/cpu/dense.cpp", "src/cpu/monarch.cpp", "src/cpu/backward.cpp",
 ]
-CUDA_SOURCES = ["src/cuda/monarch/fwd.cu", "src/cuda/monarch/bwd.cu", "src/cuda/monarch/kv_cache.cu"]
+CUDA_SOURCES = ["src/cuda/monarch/fwd.cu", "src/cuda/monarch/bwd.cu", "src/cuda/monarch/kv_cache.cu",
+                "src/cuda/attention/flash.cu"]
 
 
 def want_cuda():

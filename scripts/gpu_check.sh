@@ -4,7 +4,8 @@
 # then the benchmark and the dense anchors (cuDNN, FlashAttention-2 through torch) in the same run.
 # Logs go to $OUT (default /tmp/monarchrt-gpu). GoogleTest is built from .deps/googletest when the
 # machine has none installed (an untracked copy of Debian's /usr/src/googletest, see README).
-# Usage: scripts/gpu_check.sh [all|test|bench]
+# `engine` runs the full-size engine benchmark and float32 parity (bench/engine_bench.py).
+# Usage: scripts/gpu_check.sh [all|test|bench|engine|build]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -24,17 +25,27 @@ if [ "$what" = all ] || [ "$what" = test ]; then
   grep -E "OK|FAILED|PASSED|Failure|Expected|Which" "$OUT/test_cuda.log" | head -40
   grep -E "rel L2" "$OUT/test_cuda.log" | awk "{print \$NF}" | sort -g | tail -1 | sed "s/^/largest rel L2 error: /"
   [ "$rc" -eq 0 ] || status=1
+  ./build-gpu/tests/test_wan_cuda >"$OUT/test_wan_cuda.log" 2>&1; rc=$?
+  grep -E "OK|FAILED|PASSED|Failure|Expected|Which|rel L2" "$OUT/test_wan_cuda.log" | head -40
+  [ "$rc" -eq 0 ] || status=1
   echo "== compute-sanitizer memcheck"
   compute-sanitizer --tool memcheck --error-exitcode 3 ./build-gpu/tests/test_cuda \
-    --gtest_filter='*PaddedStrides*:*Wide*:*Reject*:CudaBackward.SanitizerSet' >"$OUT/memcheck.log" 2>&1; echo "memcheck exit $?"; tail -3 "$OUT/memcheck.log"
+    --gtest_filter='*PaddedStrides*:*Wide*:*Reject*:CudaBackward.SanitizerSet:CudaDense.*' >"$OUT/memcheck.log" 2>&1; echo "memcheck exit $?"; tail -3 "$OUT/memcheck.log"
+  compute-sanitizer --tool memcheck --error-exitcode 3 ./build-gpu/tests/test_wan_cuda \
+    --gtest_filter='WanCuda.RejectsWhatItCannotRun' >"$OUT/memcheck_wan.log" 2>&1; echo "memcheck (engine) exit $?"; tail -3 "$OUT/memcheck_wan.log"
   echo "== compute-sanitizer racecheck"
   compute-sanitizer --tool racecheck --error-exitcode 3 ./build-gpu/tests/test_cuda \
-    --gtest_filter='*PaddedStrides*:CudaBackward.SanitizerSet' >"$OUT/racecheck.log" 2>&1; echo "racecheck exit $?"; tail -3 "$OUT/racecheck.log"
+    --gtest_filter='*PaddedStrides*:CudaBackward.SanitizerSet:CudaDense.RingBufferWindow' >"$OUT/racecheck.log" 2>&1; echo "racecheck exit $?"; tail -3 "$OUT/racecheck.log"
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   echo "== benchmark"
   ./build-gpu/bench/bench_cuda 2>&1 | tee "$OUT/bench.txt"
   echo "== dense anchors"
   python3 bench/anchors.py 2>&1 | tee "$OUT/anchors.txt"
+fi
+if [ "$what" = all ] || [ "$what" = engine ]; then
+  echo "== engine (1.3B, random weights)"
+  python3 bench/engine_bench.py --cli ./build-gpu/monarchrt 2>&1 | tee "$OUT/engine.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status

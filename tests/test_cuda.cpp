@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
+#include <tuple>
 #include <vector>
 
 #include "monarchrt/cuda.h"
@@ -75,8 +77,9 @@ const Case kWideCases[] = {
 // Runs one case on the GPU (fused kernel, or the two-pass kernels with a NaN-poisoned workspace
 // so that reading a workspace row stage 1 never wrote shows up) and returns the relative L2
 // error against the fp64 reference.
+// With `dense`, the same for cuda::dense_attention against ref::dense_attention.
 double run_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad, bool two_pass,
-                int iters = 1) {
+                int iters = 1, bool dense = false) {
   const int64_t Sq = c.grid.tokens();
   const int64_t Skv = c.cache_frames ? c.cache_frames * c.grid.tokens_per_frame() : Sq;
   Tensor q(dtype, c.B, Sq, c.H, D, pad), k(dtype, c.B, Skv, c.H, D, pad), v(dtype, c.B, Skv, c.H, D);
@@ -94,7 +97,8 @@ double run_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad, bo
   p.window_frames = c.window;
   p.num_iters = iters;
   Tensor want(DType::kF64, c.B, Sq, c.H, D);
-  EXPECT_TRUE(ref::monarch_attention(q.view, k.view, v.view, want.view, p).ok());
+  EXPECT_TRUE((dense ? ref::dense_attention(q.view, k.view, v.view, want.view, p)
+                     : ref::monarch_attention(q.view, k.view, v.view, want.view, p)).ok());
   DeviceTensor dq(q), dk(k), dv(v), dout(out);
   void* ws = nullptr;
   size_t ws_bytes = 0;
@@ -104,7 +108,8 @@ double run_case(const Case& c, DType dtype, int64_t D, Rng& rng, int64_t pad, bo
     EXPECT_EQ(cudaMalloc(&ws, ws_bytes), cudaSuccess);
     EXPECT_EQ(cudaMemset(ws, 0xff, ws_bytes), cudaSuccess);
   }
-  const Status s = cuda::monarch_attention(dq.view, dk.view, dv.view, dout.view, p, ws, ws_bytes, nullptr);
+  const Status s = dense ? cuda::dense_attention(dq.view, dk.view, dv.view, dout.view, p, nullptr)
+                         : cuda::monarch_attention(dq.view, dk.view, dv.view, dout.view, p, ws, ws_bytes, nullptr);
   EXPECT_TRUE(s.ok()) << s.to_string();
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   dout.copy_to(out);
@@ -180,6 +185,75 @@ TEST(CudaForward, WideTilesOnTheTwoPassPath) {
       std::printf("wide %-9s grid %-8s layout %s: rel L2 %.2e\n", dtype_name(dtype),
                   c.grid.to_string().c_str(), c.layout.to_string().c_str(), err);
     }
+  }
+}
+
+// Dense attention (the engine's dense mode and cross-attention): every case above, both head
+// dims and dtypes, padded strides; the kernel reads the attended cache frames as token ranges.
+TEST(CudaDense, MatchesReferenceEveryMode) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(111);
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    for (int64_t D : {64, 128}) {
+      for (const Case* set : {std::begin(kCases), std::begin(kWideCases)}) {
+        const Case* end = set == std::begin(kCases) ? std::end(kCases) : std::end(kWideCases);
+        for (const Case* c = set; c != end; ++c) {
+          const double err = run_case(*c, dtype, D, rng, c == set ? 8 : 0, false, 1, true);
+          EXPECT_LT(err, 1e-2) << "grid " << c->grid.to_string() << " D " << D << " " << dtype_name(dtype);
+          std::printf("dense %-9s D=%3lld grid %-8s causal %lld cache %lld sink %lld window %lld: rel L2 %.2e\n",
+                      dtype_name(dtype), (long long)D, c->grid.to_string().c_str(), (long long)c->causal_chunk,
+                      (long long)c->cache_frames, (long long)c->sink, (long long)c->window, err);
+        }
+      }
+    }
+  }
+}
+
+// A ring-buffer cache whose attended frames sit in two runs of slots (sink, then a window that
+// wrapped), against the reference on the same ring.
+TEST(CudaDense, RingBufferWindow) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(112);
+  const VideoGrid g{1, 3, 7};
+  AttentionParams p;
+  p.grid = g;
+  p.kv_cache = true;
+  p.sink_frames = 1;
+  p.window_frames = 3;
+  p.cache_capacity_frames = 5;
+  p.cache_frames = 9;  // frames 0 (slot 0) and 6, 7, 8 (slots 2, 3, 4)
+  const int64_t D = 64, H = 2, per = g.tokens_per_frame();
+  Tensor q(DType::kBF16, 2, per, H, D), k(DType::kBF16, 2, 5 * per, H, D), v(DType::kBF16, 2, 5 * per, H, D);
+  q.fill_normal(rng, 1.5);
+  k.fill_normal(rng, 1.5);
+  v.fill_normal(rng);
+  Tensor out(DType::kBF16, 2, per, H, D), want(DType::kF64, 2, per, H, D);
+  test::poison(out);
+  ASSERT_TRUE(ref::dense_attention(q.view, k.view, v.view, want.view, p).ok());
+  DeviceTensor dq(q), dk(k), dv(v), dout(out);
+  const Status s = cuda::dense_attention(dq.view, dk.view, dv.view, dout.view, p, nullptr);
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  dout.copy_to(out);
+  const std::vector<double> got = out.values();
+  EXPECT_TRUE(test::all_finite(got));
+  EXPECT_LT(test::relative_l2(got, want.values()), 1e-2);
+}
+
+TEST(CudaDense, RejectsWhatItCannotRun) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(113);
+  const VideoGrid g{2, 2, 3};
+  AttentionParams p;
+  p.grid = g;
+  for (auto [dtype, D, what] : {std::tuple<DType, int64_t, const char*>{DType::kF32, 64, "bfloat16 or float16"},
+                                {DType::kBF16, 32, "head dims 64 and 128"}}) {
+    Tensor q(dtype, 1, g.tokens(), 1, D);
+    q.fill_normal(rng);
+    DeviceTensor dq(q), dk(q), dv(q), dout(q);
+    const Status s = cuda::dense_attention(dq.view, dk.view, dv.view, dout.view, p, nullptr);
+    EXPECT_EQ(s.code(), StatusCode::kUnsupported) << s.to_string();
+    EXPECT_NE(s.message().find(what), std::string::npos) << s.to_string();
   }
 }
 

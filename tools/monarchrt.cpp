@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -18,6 +19,10 @@
 #include "monarchrt/npy.h"
 #include "monarchrt/wan.h"
 #include "monarchrt/workload.h"
+#ifdef MONARCHRT_WITH_CUDA
+#include "monarchrt/cuda.h"
+#include "monarchrt/wan_cuda.h"
+#endif
 
 using namespace monarchrt;
 
@@ -550,6 +555,9 @@ const std::vector<OptionSpec> kGenerateOptions = {
     {"noise", "FILE", nullptr, "initial noise .npy [batch, frames, channels, H, W] instead of seeded noise"},
     {"renoise", "FILE", nullptr, "re-noising draws .npy [chunks, 3, batch, chunk, channels, H, W]"},
     {"out", "FILE", "latents.npy", "where the clean latents [batch, frames, channels, H, W] go (float32)"},
+    {"repeat", "N", "1", "generate the video N times (timings of each; the first includes CUDA-graph capture)"},
+    {"device", "KIND", "auto", "cpu (fp32), cuda (bf16, one GPU) or auto (cuda where a GPU is usable)"},
+    {"no-cuda-graph", nullptr, nullptr, "cuda: launch the kernels one by one instead of a graph per chunk"},
     {"threads", "N", nullptr, "worker threads (default: all cores, or MONARCHRT_NUM_THREADS)"},
 };
 
@@ -569,9 +577,10 @@ int cmd_generate(int argc, char** argv) {
   Args a(kGenerateOptions, argc, argv, 2);
   if (a.help()) {
     print_help("monarchrt generate [--dit FILE [--ema]] [--text FEATURES.npy] [options]",
-               "Runs the Self-Forcing pipeline of the causal Wan DiT on the CPU (fp32): chunks of latent\n"
-               "frames, 4 denoising steps and a cache-refresh pass each, and writes the clean latents.\n"
-               "Without --dit a small random-weight model runs, so the whole path can be tried anywhere.",
+               "Runs the Self-Forcing pipeline of the causal Wan DiT on the GPU (bf16) or the CPU (fp32):\n"
+               "chunks of latent frames, 4 denoising steps and a cache-refresh pass each, and writes the\n"
+               "clean latents. Without --dit a small random-weight model runs, so the whole path can be\n"
+               "tried anywhere.",
                kGenerateOptions);
     return 0;
   }
@@ -580,12 +589,12 @@ int cmd_generate(int argc, char** argv) {
   WanWeights weights;
   if (builtin) {
     WanConfig c;
-    c.dim = 64;
-    c.num_heads = 4;
+    c.dim = 128;  // head dim 64: runs on the GPU too
+    c.num_heads = 2;
     c.num_layers = 2;
-    c.ffn_dim = 128;
+    c.ffn_dim = 256;
     c.freq_dim = 32;
-    c.text_dim = 48;
+    c.text_dim = 64;
     c.text_len = 8;
     weights = wan_random_weights(c, uint64_t(a.get_int("seed")) + 1000);
   } else {
@@ -606,7 +615,7 @@ int cmd_generate(int argc, char** argv) {
     }
     weights.config.text_len = text_file.shape[text_file.shape.size() - 2];
   }
-  const WanConfig& c = weights.config;
+  const WanConfig c = weights.config;  // a copy: the GPU path frees the host weights
   WanRunConfig run;
   run.batch = a.get_int("batch");
   const int64_t frames = a.has("frames") ? a.get_int("frames") : (builtin ? 6 : 21);
@@ -622,8 +631,38 @@ int cmd_generate(int argc, char** argv) {
   run.sink_frames = a.get_int("sink-frames");
   run.window_frames = a.get_int("window-frames");
   if (run.batch < 1) throw UsageError{"--batch must be >= 1"};
-  WanDiT dit;
-  check(dit.init(weights, run));
+  std::string device = a.get("device");
+  if (device != "auto" && device != "cpu" && device != "cuda") {
+    throw UsageError{"--device must be cpu, cuda or auto, got '" + device + "'"};
+  }
+#ifdef MONARCHRT_WITH_CUDA
+  if (device == "auto") device = cuda::device_count() > 0 ? "cuda" : "cpu";
+#else
+  if (device == "cuda") throw Failure{Status::unsupported("--device cuda: this build has no CUDA (see README)")};
+  device = "cpu";
+#endif
+  std::unique_ptr<WanModel> model;
+  WanDiT* cpu_dit = nullptr;
+#ifdef MONARCHRT_WITH_CUDA
+  WanDiTCuda* gpu_dit = nullptr;
+  if (device == "cuda") {
+    WanCudaOptions opt;
+    opt.max_chunk_frames = std::max<int64_t>(1, std::min(chunk, frames));
+    opt.cuda_graphs = !a.has("no-cuda-graph");
+    auto g = std::make_unique<WanDiTCuda>();
+    check(g->init(weights, run, opt));
+    std::fprintf(stderr, "GPU memory: %s\n", g->memory_report().c_str());
+    gpu_dit = g.get();
+    model = std::move(g);
+    weights = WanWeights();  // the GPU holds its own bf16 copy
+  }
+#endif
+  if (!model) {
+    auto d = std::make_unique<WanDiT>();
+    check(d->init(weights, run));
+    cpu_dit = d.get();
+    model = std::move(d);
+  }
   const int64_t B = run.batch, frame = c.in_dim * run.latent_h * run.latent_w;
   Rng rng(uint64_t(a.get_int("seed")));
   std::vector<float> text;
@@ -639,7 +678,10 @@ int cmd_generate(int argc, char** argv) {
     text.resize(size_t(B * c.text_len * c.text_dim));
     for (float& x : text) x = float(rng.normal());
   }
-  check(dit.set_text(text.data()));
+#ifdef MONARCHRT_WITH_CUDA
+  if (gpu_dit) check(gpu_dit->set_text(text.data()));
+#endif
+  if (cpu_dit) check(cpu_dit->set_text(text.data()));
   std::vector<float> noise;
   if (a.has("noise")) {
     noise = load_floats(a.get("noise"), "--noise", {B, frames, c.in_dim, run.latent_h, run.latent_w});
@@ -668,13 +710,21 @@ int cmd_generate(int argc, char** argv) {
     std::fprintf(stderr, "chunk %lld/%lld  frames [%lld, %lld)  %d passes  %.3f s\n", (long long)k + 1,
                  (long long)chunks, (long long)(k * chunk), (long long)((k + 1) * chunk), k + 1 < chunks ? 5 : 4, secs);
   };
-  std::fprintf(stderr, "%s model, %lld layers, dim %lld, %lld frames of %lldx%lld latents, batch %lld, %s attention\n",
+  std::fprintf(stderr, "%s model, %lld layers, dim %lld, %lld frames of %lldx%lld latents, batch %lld, %s attention, %s\n",
                builtin ? "built-in random" : "checkpoint", (long long)c.num_layers, (long long)c.dim, (long long)frames,
-               (long long)run.latent_h, (long long)run.latent_w, (long long)B, kind.c_str());
+               (long long)run.latent_h, (long long)run.latent_w, (long long)B, kind.c_str(),
+               device == "cuda" ? "cuda (bf16)" : "cpu (fp32)");
   std::vector<float> latents(size_t(B * frames * frame));
-  check(self_forcing_generate(dit, noise.data(), frames, chunk, cb, latents.data()));
+  const int64_t repeat = a.get_int("repeat");
+  if (repeat < 1) throw UsageError{"--repeat must be >= 1"};
+  for (int64_t r = 0; r < repeat; ++r) {
+    if (repeat > 1) std::fprintf(stderr, "video %lld/%lld\n", (long long)r + 1, (long long)repeat);
+    total = 0;
+    check(self_forcing_generate(*model, noise.data(), frames, chunk, cb, latents.data()));
+    std::fprintf(stderr, "%lld chunks (%lld frames) in %.3f s\n", (long long)chunks, (long long)frames, total);
+  }
   check(write_npy(a.get("out"), DType::kF32, {B, frames, c.in_dim, run.latent_h, run.latent_w}, latents.data()));
-  std::fprintf(stderr, "wrote %s; %lld chunks in %.3f s\n", a.get("out").c_str(), (long long)chunks, total);
+  std::fprintf(stderr, "wrote %s\n", a.get("out").c_str());
   return 0;
 }
 

@@ -58,6 +58,13 @@ Status monarch_attention_kv(const TensorView& q, const TensorView& new_k, const 
                             const TensorView& out, const AttentionParams& params, void* workspace,
                             size_t workspace_bytes, void* stream);
 
+// Dense softmax attention forward on `stream` (FlashAttention-2 style, no workspace), with the
+// contract of cpu::dense_attention: full sequence (bidirectional or block-causal) or a KV-cache
+// call over the attended window (sink and recent frames, ring buffer) read in place. bf16 or
+// fp16 (one dtype for all four tensors), head dim 64 or 128, 16-byte aligned rows.
+Status dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                       const AttentionParams& params, void* stream);
+
 // Backward of one-iteration Monarch attention (all modes; design in docs/cuda-backward.md):
 // overwrites dq (q's shape), dk and dv (k's shape, the whole cache in KV-cache mode, where keys
 // that no query attends get exactly zero), with the same checks and messages as

@@ -85,25 +85,48 @@ struct WanRunConfig {
   int64_t sink_frames = 0, window_frames = 0;  // attended cache window (0 = all frames)
 };
 
+// Spec 1.3.4: the head_dim / 2 RoPE pairs of a head are `frame` pairs on the frame axis, then
+// `hw` pairs on the row axis and `hw` on the column axis; the angle of pair j of a token at
+// (frame, row, col). Spec 1.3.2: the timestep sinusoid (cos half first), freq_dim floats.
+struct WanRopePairs {
+  int64_t frame, hw;
+};
+WanRopePairs wan_rope_pairs(int64_t head_dim);
+double wan_rope_angle(int64_t head_dim, int64_t pair, int64_t frame, int64_t row, int64_t col);
+void wan_time_sinusoid(double t, int64_t freq_dim, float* out);
+
+// The checks every DiT implementation makes in init(): a valid config with patch_t == 1, every
+// weight present with its size, batch and cache >= 1, a latent size divisible by the patch.
+Status check_wan_model(const WanWeights& weights, const WanRunConfig& run);
+
+// What the Self-Forcing loop needs of a DiT: one call on a chunk (spec 1.3). x is
+// [batch, frames, in_dim, latent_h, latent_w] at timestep t (all frames), first frame
+// start_frame; the call writes the chunk's K/V into the cache at its frames, attends the cache
+// window and returns the flow prediction in flow (same layout). Host pointers, fp32.
+class WanModel {
+ public:
+  virtual ~WanModel() = default;
+  virtual Status forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow) = 0;
+  virtual const WanRunConfig& run() const = 0;
+  virtual const WanConfig& config() const = 0;
+};
+
 // The causal Wan DiT on the CPU in fp32 (a reference-quality path: plain loops, threads over
 // rows). Holds the per-layer KV cache (post-RMSNorm, post-RoPE keys; values) and the
-// cross-attention cache of the current text.
-class WanDiT {
+// cross-attention cache of the current text. The GPU version is WanDiTCuda (wan_cuda.h).
+class WanDiT : public WanModel {
  public:
   Status init(const WanWeights& weights, const WanRunConfig& run);
   // Text features [batch, text_len, text_dim]: runs the text MLP and fills every layer's
   // cross-attention K/V (once per video).
   Status set_text(const float* context);
-  // One call on a chunk (spec 1.3): x [batch, frames, in_dim, latent_h, latent_w] at timestep t
-  // (all frames), first frame start_frame; writes the chunk's K/V into the cache at its frames,
-  // attends the cache window, returns the flow prediction, same layout as x.
-  Status forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow);
+  Status forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow) override;
   // The full-sequence pass (training without a cache, spec 1.5): all `frames` at once, self-
   // attention block-causal by chunks of causal_chunk_frames (0: bidirectional); the cache is
   // neither read nor written. Chunk by chunk through the cache gives the same result.
   Status forward_full(const float* x, int64_t frames, double t, int64_t causal_chunk_frames, float* flow);
-  const WanRunConfig& run() const { return run_; }
-  const WanConfig& config() const { return w_->config; }
+  const WanRunConfig& run() const override { return run_; }
+  const WanConfig& config() const override { return w_->config; }
 
  private:
   Status pass(const float* x, int64_t frames, int64_t start_frame, double t, int64_t causal, float* flow);
@@ -132,7 +155,7 @@ struct SelfForcingCallbacks {
   std::function<void(int64_t chunk, int step, float* dst, size_t n)> renoise;
   std::function<void(int64_t chunk, const float* x0, double seconds)> on_chunk;
 };
-Status self_forcing_generate(WanDiT& dit, const float* noise, int64_t frames, int64_t chunk,
+Status self_forcing_generate(WanModel& dit, const float* noise, int64_t frames, int64_t chunk,
                              const SelfForcingCallbacks& callbacks, float* latents);
 
 }  // namespace monarchrt

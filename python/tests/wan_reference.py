@@ -2,7 +2,11 @@
 from ../shared/docs/self-forcing-spec.md (sections 1.3, 2.2-2.4) for parity tests of the C++
 engine. It uses torch's own building blocks where the engine has hand-written loops (conv3d for
 the patch embedding, complex multiplication for RoPE, scaled_dot_product_attention, layer_norm),
-runs in float64, and supports the full-sequence block-causal forward as well as the KV cache."""
+runs in float64 by default (any dtype and device for the GPU parity check and the eager
+benchmark, bench/engine_bench.py), and supports the full-sequence block-causal forward as well as
+the KV cache. Monarch attention is computed here from the specification with einsums (section 2
+of ../shared/docs/monarch-attention.md, tiles gathered by the layout's token permutation), not
+through the monarchrt op, except for block-causal calls."""
 import math
 
 import torch
@@ -26,21 +30,62 @@ def rope_freqs(hd):
 
 
 def apply_rope(x, frames, th, tw, f0):
-    """x [B, S, H, hd]; token n at (f0 + n // (th tw), (n // tw) % th, n % tw)."""
+    """x [B, S, H, hd]; token n at (f0 + n // (th tw), (n // tw) % th, n % tw). Angles in float64;
+    the rotation in complex128 for float64 inputs, complex64 otherwise."""
     B, S, H, hd = x.shape
     axes, inv = rope_freqs(hd)
     n = torch.arange(S)
     pos = torch.stack([f0 + n // (th * tw), (n // tw) % th, n % tw], dim=1).double()  # [S, 3]
     angle = pos[:, axes] * inv  # [S, hd/2]
-    rot = torch.polar(torch.ones_like(angle), angle).to(torch.complex128)
-    xc = torch.view_as_complex(x.double().reshape(B, S, H, hd // 2, 2).contiguous())
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ctype = torch.complex128 if work == torch.float64 else torch.complex64
+    rot = torch.polar(torch.ones_like(angle), angle).to(ctype).to(x.device)
+    xc = torch.view_as_complex(x.to(work).reshape(B, S, H, hd // 2, 2).contiguous())
     return torch.view_as_real(xc * rot[None, :, None, :]).reshape(B, S, H, hd).to(x.dtype)
 
 
+def tile_permutation(frames, h, w, tiling, device):
+    """[tiles, b1, b2] natural token index of each (tile, row, column) (spec section 1)."""
+    ft, hr, wr = tiling
+    rows, cols = h // hr, w // wr
+    t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(h), torch.arange(w), indexing="ij")
+    a = ((t // ft) * hr + y // rows) * wr + x // cols
+    r = (t % ft) * rows + y % rows
+    c = x % cols
+    perm = torch.empty(frames * h * w, dtype=torch.long)
+    perm[((a * ft * rows + r) * cols + c).flatten()] = ((t * h + y) * w + x).flatten()
+    return perm.view(-1, ft * rows, cols).to(device)
+
+
+def monarch_attention(q, k, v, qgrid, tiling, scale):
+    """One-iteration Monarch attention (spec section 2) of q [B, Sq, H, D] over every key of
+    k, v [B, Sk, H, D] (no mask): Sq and Sk whole frames of the grid (h, w) = qgrid[1:]."""
+    T, h, w = qgrid
+    B, Sq, H, D = q.shape
+    pq = tile_permutation(T, h, w, tiling, q.device)
+    pk = tile_permutation(k.shape[1] // (h * w), h, w, tiling, q.device)
+    Q = q[:, pq].permute(0, 4, 1, 2, 3, 5)  # [B, H, A, b1, b2, D]
+    K = k[:, pk].permute(0, 4, 1, 2, 3, 5)  # [B, H, F, b1, b2, D]
+    V = v[:, pk].permute(0, 4, 1, 2, 3, 5)
+    z = scale * torch.einsum("bhmkjd,bhnkid->bhmnkji", Q, K)  # stage 1: query (m,k,j) vs key row (n,k)
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    R = torch.exp(z - lse)
+    aL = torch.einsum("bhmnkji,bhnkid->bhmnkjd", R, K)
+    Y = torch.einsum("bhmnkji,bhnkid->bhmnkjd", R, V)
+    cL = (R * (z - lse)).sum(-1)  # [B, H, A, F, b1 (k), b2 (j)]
+    u = scale * torch.einsum("bhmljd,bhmnkjd->bhmljnk", Q, aL) - cL.permute(0, 1, 2, 5, 3, 4)[:, :, :, None]
+    L = torch.softmax(u.flatten(-2), -1).view_as(u)  # stage 2 over all (key tile, row)
+    o = torch.einsum("bhmljnk,bhmnkjd->bhmljd", L, Y)  # [B, H, A, b1, b2, D]
+    out = torch.empty_like(q)
+    out[:, pq.flatten()] = o.permute(0, 2, 3, 4, 1, 5).reshape(B, Sq, H, D)
+    return out
+
+
 class WanReference:
-    def __init__(self, sd, heads, eps=1e-6, attention="dense", tiling=(1, 1, 1)):
-        self.w = {k: v.double() for k, v in sd.items()}
+    def __init__(self, sd, heads, eps=1e-6, attention="dense", tiling=(1, 1, 1), dtype=torch.float64, device="cpu"):
+        self.w = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
         self.heads, self.eps, self.attention, self.tiling = heads, eps, attention, tiling
+        self.dtype, self.device = dtype, torch.device(device)
         self.dim = self.w["patch_embedding.weight"].shape[0]
         self.layers = sum(1 for k in self.w if k.endswith(".modulation") and k.startswith("blocks."))
 
@@ -48,7 +93,8 @@ class WanReference:
         return F.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
 
     def set_text(self, ctx):
-        c = self.lin(F.gelu(self.lin(ctx.double(), "text_embedding.0"), approximate="tanh"), "text_embedding.2")
+        ctx = ctx.to(device=self.device, dtype=self.dtype)
+        c = self.lin(F.gelu(self.lin(ctx, "text_embedding.0"), approximate="tanh"), "text_embedding.2")
         self.text = []
         for i in range(self.layers):
             p = f"blocks.{i}.cross_attn."
@@ -57,7 +103,7 @@ class WanReference:
     def time(self, t):
         half = self.w["time_embedding.0.weight"].shape[1] // 2
         w = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
-        s = torch.cat([torch.cos(t * w), torch.sin(t * w)])
+        s = torch.cat([torch.cos(t * w), torch.sin(t * w)]).to(device=self.device, dtype=self.dtype)
         e = self.lin(F.silu(self.lin(s, "time_embedding.0")), "time_embedding.2")
         e0 = self.lin(F.silu(e), "time_projection.1").view(6, self.dim)
         return e, e0
@@ -65,12 +111,14 @@ class WanReference:
     def attend(self, q, k, v, grid, **mode):
         """q [B, Sq, H, hd], k/v [B, Sk, H, hd]."""
         if self.attention == "monarch":
+            if not mode.get("causal_chunk_frames"):
+                return monarch_attention(q, k, v, grid, self.tiling, q.shape[-1] ** -0.5)
             import monarchrt
             return monarchrt.monarch_attention(q, k, v, grid, self.tiling, **mode)
         mask = None
         if mode.get("causal_chunk_frames"):
             per = grid[1] * grid[2]
-            chunk = torch.arange(q.shape[1]) // (per * mode["causal_chunk_frames"])
+            chunk = torch.arange(q.shape[1], device=q.device) // (per * mode["causal_chunk_frames"])
             mask = chunk[:, None] >= chunk[None, :]
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return o.transpose(1, 2)
@@ -85,7 +133,8 @@ class WanReference:
         th, tw = Hl // ph, Wl // pww
         S, D, H = Fr * th * tw, self.dim, self.heads
         hd = D // H
-        h = F.conv3d(x.double().permute(0, 2, 1, 3, 4), pw_, self.w["patch_embedding.bias"], stride=(1, ph, pww))
+        x = x.to(device=self.device, dtype=self.dtype)
+        h = F.conv3d(x.permute(0, 2, 1, 3, 4), pw_, self.w["patch_embedding.bias"], stride=(1, ph, pww))
         xs = h.flatten(2).transpose(1, 2)  # [B, S, D], tokens (frame, row, col)
         e, e0 = self.time(torch.tensor(float(t), dtype=torch.float64))
         for i in range(self.layers):
@@ -131,26 +180,30 @@ def self_forcing_steps():
     return [(float(timesteps[i]), float(sigma[i])) for i in (0, 250, 500, 750)]
 
 
-def self_forcing_generate(model, noise, renoise, chunk):
+def self_forcing_generate(model, noise, renoise, chunk, on_chunk=None):
     """noise [B, T, C, H, W]; renoise [chunks, 3, B, chunk, C, H, W]; returns clean latents."""
     B, T, C, Hl, Wl = noise.shape
     pw_ = model.w["patch_embedding.weight"]
     th, tw = Hl // pw_.shape[3], Wl // pw_.shape[4]
     D = model.dim
-    cache = [{"k": torch.zeros(B, T * th * tw, model.heads, D // model.heads, dtype=torch.float64),
-              "v": torch.zeros(B, T * th * tw, model.heads, D // model.heads, dtype=torch.float64)}
+    like = dict(dtype=model.dtype, device=model.device)
+    cache = [{"k": torch.zeros(B, T * th * tw, model.heads, D // model.heads, **like),
+              "v": torch.zeros(B, T * th * tw, model.heads, D // model.heads, **like)}
              for _ in range(model.layers)]
     steps = self_forcing_steps()
-    out = torch.zeros(B, T, C, Hl, Wl, dtype=torch.float64)
+    out = torch.zeros(B, T, C, Hl, Wl, **like)
     for k in range(T // chunk):
         s = k * chunk
-        xt = noise[:, s:s + chunk].double()
+        xt = noise[:, s:s + chunk].to(**like)
         for j, (t, sigma) in enumerate(steps):
             v = model.forward(xt, t, s, cache)
             x0 = xt - sigma * v
             if j < 3:
                 sn = steps[j + 1][1]
-                xt = (1 - sn) * x0 + sn * renoise[k, j].double()
+                xt = (1 - sn) * x0 + sn * renoise[k, j].to(**like)
         out[:, s:s + chunk] = x0
-        model.forward(x0, 0.0, s, cache)
+        if s + chunk < T:  # the last chunk's refresh is never read
+            model.forward(x0, 0.0, s, cache)
+        if on_chunk:
+            on_chunk(k)
     return out

@@ -5,7 +5,7 @@
 
 namespace monarchrt {
 
-Status self_forcing_generate(WanDiT& dit, const float* noise, int64_t frames, int64_t chunk,
+Status self_forcing_generate(WanModel& dit, const float* noise, int64_t frames, int64_t chunk,
                              const SelfForcingCallbacks& cb, float* latents) {
   const WanRunConfig& run = dit.run();
   const WanConfig& c = dit.config();

@@ -66,18 +66,13 @@ float gelu_tanh(float x) {
   return 0.5f * x * (1.f + std::tanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
-// 3D RoPE on [N tokens][H heads][hd] in place (spec 1.3.4): pairs split temporal / height / width
-// as hd - 4 (hd / 6), 2 (hd / 6), 2 (hd / 6) channels; token n is at frame f0 + n / (th tw).
+// 3D RoPE on [N tokens][H heads][hd] in place (spec 1.3.4); token n is at frame f0 + n / (th tw).
 void rope(Vec& x, int64_t B, int64_t S, int64_t H, int64_t hd, int64_t th, int64_t tw, int64_t f0) {
-  const int64_t c_hw = 2 * (hd / 6), c_t = hd - 2 * c_hw;
-  const int64_t pt = c_t / 2, phw = c_hw / 2, pairs = hd / 2;
+  const int64_t pairs = hd / 2;
   parallel_for(B * S, [&](int64_t bn) {
     const int64_t n = bn % S, f = f0 + n / (th * tw), r = (n % (th * tw)) / tw, c = n % tw;
     for (int64_t j = 0; j < pairs; ++j) {
-      double angle;
-      if (j < pt) angle = double(f) * std::pow(10000.0, -2.0 * double(j) / double(c_t));
-      else if (j < pt + phw) angle = double(r) * std::pow(10000.0, -2.0 * double(j - pt) / double(c_hw));
-      else angle = double(c) * std::pow(10000.0, -2.0 * double(j - pt - phw) / double(c_hw));
+      const double angle = wan_rope_angle(hd, j, f, r, c);
       const float cs = float(std::cos(angle)), sn = float(std::sin(angle));
       for (int64_t h = 0; h < H; ++h) {
         float* p = &x[size_t((bn * H + h) * hd + 2 * j)];
@@ -122,6 +117,28 @@ Vec cross_attention(const Vec& q, const Vec& k, const Vec& v, int64_t B, int64_t
 }
 
 }  // namespace
+
+WanRopePairs wan_rope_pairs(int64_t head_dim) {
+  const int64_t c_hw = 2 * (head_dim / 6);
+  return {(head_dim - 2 * c_hw) / 2, c_hw / 2};
+}
+
+double wan_rope_angle(int64_t head_dim, int64_t pair, int64_t frame, int64_t row, int64_t col) {
+  const WanRopePairs p = wan_rope_pairs(head_dim);
+  if (pair < p.frame) return double(frame) * std::pow(10000.0, -double(pair) / double(p.frame));
+  pair -= p.frame;
+  const int64_t pos = pair < p.hw ? row : col;
+  return double(pos) * std::pow(10000.0, -double(pair % p.hw) / double(p.hw));
+}
+
+void wan_time_sinusoid(double t, int64_t freq_dim, float* out) {
+  const int64_t half = freq_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const double a = t * std::pow(10000.0, -double(i) / double(half));
+    out[i] = float(std::cos(a));
+    out[half + i] = float(std::sin(a));
+  }
+}
 
 std::vector<SelfForcingStep> self_forcing_steps() {
   std::vector<SelfForcingStep> steps;
@@ -185,7 +202,7 @@ WanWeights wan_random_weights(const WanConfig& c, uint64_t seed) {
   return w;
 }
 
-Status WanDiT::init(const WanWeights& weights, const WanRunConfig& run) {
+Status check_wan_model(const WanWeights& weights, const WanRunConfig& run) {
   const WanConfig& c = weights.config;
   MONARCHRT_RETURN_IF_ERROR(c.validate());
   if (c.patch_t != 1) return Status::unsupported("config.patch_t = " + std::to_string(c.patch_t) + ": the causal model needs 1");
@@ -201,6 +218,12 @@ Status WanDiT::init(const WanWeights& weights, const WanRunConfig& run) {
                            " must be positive multiples of the patch (" + std::to_string(c.patch_h) + "x" +
                            std::to_string(c.patch_w) + ")");
   }
+  return Status();
+}
+
+Status WanDiT::init(const WanWeights& weights, const WanRunConfig& run) {
+  MONARCHRT_RETURN_IF_ERROR(check_wan_model(weights, run));
+  const WanConfig& c = weights.config;
   w_ = &weights;
   run_ = run;
   th_ = run.latent_h / c.patch_h;
@@ -267,12 +290,7 @@ Status WanDiT::pass(const float* x_in, int64_t F, int64_t start_frame, double t,
   Vec x = linear(tok, N, P, w_->at("patch_embedding.weight"), &w_->at("patch_embedding.bias"), D);
   // 2. time embedding (sinusoid in float64, cos half first), e and e0 = 6 modulation rows.
   Vec sinus(size_t(c.freq_dim));
-  const int64_t half = c.freq_dim / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    const double a = t * std::pow(10000.0, -double(i) / double(half));
-    sinus[size_t(i)] = float(std::cos(a));
-    sinus[size_t(half + i)] = float(std::sin(a));
-  }
+  wan_time_sinusoid(t, c.freq_dim, sinus.data());
   Vec e = linear(sinus, 1, c.freq_dim, w_->at("time_embedding.0.weight"), &w_->at("time_embedding.0.bias"), D);
   for (float& v : e) v = silu(v);
   e = linear(e, 1, D, w_->at("time_embedding.2.weight"), &w_->at("time_embedding.2.bias"), D);

@@ -7,6 +7,7 @@
 
 #include "../../core/plan.h"
 #include "../common/host.h"
+#include "../attention/flash.h"
 #include "fwd_kernel.cuh"
 #include "two_pass.cuh"
 #include "monarchrt/cuda.h"
@@ -283,7 +284,8 @@ Status prepare() {
     MONARCHRT_RETURN_IF_ERROR((prepare_fused<__half, 64, 4>()));
   }
   MONARCHRT_RETURN_IF_ERROR(prepare_backward());
-  return prepare_kv_write();
+  MONARCHRT_RETURN_IF_ERROR(prepare_kv_write());
+  return prepare_flash();
 }
 
 int device_count() {

@@ -26,7 +26,9 @@ __device__ __forceinline__ void load_a_rows(uint32_t (&a)[D / 16][4], const T* r
 // One step of the online softmax over NT * 8 more keys for the warp's 16 rows: u holds the
 // scores in log2 units (masked entries -inf; every row has at least one finite score over all
 // steps); rescales the accumulator o (16 x D) and adds P V, where V's NT * 8 rows (keys) of D
-// features start at v with row pitch ld (elements) in shared memory.
+// features start at v with row pitch ld (elements) in shared memory. row_max is the row's;
+// row_sum is this lane's partial sum over its own columns: add the 4 lanes of a row (shfl_xor 1
+// and 2) before store_rows.
 template <typename T, int D, int NT>
 __device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row_max)[2], float (&row_sum)[2],
                                                   float (&o)[D / 8][4], const T* v, int ld, int lane) {

@@ -1,0 +1,262 @@
+// Dense softmax attention on the GPU (see flash.h): a CTA of 8 warps owns 128 query rows of one
+// (batch, head); every warp keeps its 16 query rows in registers as A fragments, and the CTA walks
+// the keys 64 at a time (K and V tiles double-buffered through cp.async, padded rows for
+// conflict-free ldmatrix), scores with mma.sync, and accumulates P V with the online softmax of
+// the Monarch kernels (warp_tiles.cuh). Keys come from up to four token ranges, so a KV-cache
+// window with sink frames and a ring buffer is read in place.
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cmath>
+#include <string>
+
+#include "../../core/plan.h"
+#include "../common/host.h"
+#include "../monarch/warp_tiles.cuh"
+#include "flash.h"
+#include "monarchrt/cuda.h"
+
+namespace monarchrt {
+namespace cuda_detail {
+namespace {
+
+template <typename T, int D>
+struct FlashConfig {
+  static constexpr int kThreads = 256, kBr = 128, kBc = 64, kLd = D + 8;
+  static constexpr size_t kStage = size_t(2) * kBc * kLd * sizeof(T);  // one K and one V tile
+  static constexpr size_t kSmem = 2 * kStage;
+};
+
+struct FlashKernelParams {
+  FlashArgs a;
+  int seg_cum[kFlashMaxSegments + 1];  // keys before each segment; seg_cum[segments] = total
+  float scale_log2;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(256, 1) flash_fwd_kernel(const FlashKernelParams p) {
+  using C = FlashConfig<T, D>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const FlashArgs& a = p.a;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int b = int(blockIdx.z) / a.H, h = int(blockIdx.z) % a.H;
+  const int q0 = int(blockIdx.x) * C::kBr;
+  const T* qb = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[2];
+  const T* kb = static_cast<const T*>(a.k) + b * a.k_stride[0] + h * a.k_stride[2];
+  const T* vb = static_cast<const T*>(a.v) + b * a.v_stride[0] + h * a.v_stride[2];
+  T* ob = static_cast<T*>(a.out) + b * a.o_stride[0] + h * a.o_stride[2];
+  const int total = p.seg_cum[a.segments];
+  int limit = total;  // keys any row of this CTA may see
+  const int r[2] = {q0 + warp * 16 + lane / 4, q0 + warp * 16 + lane / 4 + 8};
+  int row_limit[2] = {total, total};
+  if (a.causal_tokens > 0) {
+    const int last = min(q0 + C::kBr, a.Sq) - 1;
+    limit = min(total, (last / a.causal_tokens + 1) * a.causal_tokens);
+    for (int hr = 0; hr < 2; ++hr) row_limit[hr] = min(total, (r[hr] / a.causal_tokens + 1) * a.causal_tokens);
+  }
+  uint32_t qa[D / 16][4];
+  load_a_rows<T, D>(qa, r[0] < a.Sq ? qb + r[0] * a.q_stride[1] : nullptr,
+                    r[1] < a.Sq ? qb + r[1] * a.q_stride[1] : nullptr, lane);
+
+  auto load_tile = [&](int tile, int stage) {
+    T* Ks = smem + size_t(stage) * 2 * C::kBc * C::kLd;
+    T* Vs = Ks + C::kBc * C::kLd;
+    for (int i = int(threadIdx.x); i < C::kBc * D / 8; i += C::kThreads) {
+      const int row = i / (D / 8), ch = i % (D / 8);
+      const int key = tile * C::kBc + row;
+      const bool valid = key < limit;
+      int tok = 0;
+      if (valid) {
+        int s = 0;
+        while (s + 1 < a.segments && key >= p.seg_cum[s + 1]) ++s;
+        tok = a.seg_start[s] + key - p.seg_cum[s];
+      }
+      cp_async_16(Ks + row * C::kLd + ch * 8, kb + tok * a.k_stride[1] + ch * 8, valid);
+      cp_async_16(Vs + row * C::kLd + ch * 8, vb + tok * a.v_stride[1] + ch * 8, valid);
+    }
+  };
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  const int tiles = (limit + C::kBc - 1) / C::kBc;
+  load_tile(0, 0);
+  cp_async_commit();
+  for (int t = 0; t < tiles; ++t) {
+    if (t + 1 < tiles) load_tile(t + 1, (t + 1) & 1);
+    cp_async_commit();
+    cp_async_wait_group<1>();
+    __syncthreads();
+    const T* Ks = smem + size_t(t & 1) * 2 * C::kBc * C::kLd;
+    const T* Vs = Ks + C::kBc * C::kLd;
+    float u[C::kBc / 8][4];
+#pragma unroll
+    for (int i = 0; i < C::kBc / 8; ++i) u[i][0] = u[i][1] = u[i][2] = u[i][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+      for (int tp = 0; tp < C::kBc / 16; ++tp) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, Ks + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
+        Mma<T>::run(u[2 * tp], qa[ks], bk[0], bk[1]);
+        Mma<T>::run(u[2 * tp + 1], qa[ks], bk[2], bk[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < C::kBc / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = t * C::kBc + nt * 8 + (lane % 4) * 2 + (e % 2);
+        u[nt][e] = key < row_limit[e / 2] ? u[nt][e] * p.scale_log2 : -INFINITY;
+      }
+    }
+    online_softmax_pv<T, D, C::kBc / 8>(u, row_max, row_sum, o, Vs, C::kLd, lane);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {  // each lane summed its own columns: add up the row's 4 lanes
+    row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 1);
+    row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 2);
+  }
+  store_rows<T, D>(o, row_sum, r[0] < a.Sq ? ob + r[0] * a.o_stride[1] : nullptr,
+                   r[1] < a.Sq ? ob + r[1] * a.o_stride[1] : nullptr, lane);
+}
+
+template <typename T, int D>
+Status prepare_typed() {
+  static std::atomic<uint64_t> done{0};
+  return ensure_smem(flash_fwd_kernel<T, D>, FlashConfig<T, D>::kSmem, done);
+}
+
+template <typename T, int D>
+Status launch_typed(const FlashKernelParams& p, cudaStream_t stream) {
+  using C = FlashConfig<T, D>;
+  MONARCHRT_RETURN_IF_ERROR((prepare_typed<T, D>()));
+  const dim3 grid(unsigned((p.a.Sq + C::kBr - 1) / C::kBr), 1, unsigned(p.a.B * p.a.H));
+  flash_fwd_kernel<T, D><<<grid, C::kThreads, C::kSmem, stream>>>(p);
+  MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  return Status();
+}
+
+}  // namespace
+
+Status prepare_flash() {
+  MONARCHRT_RETURN_IF_ERROR((prepare_typed<__nv_bfloat16, 128>()));
+  MONARCHRT_RETURN_IF_ERROR((prepare_typed<__nv_bfloat16, 64>()));
+  MONARCHRT_RETURN_IF_ERROR((prepare_typed<__half, 128>()));
+  return prepare_typed<__half, 64>();
+}
+
+Status flash_attention(const FlashArgs& a, void* stream) {
+  if (a.dtype != DType::kBF16 && a.dtype != DType::kF16) {
+    return Status::unsupported(std::string("dense attention on CUDA needs bfloat16 or float16, got ") + dtype_name(a.dtype));
+  }
+  if (a.D != 64 && a.D != 128) {
+    return Status::unsupported("dense attention on CUDA supports head dims 64 and 128, got " + std::to_string(a.D));
+  }
+  if (a.segments < 1 || a.segments > kFlashMaxSegments) {
+    return Status::unsupported("dense attention on CUDA: the attended keys form " + std::to_string(a.segments) +
+                               " token ranges (at most " + std::to_string(kFlashMaxSegments) + ")");
+  }
+  const void* ptrs[4] = {a.q, a.k, a.v, a.out};
+  const int64_t* strides[4] = {a.q_stride, a.k_stride, a.v_stride, a.o_stride};
+  const char* names[4] = {"q", "k", "v", "out"};
+  for (int i = 0; i < 4; ++i) {
+    bool ok = reinterpret_cast<uintptr_t>(ptrs[i]) % 16 == 0;
+    for (int j = 0; j < 3; ++j) ok = ok && strides[i][j] % 8 == 0;
+    if (!ok) return Status::unsupported(std::string(names[i]) + ": rows must be contiguous and 16-byte aligned on the CUDA path");
+  }
+  FlashKernelParams p{};
+  p.a = a;
+  p.seg_cum[0] = 0;
+  for (int s = 0; s < a.segments; ++s) {
+    if (a.seg_len[s] < 0 || a.seg_start[s] < 0) return Status::invalid("dense attention: negative key range");
+    p.seg_cum[s + 1] = p.seg_cum[s] + a.seg_len[s];
+  }
+  if (p.seg_cum[a.segments] < 1) return Status::invalid("dense attention: no key to attend");
+  if (a.causal_tokens > 0 && (a.segments != 1 || a.seg_start[0] != 0)) {
+    return Status::invalid("dense attention: block-causal needs one key range starting at token 0");
+  }
+  if (a.Sq < 1) return Status();
+  p.scale_log2 = a.scale * 1.4426950408889634f;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.dtype == DType::kBF16) {
+    return a.D == 128 ? launch_typed<__nv_bfloat16, 128>(p, s) : launch_typed<__nv_bfloat16, 64>(p, s);
+  }
+  return a.D == 128 ? launch_typed<__half, 128>(p, s) : launch_typed<__half, 64>(p, s);
+}
+
+}  // namespace cuda_detail
+
+namespace cuda {
+
+Status dense_attention(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                       const AttentionParams& params, void* stream) {
+  MONARCHRT_RETURN_IF_ERROR(check_attention(q, k, v, out, params, /*monarch=*/false));
+  const TensorView* views[4] = {&q, &k, &v, &out};
+  const char* names[4] = {"q", "k", "v", "out"};
+  for (int i = 0; i < 4; ++i) {
+    if (views[i]->device != Device::kCUDA) {
+      return Status::invalid(std::string(names[i]) + ": expected a cuda tensor, got " + device_name(views[i]->device));
+    }
+    if (views[i]->dtype != q.dtype) {
+      return Status::unsupported(std::string(names[i]) + ": dtype must equal q's on the CUDA path");
+    }
+    if (views[i]->stride[3] != 1) return Status::unsupported(std::string(names[i]) + ": the head dim must be contiguous on the CUDA path");
+  }
+  cuda_detail::FlashArgs a{};
+  a.q = q.data;
+  a.k = k.data;
+  a.v = v.data;
+  a.out = out.data;
+  for (int j = 0; j < 3; ++j) {
+    a.q_stride[j] = q.stride[j];
+    a.k_stride[j] = k.stride[j];
+    a.v_stride[j] = v.stride[j];
+    a.o_stride[j] = out.stride[j];
+  }
+  a.B = int(q.batch());
+  a.H = int(q.heads());
+  a.D = int(q.head_dim());
+  a.Sq = int(q.tokens());
+  a.dtype = q.dtype;
+  a.scale = float(params.scale > 0 ? params.scale : 1.0 / std::sqrt(double(a.D)));
+  const int64_t per_frame = params.grid.tokens_per_frame();
+  if (!params.kv_cache) {
+    a.segments = 1;
+    a.seg_start[0] = 0;
+    a.seg_len[0] = int(k.tokens());
+    a.causal_tokens = int(params.causal_chunk_frames * per_frame);
+  } else {  // the attended frames, as runs of consecutive cache slots
+    const int64_t frames = params.cache_capacity_frames > 0 ? params.cache_frames : k.tokens() / per_frame;
+    int64_t run_start = -1, run_len = 0;
+    auto flush = [&]() -> Status {
+      if (run_len == 0) return Status();
+      if (a.segments == cuda_detail::kFlashMaxSegments) {
+        return Status::unsupported("dense attention on CUDA: the attended cache frames form more than " +
+                                   std::to_string(cuda_detail::kFlashMaxSegments) + " runs of slots");
+      }
+      a.seg_start[a.segments] = int(run_start * per_frame);
+      a.seg_len[a.segments] = int(run_len * per_frame);
+      ++a.segments;
+      return Status();
+    };
+    for (int64_t f : attended_frames(params, frames)) {
+      const int64_t slot = cache_slot(params, f);
+      if (run_len > 0 && slot == run_start + run_len) {
+        ++run_len;
+        continue;
+      }
+      MONARCHRT_RETURN_IF_ERROR(flush());
+      run_start = slot;
+      run_len = 1;
+    }
+    MONARCHRT_RETURN_IF_ERROR(flush());
+  }
+  return cuda_detail::flash_attention(a, stream);
+}
+
+}  // namespace cuda
+}  // namespace monarchrt

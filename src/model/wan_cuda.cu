@@ -1,0 +1,741 @@
+// The causal Wan DiT on one GPU (include/monarchrt/wan_cuda.h, design in docs/engine.md).
+// Per layer: LN + modulation (fused with the previous gated residual) -> one q|k|v GEMM ->
+// q/k RMSNorm + RoPE + KV-cache write -> self-attention over the cache (Monarch or dense) -> o
+// GEMM -> residual + norm3 -> cross q GEMM -> RMSNorm -> dense attention over the text K/V -> o
+// GEMM -> residual + LN + modulation -> FFN GEMMs (GELU-tanh in the epilogue) -> gated residual,
+// fused with the next layer's norm. The residual stream x is fp32; everything else bf16.
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../core/threads.h"
+#include "../cuda/attention/flash.h"
+#include "../cuda/common/host.h"
+#include "../cuda/common/linear.h"
+#include "monarchrt/cuda.h"
+#include "monarchrt/wan_cuda.h"
+
+namespace monarchrt {
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+using cuda_detail::LinearEpilogue;
+using cuda_detail::LinearPlan;
+
+constexpr int kPerThread = 8;  // row kernels keep a token's row in registers: dim <= 8 x threads
+
+int row_threads(int64_t D) { return D <= 256 * kPerThread ? 256 : 1024; }
+
+// Sum over the block (blockDim.x a multiple of 32); `red` holds 32 floats.
+__device__ float block_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();  // red may still be read from a previous call
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int i = 0; i < int(blockDim.x) / 32; ++i) s += red[i];
+  return s;
+}
+
+__device__ float silu_f(float x) { return x / (1.f + __expf(-x)); }
+
+// tok[n][(c ph + dy) pw + dx] = x[b][f][c][y][x] (spec 1.3.1: the conv3d patch as a GEMM row).
+__global__ void patchify_kernel(const float* x, bf16* tok, int F, int C, int Hl, int Wl, int ph, int pw, int tw,
+                                int64_t total) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int P = C * ph * pw, tpf = (Hl / ph) * tw;
+  const int p = int(i % P);
+  const int64_t n = i / P;  // global token: (b F + f) tpf + t
+  const int t = int(n % tpf);
+  const int64_t bf = n / tpf;
+  const int ch = p / (ph * pw), dy = (p / pw) % ph, dx = p % pw;
+  const int y = (t / tw) * ph + dy, xx = (t % tw) * pw + dx;
+  tok[i] = __float2bfloat16_rn(x[(bf * C + ch) * Hl * Wl + int64_t(y) * Wl + xx]);
+}
+
+// flow[b][f][c][y][x] = out[n][(dy pw + dx) C + c] (spec 1.3.8).
+__global__ void unpatchify_kernel(const float* out, float* flow, int C, int Hl, int Wl, int ph, int pw, int tw,
+                                  int64_t total) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int xx = int(i % Wl), y = int((i / Wl) % Hl), ch = int((i / (int64_t(Wl) * Hl)) % C);
+  const int64_t bf = i / (int64_t(Wl) * Hl * C);
+  const int tpf = (Hl / ph) * tw;
+  const int64_t n = bf * tpf + (y / ph) * tw + xx / pw;
+  flow[i] = out[n * (C * ph * pw) + ((y % ph) * pw + xx % pw) * C + ch];
+}
+
+// y[m] = b[m] + sum_k W[m][k] f(x[k]), f = SiLU or identity; one warp per output.
+__global__ void matvec_kernel(const bf16* W, const float* x, const float* b, float* y, int M, int K, bool silu_in) {
+  const int m = int(blockIdx.x) * (blockDim.x / 32) + int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  if (m >= M) return;
+  float acc = 0.f;
+  for (int k = lane; k < K; k += 32) {
+    const float xv = silu_in ? silu_f(x[k]) : x[k];
+    acc += __bfloat162float(W[int64_t(m) * K + k]) * xv;
+  }
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) y[m] = acc + b[m];
+}
+
+__global__ void to_bf16_kernel(const float* in, bf16* out, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = __float2bfloat16_rn(in[i]);
+}
+
+// One token per block: optional residual x += y * gate (gate = gate_a + gate_b, or 1 without
+// gate_a), then LayerNorm (no affine) and h = n * (mul_one + mul_a + mul_b) + add_a + add_b:
+// modulation (mul_one = 1, shift/scale rows of the block's table and of e0) or the affine
+// norm3 (mul_one = 0, mul_a = weight, add_a = bias). Null pointers count as zero.
+struct AddNormArgs {
+  float* x;
+  const bf16* y;
+  const float *gate_a, *gate_b;
+  float mul_one;
+  const float *mul_a, *mul_b, *add_a, *add_b;
+  bf16* h;
+  int D;
+  float eps;
+};
+
+__global__ void add_norm_kernel(const AddNormArgs a) {
+  __shared__ float red[32];
+  const int64_t row = blockIdx.x;
+  float* x = a.x + row * a.D;
+  float v[kPerThread];
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int d = int(threadIdx.x) + i * int(blockDim.x);
+    v[i] = 0.f;
+    if (d < a.D) {
+      float xv = x[d];
+      if (a.y) {
+        const float g = a.gate_a ? a.gate_a[d] + (a.gate_b ? a.gate_b[d] : 0.f) : 1.f;
+        xv += __bfloat162float(a.y[row * a.D + d]) * g;
+        x[d] = xv;
+      }
+      v[i] = xv;
+      sum += xv;
+    }
+  }
+  const float mean = block_sum(sum, red) / float(a.D);
+  float var = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int d = int(threadIdx.x) + i * int(blockDim.x);
+    if (d < a.D) var += (v[i] - mean) * (v[i] - mean);
+  }
+  const float inv = rsqrtf(block_sum(var, red) / float(a.D) + a.eps);
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int d = int(threadIdx.x) + i * int(blockDim.x);
+    if (d < a.D) {
+      const float mul = a.mul_one + (a.mul_a ? a.mul_a[d] : 0.f) + (a.mul_b ? a.mul_b[d] : 0.f);
+      const float add = (a.add_a ? a.add_a[d] : 0.f) + (a.add_b ? a.add_b[d] : 0.f);
+      a.h[row * a.D + d] = __float2bfloat16_rn((v[i] - mean) * inv * mul + add);
+    }
+  }
+}
+
+// In place RMSNorm over the D channels of rows with pitch ld (cross-attention q, text k).
+__global__ void rms_rows_kernel(bf16* x, int64_t ld, const float* gain, int D, float eps) {
+  __shared__ float red[32];
+  bf16* r = x + int64_t(blockIdx.x) * ld;
+  float v[kPerThread], ss = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int d = int(threadIdx.x) + i * int(blockDim.x);
+    v[i] = d < D ? __bfloat162float(r[d]) : 0.f;
+    ss += v[i] * v[i];
+  }
+  const float inv = rsqrtf(block_sum(ss, red) / float(D) + eps);
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int d = int(threadIdx.x) + i * int(blockDim.x);
+    if (d < D) r[d] = __float2bfloat16_rn(v[i] * inv * gain[d]);
+  }
+}
+
+// Self-attention q/k: RMSNorm over all D channels (gains gq, gk), 3D RoPE at the token's
+// absolute (frame, row, column) from cos/sin tables, q written back in place into the q|k|v row,
+// k and v written into the layer's cache at row cache_row0 + token. One token per block; a
+// thread owns channel pairs.
+struct QkRopeArgs {
+  bf16* qkv;  // [B * S, 3 D]
+  const float *gq, *gk;
+  bf16 *cache_k, *cache_v;  // [B][cache_rows][D]
+  int64_t cache_rows;
+  int cache_row0;
+  const float2 *rope_f, *rope_r, *rope_c;  // [frame][frame pairs], [row][hw pairs], [col][hw pairs]
+  int S, D, hd, th, tw, f0, pf, phw;
+  float eps;
+};
+
+__global__ void qk_rope_kernel(const QkRopeArgs a) {
+  __shared__ float red[32];
+  const int64_t tok = blockIdx.x;
+  const int b = int(tok / a.S), n = int(tok % a.S);
+  bf16* q = a.qkv + tok * 3 * a.D;
+  const bf16* k = q + a.D;
+  const bf16* v = q + 2 * a.D;
+  float2 qv[kPerThread / 2], kv[kPerThread / 2];
+  float sq = 0.f, sk = 0.f;
+  const int pairs = a.D / 2;
+#pragma unroll
+  for (int i = 0; i < kPerThread / 2; ++i) {
+    const int p = int(threadIdx.x) + i * int(blockDim.x);
+    qv[i] = kv[i] = make_float2(0.f, 0.f);
+    if (p < pairs) {
+      qv[i] = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(q)[p]);
+      kv[i] = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(k)[p]);
+      sq += qv[i].x * qv[i].x + qv[i].y * qv[i].y;
+      sk += kv[i].x * kv[i].x + kv[i].y * kv[i].y;
+    }
+  }
+  const float iq = rsqrtf(block_sum(sq, red) / float(a.D) + a.eps);
+  const float ik = rsqrtf(block_sum(sk, red) / float(a.D) + a.eps);
+  const int frame = a.f0 + n / (a.th * a.tw), row = (n / a.tw) % a.th, col = n % a.tw;
+  const int64_t crow = int64_t(b) * a.cache_rows + a.cache_row0 + n;
+#pragma unroll
+  for (int i = 0; i < kPerThread / 2; ++i) {
+    const int p = int(threadIdx.x) + i * int(blockDim.x);
+    if (p >= pairs) continue;
+    const int j = p % (a.hd / 2);
+    const float2 cs = j < a.pf            ? a.rope_f[frame * a.pf + j]
+                      : j < a.pf + a.phw ? a.rope_r[row * a.phw + (j - a.pf)]
+                                         : a.rope_c[col * a.phw + (j - a.pf - a.phw)];
+    const float q0 = qv[i].x * iq * a.gq[2 * p], q1 = qv[i].y * iq * a.gq[2 * p + 1];
+    const float k0 = kv[i].x * ik * a.gk[2 * p], k1 = kv[i].y * ik * a.gk[2 * p + 1];
+    reinterpret_cast<__nv_bfloat162*>(q)[p] = __floats2bfloat162_rn(q0 * cs.x - q1 * cs.y, q0 * cs.y + q1 * cs.x);
+    reinterpret_cast<__nv_bfloat162*>(a.cache_k + crow * a.D)[p] =
+        __floats2bfloat162_rn(k0 * cs.x - k1 * cs.y, k0 * cs.y + k1 * cs.x);
+    reinterpret_cast<__nv_bfloat162*>(a.cache_v + crow * a.D)[p] = reinterpret_cast<const __nv_bfloat162*>(v)[p];
+  }
+}
+
+unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+struct WanDiTCuda::Impl {
+  struct Layer {
+    bf16 *qkv_w, *qkv_b, *so_w, *so_b, *cq_w, *cq_b, *ck_w, *ck_b, *cv_w, *cv_b, *co_w, *co_b;
+    bf16 *f0_w, *f0_b, *f2_w, *f2_b;
+    float *nq, *nk, *cnq, *cnk, *n3w, *n3b, *mod;
+    bf16 *kc, *vc, *xk, *xv;  // self-attention cache, cross-attention K/V
+  };
+  // GEMM plans of one token count M.
+  struct Plans {
+    LinearPlan qkv, dd, ffn0, ffn2, patch, head;
+  };
+
+  WanConfig c;
+  WanRunConfig run;
+  WanCudaOptions opt;
+  int64_t th = 0, tw = 0, tpf = 0, P = 0, O = 0, max_tokens = 0, cache_rows = 0;
+  cudaStream_t stream = nullptr;
+  cublasLtHandle_t lt = nullptr;
+  void* arena = nullptr;
+  size_t arena_bytes = 0;
+  std::vector<std::pair<std::string, size_t>> usage;  // bytes per category
+  void* attn_ws = nullptr;
+  size_t attn_ws_bytes = 0;
+  void* lt_ws = nullptr;
+  static constexpr size_t kLtWorkspace = size_t(32) << 20;
+  float *pin_x = nullptr, *pin_flow = nullptr, *pin_sinus = nullptr, *pin_text = nullptr;
+
+  // weights
+  std::vector<Layer> layers;
+  bf16 *patch_w, *te0_w, *te0_b, *te2_w, *te2_b, *time0_w, *time2_w, *proj_w, *head_w;
+  float *patch_b, *time0_b, *time2_b, *proj_b, *head_mod, *head_b;
+  float2 *rope_f, *rope_r, *rope_c;
+  // activations
+  float *x_in, *x, *flow, *hout, *sinus, *t1, *e, *e0, *text_in;
+  bf16 *tok, *h, *qkv, *att, *y, *cq, *f1, *ctx, *te1, *te;
+
+  std::map<int64_t, std::unique_ptr<Plans>> plans;  // by token count
+  std::unique_ptr<LinearPlan> te0_plan, dd_text_plan;
+  std::map<std::pair<int64_t, int64_t>, cudaGraphExec_t> graphs;  // by (frames, start_frame)
+  bool text_ready = false;
+
+  ~Impl() {
+    for (auto& g : graphs) cudaGraphExecDestroy(g.second);
+    plans.clear();
+    te0_plan.reset();
+    dd_text_plan.reset();
+    if (lt) cublasLtDestroy(lt);
+    cudaFree(arena);
+    cudaFree(attn_ws);
+    cudaFreeHost(pin_x);
+    cudaFreeHost(pin_flow);
+    cudaFreeHost(pin_sinus);
+    cudaFreeHost(pin_text);
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  Status make_plans(int64_t M) {
+    if (plans.count(M)) return Status();
+    auto p = std::make_unique<Plans>();
+    const int64_t D = c.dim;
+    MONARCHRT_RETURN_IF_ERROR(p->qkv.init(lt, M, 3 * D, D, DType::kBF16, LinearEpilogue::kBias, kLtWorkspace));
+    MONARCHRT_RETURN_IF_ERROR(p->dd.init(lt, M, D, D, DType::kBF16, LinearEpilogue::kBias, kLtWorkspace));
+    MONARCHRT_RETURN_IF_ERROR(p->ffn0.init(lt, M, c.ffn_dim, D, DType::kBF16, LinearEpilogue::kBiasGeluTanh, kLtWorkspace));
+    MONARCHRT_RETURN_IF_ERROR(p->ffn2.init(lt, M, D, c.ffn_dim, DType::kBF16, LinearEpilogue::kBias, kLtWorkspace));
+    MONARCHRT_RETURN_IF_ERROR(p->patch.init(lt, M, D, P, DType::kF32, LinearEpilogue::kBias, kLtWorkspace));
+    MONARCHRT_RETURN_IF_ERROR(p->head.init(lt, M, O, D, DType::kF32, LinearEpilogue::kBias, kLtWorkspace));
+    plans[M] = std::move(p);
+    return Status();
+  }
+
+  // q over the chunk, k/v over the cache's first `used` rows, as [B, S, H, hd] views.
+  TensorView view(void* data, int64_t tokens, int64_t batch_stride, int64_t token_stride) const {
+    TensorView t;
+    t.data = data;
+    t.dtype = DType::kBF16;
+    t.device = Device::kCUDA;
+    const int64_t shape[4] = {run.batch, tokens, c.num_heads, c.head_dim()};
+    const int64_t stride[4] = {batch_stride, token_stride, c.head_dim(), 1};
+    std::copy(shape, shape + 4, t.shape);
+    std::copy(stride, stride + 4, t.stride);
+    return t;
+  }
+
+  AttentionParams attention_params(int64_t frames) const {
+    AttentionParams ap;
+    ap.grid = VideoGrid{frames, th, tw};
+    ap.layout = run.layout;
+    ap.num_iters = run.num_iters;
+    ap.scale = 1.0 / std::sqrt(double(c.head_dim()));
+    ap.kv_cache = true;
+    ap.sink_frames = run.sink_frames;
+    ap.window_frames = run.window_frames;
+    return ap;
+  }
+
+  Status self_attention(const Layer& L, int64_t frames, int64_t start) {
+    const int64_t S = frames * tpf, used = (start + frames) * tpf, D = c.dim;
+    const TensorView q = view(qkv, S, S * 3 * D, 3 * D);
+    const TensorView k = view(L.kc, used, cache_rows * D, D);
+    const TensorView v = view(L.vc, used, cache_rows * D, D);
+    const TensorView o = view(att, S, S * D, D);
+    const AttentionParams ap = attention_params(frames);
+    if (run.monarch) return cuda::monarch_attention(q, k, v, o, ap, attn_ws, attn_ws_bytes, stream);
+    return cuda::dense_attention(q, k, v, o, ap, stream);
+  }
+
+  Status cross_attention(const Layer& L, int64_t S) {
+    const int64_t D = c.dim;
+    cuda_detail::FlashArgs a{};
+    a.q = cq;
+    a.k = L.xk;
+    a.v = L.xv;
+    a.out = att;
+    const int64_t qs[3] = {S * D, D, c.head_dim()}, ks[3] = {c.text_len * D, D, c.head_dim()};
+    std::copy(qs, qs + 3, a.q_stride);
+    std::copy(qs, qs + 3, a.o_stride);
+    std::copy(ks, ks + 3, a.k_stride);
+    std::copy(ks, ks + 3, a.v_stride);
+    a.B = int(run.batch);
+    a.H = int(c.num_heads);
+    a.D = int(c.head_dim());
+    a.Sq = int(S);
+    a.segments = 1;
+    a.seg_start[0] = 0;
+    a.seg_len[0] = int(c.text_len);
+    a.scale = float(1.0 / std::sqrt(double(c.head_dim())));
+    a.dtype = DType::kBF16;
+    return cuda_detail::flash_attention(a, stream);
+  }
+
+  void add_norm(const bf16* yv, const float* ga, const float* gb, float mul_one, const float* ma, const float* mb,
+                const float* aa, const float* ab, int64_t N) {
+    AddNormArgs a{x, yv, ga, gb, mul_one, ma, mb, aa, ab, h, int(c.dim), float(c.eps)};
+    add_norm_kernel<<<unsigned(N), row_threads(c.dim), 0, stream>>>(a);
+  }
+
+  // Everything of one pass after x_in and sinus are on the device, on `stream`.
+  Status enqueue(int64_t frames, int64_t start) {
+    const int64_t B = run.batch, S = frames * tpf, N = B * S, D = c.dim;
+    Plans& p = *plans.at(N);
+    const int64_t n_tok = N * P;
+    patchify_kernel<<<blocks_for(n_tok, 256), 256, 0, stream>>>(x_in, tok, int(frames), int(c.in_dim), int(run.latent_h),
+                                                                int(run.latent_w), int(c.patch_h), int(c.patch_w), int(tw),
+                                                                n_tok);
+    MONARCHRT_RETURN_IF_ERROR(p.patch.run(tok, patch_w, patch_b, x, lt_ws, stream));
+    matvec_kernel<<<blocks_for(D, 8), 256, 0, stream>>>(time0_w, sinus, time0_b, t1, int(D), int(c.freq_dim), false);
+    matvec_kernel<<<blocks_for(D, 8), 256, 0, stream>>>(time2_w, t1, time2_b, e, int(D), int(D), true);
+    matvec_kernel<<<blocks_for(6 * D, 8), 256, 0, stream>>>(proj_w, e, proj_b, e0, int(6 * D), int(D), true);
+    auto mrow = [&](const Layer& L, int r) { return L.mod + r * D; };
+    auto erow = [&](int r) { return e0 + r * D; };
+    add_norm(nullptr, nullptr, nullptr, 1.f, mrow(layers[0], 1), erow(1), mrow(layers[0], 0), erow(0), N);
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const Layer& L = layers[i];
+      MONARCHRT_RETURN_IF_ERROR(p.qkv.run(h, L.qkv_w, L.qkv_b, qkv, lt_ws, stream));
+      const auto pairs = wan_rope_pairs(c.head_dim());
+      QkRopeArgs qa{qkv, L.nq, L.nk, L.kc, L.vc, cache_rows, int(start * tpf), rope_f, rope_r, rope_c,
+                    int(S), int(D), int(c.head_dim()), int(th), int(tw), int(start), int(pairs.frame), int(pairs.hw),
+                    float(c.eps)};
+      qk_rope_kernel<<<unsigned(N), row_threads(D), 0, stream>>>(qa);
+      MONARCHRT_RETURN_IF_ERROR(self_attention(L, frames, start));
+      MONARCHRT_RETURN_IF_ERROR(p.dd.run(att, L.so_w, L.so_b, y, lt_ws, stream));
+      add_norm(y, mrow(L, 2), erow(2), 0.f, L.n3w, nullptr, L.n3b, nullptr, N);
+      MONARCHRT_RETURN_IF_ERROR(p.dd.run(h, L.cq_w, L.cq_b, cq, lt_ws, stream));
+      rms_rows_kernel<<<unsigned(N), row_threads(D), 0, stream>>>(cq, D, L.cnq, int(D), float(c.eps));
+      MONARCHRT_RETURN_IF_ERROR(cross_attention(L, S));
+      MONARCHRT_RETURN_IF_ERROR(p.dd.run(att, L.co_w, L.co_b, y, lt_ws, stream));
+      add_norm(y, nullptr, nullptr, 1.f, mrow(L, 4), erow(4), mrow(L, 3), erow(3), N);
+      MONARCHRT_RETURN_IF_ERROR(p.ffn0.run(h, L.f0_w, L.f0_b, f1, lt_ws, stream));
+      MONARCHRT_RETURN_IF_ERROR(p.ffn2.run(f1, L.f2_w, L.f2_b, y, lt_ws, stream));
+      if (i + 1 < layers.size()) {
+        const Layer& next = layers[i + 1];
+        add_norm(y, mrow(L, 5), erow(5), 1.f, mrow(next, 1), erow(1), mrow(next, 0), erow(0), N);
+      } else {  // head: shift = modulation[0] + e, scale = modulation[1] + e
+        add_norm(y, mrow(L, 5), erow(5), 1.f, head_mod + D, e, head_mod, e, N);
+      }
+    }
+    MONARCHRT_RETURN_IF_ERROR(p.head.run(h, head_w, head_b, hout, lt_ws, stream));
+    const int64_t n_flow = N * O;
+    unpatchify_kernel<<<blocks_for(n_flow, 256), 256, 0, stream>>>(hout, flow, int(c.out_dim), int(run.latent_h),
+                                                                    int(run.latent_w), int(c.patch_h), int(c.patch_w),
+                                                                    int(tw), n_flow);
+    MONARCHRT_CUDA_CHECK(cudaGetLastError());
+    return Status();
+  }
+};
+
+WanDiTCuda::WanDiTCuda() = default;
+WanDiTCuda::~WanDiTCuda() = default;
+const WanRunConfig& WanDiTCuda::run() const { return impl_->run; }
+const WanConfig& WanDiTCuda::config() const { return impl_->c; }
+size_t WanDiTCuda::device_bytes() const { return impl_ ? impl_->arena_bytes + impl_->attn_ws_bytes : 0; }
+
+std::string WanDiTCuda::memory_report() const {
+  if (!impl_) return "not initialized";
+  std::string s;
+  char buf[96];
+  for (const auto& u : impl_->usage) {
+    std::snprintf(buf, sizeof(buf), "%s%s %.3f GB", s.empty() ? "" : ", ", u.first.c_str(), double(u.second) / 1e9);
+    s += buf;
+  }
+  std::snprintf(buf, sizeof(buf), "; %.3f GB of device memory in all", double(device_bytes()) / 1e9);
+  return s + buf;
+}
+
+namespace {
+
+// Carves one allocation into 256-byte aligned pieces: a first pass adds up the sizes
+// (base == nullptr), a second hands out the pointers.
+class Carver {
+ public:
+  explicit Carver(char* base) : base_(base) {}
+  template <typename T>
+  void take(T** p, int64_t count, const char* category) {
+    const size_t bytes = (size_t(count) * sizeof(T) + 255) / 256 * 256;
+    *p = base_ ? reinterpret_cast<T*>(base_ + used_) : nullptr;
+    used_ += bytes;
+    if (!base_) by_category_[category] += bytes;
+  }
+  size_t used() const { return used_; }
+  const std::map<std::string, size_t>& by_category() const { return by_category_; }
+
+ private:
+  char* base_;
+  size_t used_ = 0;
+  std::map<std::string, size_t> by_category_;
+};
+
+}  // namespace
+
+Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, const WanCudaOptions& options) {
+  MONARCHRT_RETURN_IF_ERROR(check_wan_model(weights, run));
+  const WanConfig& c = weights.config;
+  if (c.head_dim() != 64 && c.head_dim() != 128) {
+    return Status::unsupported("WanDiTCuda: head dim " + std::to_string(c.head_dim()) + " (dim / num_heads); the CUDA attention kernels need 64 or 128");
+  }
+  const int64_t P = c.in_dim * c.patch_h * c.patch_w, O = c.out_dim * c.patch_h * c.patch_w;
+  const std::pair<const char*, int64_t> mult8[] = {{"dim", c.dim}, {"ffn_dim", c.ffn_dim}, {"text_dim", c.text_dim},
+                                                   {"in_dim * patch_h * patch_w", P}, {"out_dim * patch_h * patch_w", O}};
+  for (const auto& m : mult8) {
+    if (m.second % 8 != 0) {
+      return Status::unsupported(std::string("WanDiTCuda: config ") + m.first + " = " + std::to_string(m.second) +
+                                 " must be a multiple of 8 (16-byte rows for the GEMMs)");
+    }
+  }
+  if (c.dim > 1024 * kPerThread) return Status::unsupported("WanDiTCuda: dim above " + std::to_string(1024 * kPerThread));
+  if (options.max_chunk_frames < 1 || options.max_chunk_frames > run.max_frames) {
+    return Status::invalid("WanDiTCuda: max_chunk_frames = " + std::to_string(options.max_chunk_frames) +
+                           " must be in [1, max_frames = " + std::to_string(run.max_frames) + "]");
+  }
+  if (cuda::device_count() == 0) return Status::unsupported("WanDiTCuda: no CUDA device");
+  MONARCHRT_RETURN_IF_ERROR(cuda::prepare());
+
+  auto impl = std::make_unique<Impl>();
+  Impl& m = *impl;
+  m.c = c;
+  m.run = run;
+  m.opt = options;
+  m.th = run.latent_h / c.patch_h;
+  m.tw = run.latent_w / c.patch_w;
+  m.tpf = m.th * m.tw;
+  m.P = P;
+  m.O = O;
+  m.max_tokens = run.batch * options.max_chunk_frames * m.tpf;
+  m.cache_rows = run.max_frames * m.tpf;
+  MONARCHRT_CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
+  if (cublasLtCreate(&m.lt) != CUBLAS_STATUS_SUCCESS) return Status::internal("cublasLtCreate failed");
+
+  const int64_t D = c.dim, L = c.num_layers, B = run.batch, N = m.max_tokens, T = B * c.text_len;
+  const auto pairs = wan_rope_pairs(c.head_dim());
+  auto plan_all = [&](Carver& cv) {
+    m.layers.resize(size_t(L));
+    for (Impl::Layer& l : m.layers) {
+      cv.take(&l.qkv_w, 3 * D * D, "weights");
+      cv.take(&l.qkv_b, 3 * D, "weights");
+      for (bf16** w : {&l.so_w, &l.cq_w, &l.ck_w, &l.cv_w, &l.co_w}) cv.take(w, D * D, "weights");
+      for (bf16** b : {&l.so_b, &l.cq_b, &l.ck_b, &l.cv_b, &l.co_b}) cv.take(b, D, "weights");
+      cv.take(&l.f0_w, c.ffn_dim * D, "weights");
+      cv.take(&l.f0_b, c.ffn_dim, "weights");
+      cv.take(&l.f2_w, D * c.ffn_dim, "weights");
+      cv.take(&l.f2_b, D, "weights");
+      for (float** g : {&l.nq, &l.nk, &l.cnq, &l.cnk, &l.n3w, &l.n3b}) cv.take(g, D, "weights");
+      cv.take(&l.mod, 6 * D, "weights");
+      cv.take(&l.kc, B * m.cache_rows * D, "KV cache");
+      cv.take(&l.vc, B * m.cache_rows * D, "KV cache");
+      cv.take(&l.xk, T * D, "text cache");
+      cv.take(&l.xv, T * D, "text cache");
+    }
+    cv.take(&m.patch_w, D * P, "weights");
+    cv.take(&m.patch_b, D, "weights");
+    cv.take(&m.te0_w, D * c.text_dim, "weights");
+    cv.take(&m.te0_b, D, "weights");
+    cv.take(&m.te2_w, D * D, "weights");
+    cv.take(&m.te2_b, D, "weights");
+    cv.take(&m.time0_w, D * c.freq_dim, "weights");
+    cv.take(&m.time0_b, D, "weights");
+    cv.take(&m.time2_w, D * D, "weights");
+    cv.take(&m.time2_b, D, "weights");
+    cv.take(&m.proj_w, 6 * D * D, "weights");
+    cv.take(&m.proj_b, 6 * D, "weights");
+    cv.take(&m.head_mod, 2 * D, "weights");
+    cv.take(&m.head_w, O * D, "weights");
+    cv.take(&m.head_b, O, "weights");
+    cv.take(&m.rope_f, run.max_frames * pairs.frame, "weights");
+    cv.take(&m.rope_r, m.th * pairs.hw, "weights");
+    cv.take(&m.rope_c, m.tw * pairs.hw, "weights");
+    cv.take(&m.x_in, N * P, "activations");
+    cv.take(&m.tok, N * P, "activations");
+    cv.take(&m.x, N * D, "activations");
+    cv.take(&m.h, N * D, "activations");
+    cv.take(&m.qkv, N * 3 * D, "activations");
+    cv.take(&m.att, N * D, "activations");
+    cv.take(&m.y, N * D, "activations");
+    cv.take(&m.cq, N * D, "activations");
+    cv.take(&m.f1, N * c.ffn_dim, "activations");
+    cv.take(&m.hout, N * O, "activations");
+    cv.take(&m.flow, N * O, "activations");
+    cv.take(&m.sinus, c.freq_dim, "activations");
+    cv.take(&m.t1, D, "activations");
+    cv.take(&m.e, D, "activations");
+    cv.take(&m.e0, 6 * D, "activations");
+    cv.take(&m.text_in, T * c.text_dim, "text staging");
+    cv.take(&m.ctx, T * c.text_dim, "text staging");
+    cv.take(&m.te1, T * D, "text staging");
+    cv.take(&m.te, T * D, "text staging");
+    char* lt_ws = nullptr;
+    cv.take(&lt_ws, int64_t(Impl::kLtWorkspace), "workspaces");
+    m.lt_ws = lt_ws;
+  };
+  Carver sizing(nullptr);
+  plan_all(sizing);
+  m.arena_bytes = sizing.used();
+  const cudaError_t alloc = cudaMalloc(&m.arena, m.arena_bytes);
+  if (alloc != cudaSuccess) {
+    return Status::invalid("WanDiTCuda: cannot allocate " + std::to_string(m.arena_bytes >> 20) +
+                           " MiB of device memory (" + cudaGetErrorString(alloc) + ")");
+  }
+  for (const auto& u : sizing.by_category()) m.usage.push_back(u);
+  Carver carve(static_cast<char*>(m.arena));
+  plan_all(carve);
+  MONARCHRT_CUDA_CHECK(cudaMemset(m.arena, 0, m.arena_bytes));
+
+  // Weights: fp32 -> bf16 (or fp32 where the kernels read fp32) on the host, then one copy each.
+  std::vector<uint16_t> hb;
+  auto up_bf16 = [&](bf16* dst, std::initializer_list<const std::vector<float>*> parts) -> Status {
+    size_t n = 0;
+    for (const auto* p : parts) n += p->size();
+    hb.resize(n);
+    size_t off = 0;
+    for (const auto* p : parts) {
+      const float* src = p->data();
+      const int64_t len = int64_t(p->size()), blocks = (len + 65535) / 65536;
+      parallel_for(blocks, [&](int64_t blk) {
+        for (int64_t i = blk * 65536; i < std::min(len, (blk + 1) * 65536); ++i) hb[off + size_t(i)] = float_to_bf16(src[i]);
+      });
+      off += p->size();
+    }
+    MONARCHRT_CUDA_CHECK(cudaMemcpy(dst, hb.data(), n * 2, cudaMemcpyHostToDevice));
+    return Status();
+  };
+  auto up_f32 = [&](float* dst, const std::vector<float>& src) -> Status {
+    MONARCHRT_CUDA_CHECK(cudaMemcpy(dst, src.data(), src.size() * 4, cudaMemcpyHostToDevice));
+    return Status();
+  };
+  auto W = [&](const std::string& n) { return &weights.at(n); };
+  for (int64_t i = 0; i < L; ++i) {
+    Impl::Layer& l = m.layers[size_t(i)];
+    const std::string b = "blocks." + std::to_string(i) + ".", sa = b + "self_attn.", ca = b + "cross_attn.";
+    MONARCHRT_RETURN_IF_ERROR(up_bf16(l.qkv_w, {W(sa + "q.weight"), W(sa + "k.weight"), W(sa + "v.weight")}));
+    MONARCHRT_RETURN_IF_ERROR(up_bf16(l.qkv_b, {W(sa + "q.bias"), W(sa + "k.bias"), W(sa + "v.bias")}));
+    const std::pair<bf16*, std::string> mats[] = {
+        {l.so_w, sa + "o.weight"}, {l.so_b, sa + "o.bias"}, {l.cq_w, ca + "q.weight"}, {l.cq_b, ca + "q.bias"},
+        {l.ck_w, ca + "k.weight"}, {l.ck_b, ca + "k.bias"}, {l.cv_w, ca + "v.weight"}, {l.cv_b, ca + "v.bias"},
+        {l.co_w, ca + "o.weight"}, {l.co_b, ca + "o.bias"}, {l.f0_w, b + "ffn.0.weight"}, {l.f0_b, b + "ffn.0.bias"},
+        {l.f2_w, b + "ffn.2.weight"}, {l.f2_b, b + "ffn.2.bias"}};
+    for (const auto& mt : mats) MONARCHRT_RETURN_IF_ERROR(up_bf16(mt.first, {W(mt.second)}));
+    const std::pair<float*, std::string> vecs[] = {
+        {l.nq, sa + "norm_q.weight"}, {l.nk, sa + "norm_k.weight"}, {l.cnq, ca + "norm_q.weight"},
+        {l.cnk, ca + "norm_k.weight"}, {l.n3w, b + "norm3.weight"}, {l.n3b, b + "norm3.bias"}, {l.mod, b + "modulation"}};
+    for (const auto& v : vecs) MONARCHRT_RETURN_IF_ERROR(up_f32(v.first, *W(v.second)));
+  }
+  const std::pair<bf16*, std::string> gm[] = {
+      {m.patch_w, "patch_embedding.weight"}, {m.te0_w, "text_embedding.0.weight"}, {m.te0_b, "text_embedding.0.bias"},
+      {m.te2_w, "text_embedding.2.weight"},  {m.te2_b, "text_embedding.2.bias"},   {m.time0_w, "time_embedding.0.weight"},
+      {m.time2_w, "time_embedding.2.weight"}, {m.proj_w, "time_projection.1.weight"}, {m.head_w, "head.head.weight"}};
+  for (const auto& g : gm) MONARCHRT_RETURN_IF_ERROR(up_bf16(g.first, {W(g.second)}));
+  const std::pair<float*, std::string> gv[] = {{m.patch_b, "patch_embedding.bias"}, {m.time0_b, "time_embedding.0.bias"},
+                                               {m.time2_b, "time_embedding.2.bias"}, {m.proj_b, "time_projection.1.bias"},
+                                               {m.head_mod, "head.modulation"},      {m.head_b, "head.head.bias"}};
+  for (const auto& g : gv) MONARCHRT_RETURN_IF_ERROR(up_f32(g.first, *W(g.second)));
+  // RoPE tables (angles in double, as the CPU path).
+  auto table = [&](float2* dst, int64_t positions, int64_t first_pair, int64_t count, int axis) -> Status {
+    std::vector<float2> t(size_t(positions * count));
+    for (int64_t pos = 0; pos < positions; ++pos)
+      for (int64_t j = 0; j < count; ++j) {
+        const double a = wan_rope_angle(c.head_dim(), first_pair + j, axis == 0 ? pos : 0, axis == 1 ? pos : 0,
+                                        axis == 2 ? pos : 0);
+        t[size_t(pos * count + j)] = make_float2(float(std::cos(a)), float(std::sin(a)));
+      }
+    MONARCHRT_CUDA_CHECK(cudaMemcpy(dst, t.data(), t.size() * sizeof(float2), cudaMemcpyHostToDevice));
+    return Status();
+  };
+  MONARCHRT_RETURN_IF_ERROR(table(m.rope_f, run.max_frames, 0, pairs.frame, 0));
+  MONARCHRT_RETURN_IF_ERROR(table(m.rope_r, m.th, pairs.frame, pairs.hw, 1));
+  MONARCHRT_RETURN_IF_ERROR(table(m.rope_c, m.tw, pairs.frame + pairs.hw, pairs.hw, 2));
+
+  // GEMM plans for full chunks and the text; the attention workspace for the largest call.
+  MONARCHRT_RETURN_IF_ERROR(m.make_plans(N));
+  m.te0_plan = std::make_unique<LinearPlan>();
+  m.dd_text_plan = std::make_unique<LinearPlan>();
+  MONARCHRT_RETURN_IF_ERROR(m.te0_plan->init(m.lt, T, D, c.text_dim, DType::kBF16, LinearEpilogue::kBiasGeluTanh, Impl::kLtWorkspace));
+  MONARCHRT_RETURN_IF_ERROR(m.dd_text_plan->init(m.lt, T, D, D, DType::kBF16, LinearEpilogue::kBias, Impl::kLtWorkspace));
+  const int64_t F = options.max_chunk_frames, S = F * m.tpf;
+  for (int64_t start = 0; start + F <= run.max_frames; ++start) {
+    const int64_t used = (start + F) * m.tpf;
+    const TensorView q = m.view(m.qkv, S, S * 3 * D, 3 * D), o = m.view(m.att, S, S * D, D);
+    const TensorView k = m.view(m.layers[0].kc, used, m.cache_rows * D, D);
+    const AttentionParams ap = m.attention_params(F);
+    if (run.monarch) {
+      MONARCHRT_RETURN_IF_ERROR(cuda::can_implement(q, k, k, o, ap));
+      m.attn_ws_bytes = std::max(m.attn_ws_bytes, cuda::workspace_size(q, k, k, o, ap));
+    } else {
+      MONARCHRT_RETURN_IF_ERROR(check_attention(q, k, k, o, ap, false));
+    }
+  }
+  if (m.attn_ws_bytes > 0) {
+    const cudaError_t e = cudaMalloc(&m.attn_ws, m.attn_ws_bytes);
+    if (e != cudaSuccess) {
+      return Status::invalid("WanDiTCuda: cannot allocate the attention workspace (" + std::to_string(m.attn_ws_bytes >> 20) +
+                             " MiB): " + cudaGetErrorString(e));
+    }
+    m.usage.emplace_back("attention workspace", m.attn_ws_bytes);
+  }
+  MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_x, size_t(N * P) * 4));
+  MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_flow, size_t(N * O) * 4));
+  MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_sinus, size_t(c.freq_dim) * 4));
+  MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_text, size_t(T * c.text_dim) * 4));
+  MONARCHRT_CUDA_CHECK(cudaDeviceSynchronize());
+  impl_ = std::move(impl);
+  return Status();
+}
+
+Status WanDiTCuda::set_text(const float* context) {
+  if (!impl_) return Status::invalid("WanDiTCuda: init() first");
+  Impl& m = *impl_;
+  const WanConfig& c = m.c;
+  const int64_t T = m.run.batch * c.text_len, D = c.dim, n = T * c.text_dim;
+  std::memcpy(m.pin_text, context, size_t(n) * 4);
+  MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.text_in, m.pin_text, size_t(n) * 4, cudaMemcpyHostToDevice, m.stream));
+  to_bf16_kernel<<<blocks_for(n, 256), 256, 0, m.stream>>>(m.text_in, m.ctx, n);
+  MONARCHRT_RETURN_IF_ERROR(m.te0_plan->run(m.ctx, m.te0_w, m.te0_b, m.te1, m.lt_ws, m.stream));
+  MONARCHRT_RETURN_IF_ERROR(m.dd_text_plan->run(m.te1, m.te2_w, m.te2_b, m.te, m.lt_ws, m.stream));
+  for (Impl::Layer& l : m.layers) {
+    MONARCHRT_RETURN_IF_ERROR(m.dd_text_plan->run(m.te, l.ck_w, l.ck_b, l.xk, m.lt_ws, m.stream));
+    rms_rows_kernel<<<unsigned(T), row_threads(D), 0, m.stream>>>(l.xk, D, l.cnk, int(D), float(c.eps));
+    MONARCHRT_RETURN_IF_ERROR(m.dd_text_plan->run(m.te, l.cv_w, l.cv_b, l.xv, m.lt_ws, m.stream));
+  }
+  MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  MONARCHRT_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  m.text_ready = true;
+  return Status();
+}
+
+Status WanDiTCuda::forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow) {
+  if (!impl_ || !impl_->text_ready) return Status::invalid("WanDiTCuda: init() and set_text() first");
+  Impl& m = *impl_;
+  if (frames < 1 || frames > m.opt.max_chunk_frames) {
+    return Status::invalid("frames = " + std::to_string(frames) + " must be in [1, max_chunk_frames = " +
+                           std::to_string(m.opt.max_chunk_frames) + "]");
+  }
+  if (start_frame < 0 || start_frame + frames > m.run.max_frames) {
+    return Status::invalid("frames [" + std::to_string(start_frame) + ", " + std::to_string(start_frame + frames) +
+                           ") do not fit the cache of " + std::to_string(m.run.max_frames) + " frames");
+  }
+  const int64_t N = m.run.batch * frames * m.tpf, nin = N * m.P, nout = N * m.O;
+  MONARCHRT_RETURN_IF_ERROR(m.make_plans(N));
+  std::memcpy(m.pin_x, x, size_t(nin) * 4);
+  wan_time_sinusoid(t, m.c.freq_dim, m.pin_sinus);
+  MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.x_in, m.pin_x, size_t(nin) * 4, cudaMemcpyHostToDevice, m.stream));
+  MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.sinus, m.pin_sinus, size_t(m.c.freq_dim) * 4, cudaMemcpyHostToDevice, m.stream));
+  if (m.opt.cuda_graphs) {
+    const auto key = std::make_pair(frames, start_frame);
+    auto it = m.graphs.find(key);
+    if (it == m.graphs.end()) {
+      MONARCHRT_CUDA_CHECK(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal));
+      const Status s = m.enqueue(frames, start_frame);
+      cudaGraph_t graph = nullptr;
+      const cudaError_t end = cudaStreamEndCapture(m.stream, &graph);
+      if (!s.ok()) {
+        if (graph) cudaGraphDestroy(graph);
+        return s;
+      }
+      if (end != cudaSuccess) return cuda_detail::cuda_error(end, "cudaStreamEndCapture", __FILE__, __LINE__);
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+      cudaGraphDestroy(graph);
+      if (inst != cudaSuccess) return cuda_detail::cuda_error(inst, "cudaGraphInstantiate", __FILE__, __LINE__);
+      it = m.graphs.emplace(key, exec).first;
+    }
+    MONARCHRT_CUDA_CHECK(cudaGraphLaunch(it->second, m.stream));
+  } else {
+    MONARCHRT_RETURN_IF_ERROR(m.enqueue(frames, start_frame));
+  }
+  MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.pin_flow, m.flow, size_t(nout) * 4, cudaMemcpyDeviceToHost, m.stream));
+  MONARCHRT_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  std::memcpy(flow, m.pin_flow, size_t(nout) * 4);
+  return Status();
+}
+
+}  // namespace monarchrt

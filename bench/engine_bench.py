@@ -2,8 +2,9 @@
 chunks of 3): random weights in the real Self-Forcing checkpoint layout (a .pt with
 generator_ema/model.* keys, bf16), random text features and injected noise. Runs
 
-  1. `monarchrt generate --device cuda` with Monarch and with dense self-attention, twice each
-     (the first video captures the CUDA graphs), and reads its per-chunk timings;
+  1. `monarchrt generate --device cuda` with Monarch (released 30x52 tiles, and f_tied = 3) and
+     with dense self-attention, twice each (the first video captures the CUDA graphs), and reads
+     its per-chunk timings; with --profile also the GPU time per kind of step;
   2. parity: the independent PyTorch implementation (python/tests/wan_reference.py) on the same
      card in float32 (TF32 off) on the same weights and noise; relative L2 per chunk;
   3. the same pipeline in PyTorch eager in bf16 (SDPA for dense, the reference's einsum Monarch),
@@ -69,15 +70,20 @@ def random_weights(seed):
     return sd
 
 
-def run_engine(cli, files, attention, frames, repeat):
+def run_engine(cli, files, attention, frames, repeat, profile=False, tiling="1,1,1"):
     cmd = [cli, "generate", "--device", "cuda", "--dit", files["dit"], "--ema", "--heads", str(HEADS),
            "--text", files["text"], "--frames", str(frames), "--noise", files["noise"], "--renoise", files["renoise"],
-           "--attention", attention, "--repeat", str(repeat), "--out", files[f"out_{attention}"]]
+           "--attention", attention, "--tiling", tiling, "--repeat", str(repeat), "--out", files[f"out_{attention}"]]
+    if profile:
+        cmd.append("--profile")
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr}")
-    print(f"engine {attention}: {time.time() - t0:.1f} s wall (loading included)", flush=True)
+    print(f"engine {attention}{' --profile' if profile else ''}: {time.time() - t0:.1f} s wall (loading included)",
+          flush=True)
+    if profile:
+        print(r.stderr[r.stderr.index("GPU time per step"):r.stderr.index("wrote ")], flush=True)
     videos, chunks = [], []
     for line in r.stderr.splitlines():
         m = re.match(r"chunk (\d+)/(\d+) .* ([0-9.]+) s$", line)
@@ -116,6 +122,7 @@ def main():
     ap.add_argument("--frames", type=int, default=21)
     ap.add_argument("--skip-eager", action="store_true", help="no PyTorch eager timing")
     ap.add_argument("--skip-parity", action="store_true", help="no float32 PyTorch parity run")
+    ap.add_argument("--profile", action="store_true", help="also run the engine with --profile (GPU time per step)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -141,11 +148,16 @@ def main():
     for attention in ("monarch", "dense"):
         videos, lat = run_engine(args.cli, files, attention, T, 2)
         results[attention] = (videos, torch.from_numpy(lat))
+        if args.profile:
+            run_engine(args.cli, files, attention, T, 1, profile=True)
     rows = []
     for attention in ("monarch", "dense"):
         videos, lat = results[attention]
         warm = videos[-1]
         rows.append((f"engine {attention} (bf16, CUDA graphs)", warm, videos[0]))
+        if attention == "monarch":
+            videos3, _ = run_engine(args.cli, files, attention, T, 2, tiling="3,1,1")
+            rows.append(("engine monarch f_tied=3 (90x52 tiles)", videos3[-1], videos3[0]))
         if not args.skip_parity:
             want, _ = eager(sd, text[None], noise, renoise, attention, torch.float32)
             errs = [((lat[:, s:s + 3] - want[:, s:s + 3]).norm() / want[:, s:s + 3].norm()).item()

@@ -45,7 +45,7 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
 fi
 if [ "$what" = all ] || [ "$what" = engine ]; then
   echo "== engine (1.3B, random weights)"
-  python3 bench/engine_bench.py --cli ./build-gpu/monarchrt 2>&1 | tee "$OUT/engine.txt"
+  python3 bench/engine_bench.py --cli ./build-gpu/monarchrt --profile 2>&1 | tee "$OUT/engine.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status

@@ -146,6 +146,19 @@ TEST(WanCuda, RejectsWhatItCannotRun) {
   for (float f : flow) ASSERT_TRUE(std::isfinite(f));
   EXPECT_GT(gpu.device_bytes(), 0u);
   EXPECT_NE(gpu.memory_report().find("KV cache"), std::string::npos);
+  EXPECT_NE(gpu.profile_report().find("profiling is off"), std::string::npos);
+  // The profile: same result as without it, every step timed.
+  WanDiTCuda prof;
+  WanCudaOptions popt;
+  popt.profile = true;
+  ASSERT_TRUE(prof.init(w, run, popt).ok());
+  ASSERT_TRUE(prof.set_text(text.data()).ok());
+  std::vector<float> flow2(flow.size());
+  ASSERT_TRUE(prof.forward(x.data(), 3, 3, 500.0, flow2.data()).ok());
+  EXPECT_EQ(flow, flow2);
+  const std::string report = prof.profile_report();
+  EXPECT_NE(report.find("self-attention"), std::string::npos) << report;
+  EXPECT_NE(report.find("(1 passes)"), std::string::npos) << report;
 }
 
 }  // namespace

@@ -558,6 +558,7 @@ const std::vector<OptionSpec> kGenerateOptions = {
     {"repeat", "N", "1", "generate the video N times (timings of each; the first includes CUDA-graph capture)"},
     {"device", "KIND", "auto", "cpu (fp32), cuda (bf16, one GPU) or auto (cuda where a GPU is usable)"},
     {"no-cuda-graph", nullptr, nullptr, "cuda: launch the kernels one by one instead of a graph per chunk"},
+    {"profile", nullptr, nullptr, "cuda: time every step of every pass (no graphs) and print where the time went"},
     {"threads", "N", nullptr, "worker threads (default: all cores, or MONARCHRT_NUM_THREADS)"},
 };
 
@@ -649,6 +650,7 @@ int cmd_generate(int argc, char** argv) {
     WanCudaOptions opt;
     opt.max_chunk_frames = std::max<int64_t>(1, std::min(chunk, frames));
     opt.cuda_graphs = !a.has("no-cuda-graph");
+    opt.profile = a.has("profile");
     auto g = std::make_unique<WanDiTCuda>();
     check(g->init(weights, run, opt));
     std::fprintf(stderr, "GPU memory: %s\n", g->memory_report().c_str());
@@ -723,6 +725,9 @@ int cmd_generate(int argc, char** argv) {
     check(self_forcing_generate(*model, noise.data(), frames, chunk, cb, latents.data()));
     std::fprintf(stderr, "%lld chunks (%lld frames) in %.3f s\n", (long long)chunks, (long long)frames, total);
   }
+#ifdef MONARCHRT_WITH_CUDA
+  if (gpu_dit && a.has("profile")) std::fprintf(stderr, "GPU time per step:\n%s", gpu_dit->profile_report().c_str());
+#endif
   check(write_npy(a.get("out"), DType::kF32, {B, frames, c.in_dim, run.latent_h, run.latent_w}, latents.data()));
   std::fprintf(stderr, "wrote %s\n", a.get("out").c_str());
   return 0;

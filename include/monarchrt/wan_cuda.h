@@ -17,6 +17,7 @@ namespace monarchrt {
 struct WanCudaOptions {
   int64_t max_chunk_frames = 3;  // largest `frames` of a forward() call (activations are sized for it)
   bool cuda_graphs = true;       // replay a captured graph per (frames, start_frame)
+  bool profile = false;          // time every step with CUDA events (launches directly, no graphs)
 };
 
 class WanDiTCuda : public WanModel {
@@ -41,6 +42,9 @@ class WanDiTCuda : public WanModel {
   // Device bytes allocated by init(), and what they hold, for messages.
   size_t device_bytes() const;
   std::string memory_report() const;
+  // With options.profile: GPU time per kind of step summed over every forward() so far, as a
+  // table (milliseconds, per pass, share).
+  std::string profile_report() const;
 
  private:
   struct Impl;

@@ -226,6 +226,14 @@ __global__ void qk_rope_kernel(const QkRopeArgs a) {
 
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
+// Kinds of steps for the profile (options.profile).
+enum Step { kEmbed, kNorm, kQkvGemm, kQkRope, kSelfAttention, kProjGemm, kCrossAttention, kFfnGemm, kHead, kSteps };
+const char* const kStepNames[kSteps] = {"patch + time embedding",          "LayerNorm / RMSNorm / modulation",
+                                        "q|k|v GEMM",                      "q/k RMSNorm + RoPE + cache write",
+                                        "self-attention",                  "o / cross-q / cross-o GEMMs",
+                                        "cross-attention (512 text keys)", "FFN GEMMs (GELU fused)",
+                                        "head + unpatchify"};
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -270,8 +278,31 @@ struct WanDiTCuda::Impl {
   std::unique_ptr<LinearPlan> te0_plan, dd_text_plan;
   std::map<std::pair<int64_t, int64_t>, cudaGraphExec_t> graphs;  // by (frames, start_frame)
   bool text_ready = false;
+  // profile: events recorded after each step of a pass and the step each one closes
+  std::vector<cudaEvent_t> events;
+  std::vector<int> event_step;
+  size_t marks = 0;
+  double step_ms[kSteps] = {};
+  int64_t passes = 0;
+
+  void mark(int step) {
+    if (events.empty()) return;
+    cudaEventRecord(events[marks], stream);
+    event_step[marks++] = step;
+  }
+  Status collect_profile() {
+    for (size_t i = 1; i < marks; ++i) {
+      float ms = 0.f;
+      MONARCHRT_CUDA_CHECK(cudaEventElapsedTime(&ms, events[i - 1], events[i]));
+      step_ms[event_step[i]] += ms;
+    }
+    marks = 0;
+    ++passes;
+    return Status();
+  }
 
   ~Impl() {
+    for (cudaEvent_t e : events) cudaEventDestroy(e);
     for (auto& g : graphs) cudaGraphExecDestroy(g.second);
     plans.clear();
     te0_plan.reset();
@@ -371,6 +402,8 @@ struct WanDiTCuda::Impl {
     const int64_t B = run.batch, S = frames * tpf, N = B * S, D = c.dim;
     Plans& p = *plans.at(N);
     const int64_t n_tok = N * P;
+    marks = 0;
+    mark(kEmbed);  // the start of the pass
     patchify_kernel<<<blocks_for(n_tok, 256), 256, 0, stream>>>(x_in, tok, int(frames), int(c.in_dim), int(run.latent_h),
                                                                 int(run.latent_w), int(c.patch_h), int(c.patch_w), int(tw),
                                                                 n_tok);
@@ -378,39 +411,54 @@ struct WanDiTCuda::Impl {
     matvec_kernel<<<blocks_for(D, 8), 256, 0, stream>>>(time0_w, sinus, time0_b, t1, int(D), int(c.freq_dim), false);
     matvec_kernel<<<blocks_for(D, 8), 256, 0, stream>>>(time2_w, t1, time2_b, e, int(D), int(D), true);
     matvec_kernel<<<blocks_for(6 * D, 8), 256, 0, stream>>>(proj_w, e, proj_b, e0, int(6 * D), int(D), true);
+    mark(kEmbed);
     auto mrow = [&](const Layer& L, int r) { return L.mod + r * D; };
     auto erow = [&](int r) { return e0 + r * D; };
     add_norm(nullptr, nullptr, nullptr, 1.f, mrow(layers[0], 1), erow(1), mrow(layers[0], 0), erow(0), N);
+    mark(kNorm);
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& L = layers[i];
       MONARCHRT_RETURN_IF_ERROR(p.qkv.run(h, L.qkv_w, L.qkv_b, qkv, lt_ws, stream));
+      mark(kQkvGemm);
       const auto pairs = wan_rope_pairs(c.head_dim());
       QkRopeArgs qa{qkv, L.nq, L.nk, L.kc, L.vc, cache_rows, int(start * tpf), rope_f, rope_r, rope_c,
                     int(S), int(D), int(c.head_dim()), int(th), int(tw), int(start), int(pairs.frame), int(pairs.hw),
                     float(c.eps)};
       qk_rope_kernel<<<unsigned(N), row_threads(D), 0, stream>>>(qa);
+      mark(kQkRope);
       MONARCHRT_RETURN_IF_ERROR(self_attention(L, frames, start));
+      mark(kSelfAttention);
       MONARCHRT_RETURN_IF_ERROR(p.dd.run(att, L.so_w, L.so_b, y, lt_ws, stream));
+      mark(kProjGemm);
       add_norm(y, mrow(L, 2), erow(2), 0.f, L.n3w, nullptr, L.n3b, nullptr, N);
+      mark(kNorm);
       MONARCHRT_RETURN_IF_ERROR(p.dd.run(h, L.cq_w, L.cq_b, cq, lt_ws, stream));
+      mark(kProjGemm);
       rms_rows_kernel<<<unsigned(N), row_threads(D), 0, stream>>>(cq, D, L.cnq, int(D), float(c.eps));
+      mark(kNorm);
       MONARCHRT_RETURN_IF_ERROR(cross_attention(L, S));
+      mark(kCrossAttention);
       MONARCHRT_RETURN_IF_ERROR(p.dd.run(att, L.co_w, L.co_b, y, lt_ws, stream));
+      mark(kProjGemm);
       add_norm(y, nullptr, nullptr, 1.f, mrow(L, 4), erow(4), mrow(L, 3), erow(3), N);
+      mark(kNorm);
       MONARCHRT_RETURN_IF_ERROR(p.ffn0.run(h, L.f0_w, L.f0_b, f1, lt_ws, stream));
       MONARCHRT_RETURN_IF_ERROR(p.ffn2.run(f1, L.f2_w, L.f2_b, y, lt_ws, stream));
+      mark(kFfnGemm);
       if (i + 1 < layers.size()) {
         const Layer& next = layers[i + 1];
         add_norm(y, mrow(L, 5), erow(5), 1.f, mrow(next, 1), erow(1), mrow(next, 0), erow(0), N);
       } else {  // head: shift = modulation[0] + e, scale = modulation[1] + e
         add_norm(y, mrow(L, 5), erow(5), 1.f, head_mod + D, e, head_mod, e, N);
       }
+      mark(kNorm);
     }
     MONARCHRT_RETURN_IF_ERROR(p.head.run(h, head_w, head_b, hout, lt_ws, stream));
     const int64_t n_flow = N * O;
     unpatchify_kernel<<<blocks_for(n_flow, 256), 256, 0, stream>>>(hout, flow, int(c.out_dim), int(run.latent_h),
                                                                     int(run.latent_w), int(c.patch_h), int(c.patch_w),
                                                                     int(tw), n_flow);
+    mark(kHead);
     MONARCHRT_CUDA_CHECK(cudaGetLastError());
     return Status();
   }
@@ -421,6 +469,25 @@ WanDiTCuda::~WanDiTCuda() = default;
 const WanRunConfig& WanDiTCuda::run() const { return impl_->run; }
 const WanConfig& WanDiTCuda::config() const { return impl_->c; }
 size_t WanDiTCuda::device_bytes() const { return impl_ ? impl_->arena_bytes + impl_->attn_ws_bytes : 0; }
+
+std::string WanDiTCuda::profile_report() const {
+  if (!impl_ || impl_->events.empty()) return "profiling is off (WanCudaOptions::profile)";
+  const Impl& m = *impl_;
+  double total = 0;
+  for (double ms : m.step_ms) total += ms;
+  std::string s;
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), "%-36s %10s %10s %6s\n", "step", "total ms", "per pass", "share");
+  s += buf;
+  for (int i = 0; i < kSteps; ++i) {
+    std::snprintf(buf, sizeof(buf), "%-36s %10.1f %10.2f %5.1f%%\n", kStepNames[i], m.step_ms[i],
+                  m.step_ms[i] / double(std::max<int64_t>(1, m.passes)), 100.0 * m.step_ms[i] / std::max(total, 1e-9));
+    s += buf;
+  }
+  std::snprintf(buf, sizeof(buf), "%-36s %10.1f %10.2f  (%lld passes)\n", "all GPU work", total,
+                total / double(std::max<int64_t>(1, m.passes)), (long long)m.passes);
+  return s + buf;
+}
 
 std::string WanDiTCuda::memory_report() const {
   if (!impl_) return "not initialized";
@@ -641,18 +708,17 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
   m.dd_text_plan = std::make_unique<LinearPlan>();
   MONARCHRT_RETURN_IF_ERROR(m.te0_plan->init(m.lt, T, D, c.text_dim, DType::kBF16, LinearEpilogue::kBiasGeluTanh, Impl::kLtWorkspace));
   MONARCHRT_RETURN_IF_ERROR(m.dd_text_plan->init(m.lt, T, D, D, DType::kBF16, LinearEpilogue::kBias, Impl::kLtWorkspace));
+  // Every position of a full chunk in the cache; positions that the layout cannot run (a cache
+  // that is not whole tiles) fail at forward() with the same message. The first must work.
   const int64_t F = options.max_chunk_frames, S = F * m.tpf;
   for (int64_t start = 0; start + F <= run.max_frames; ++start) {
     const int64_t used = (start + F) * m.tpf;
     const TensorView q = m.view(m.qkv, S, S * 3 * D, 3 * D), o = m.view(m.att, S, S * D, D);
     const TensorView k = m.view(m.layers[0].kc, used, m.cache_rows * D, D);
     const AttentionParams ap = m.attention_params(F);
-    if (run.monarch) {
-      MONARCHRT_RETURN_IF_ERROR(cuda::can_implement(q, k, k, o, ap));
-      m.attn_ws_bytes = std::max(m.attn_ws_bytes, cuda::workspace_size(q, k, k, o, ap));
-    } else {
-      MONARCHRT_RETURN_IF_ERROR(check_attention(q, k, k, o, ap, false));
-    }
+    const Status ok = run.monarch ? cuda::can_implement(q, k, k, o, ap) : check_attention(q, k, k, o, ap, false);
+    if (!ok.ok() && start == 0) return ok;
+    if (ok.ok() && run.monarch) m.attn_ws_bytes = std::max(m.attn_ws_bytes, cuda::workspace_size(q, k, k, o, ap));
   }
   if (m.attn_ws_bytes > 0) {
     const cudaError_t e = cudaMalloc(&m.attn_ws, m.attn_ws_bytes);
@@ -661,6 +727,12 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
                              " MiB): " + cudaGetErrorString(e));
     }
     m.usage.emplace_back("attention workspace", m.attn_ws_bytes);
+  }
+  if (options.profile) {
+    m.opt.cuda_graphs = false;
+    m.events.resize(size_t(16 + 16 * L));
+    m.event_step.resize(m.events.size());
+    for (cudaEvent_t& e : m.events) MONARCHRT_CUDA_CHECK(cudaEventCreate(&e));
   }
   MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_x, size_t(N * P) * 4));
   MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_flow, size_t(N * O) * 4));
@@ -735,7 +807,7 @@ Status WanDiTCuda::forward(const float* x, int64_t frames, int64_t start_frame, 
   MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.pin_flow, m.flow, size_t(nout) * 4, cudaMemcpyDeviceToHost, m.stream));
   MONARCHRT_CUDA_CHECK(cudaStreamSynchronize(m.stream));
   std::memcpy(flow, m.pin_flow, size_t(nout) * 4);
-  return Status();
+  return m.events.empty() ? Status() : m.collect_profile();
 }
 
 }  // namespace monarchrt

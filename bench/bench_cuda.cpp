@@ -1,7 +1,7 @@
 // CUDA benchmark of the Monarch forward (and backward) on the shapes of ../shared/docs/targets.md (B = 1,
 // H = 12, D = 128, bf16): Self-Forcing chunks (3 query frames against a KV cache of 3, 9, 15 and
 // 21 frames), full bidirectional and block-causal 32760 tokens, and the f_tied = 3 and
-// h_reduce = 2 layouts. Prints the first call's time, the median of many timed calls (device
+// h_reduce = 2 layouts, and our dense kernel (cuda::dense_attention) on the untiled shapes. Prints the first call's time, the median of many timed calls (device
 // events, inputs rotated so L2 does not hold them, random data; cuda::prepare() first, so the
 // first call measures the call, not the module load), and achieved TFLOP/s of real
 // work. Not a test: it prints and exits 0 unless a call fails. The dense anchors (cuDNN and
@@ -48,6 +48,46 @@ double real_flops(const Shape& s, const TileGeometry& qg, const TileGeometry& kg
       if (s.causal == 0 || kf / s.causal <= qf / s.causal) pairs += 1;
     }
   return H * pairs * monarch_flops(1, 1, qg.b1, qg.b2, D);
+}
+
+// Times call(i) (i: which input set): the first call alone, 3 warm-up calls, then `reps` timed
+// calls on rotating input sets; prints one row with the median and the achieved TFLOP/s.
+template <typename Call>
+void time_row(const char* name, const char* path, int reps, int sets, double flops, double target_ms,
+              cudaEvent_t e0, cudaEvent_t e1, Call call) {
+  float first = 0;
+  CHECK_CUDA(cudaEventRecord(e0));
+  call(0);
+  CHECK_CUDA(cudaEventRecord(e1));
+  CHECK_CUDA(cudaEventSynchronize(e1));
+  CHECK_CUDA(cudaEventElapsedTime(&first, e0, e1));
+  for (int i = 0; i < 3; ++i) call(i % sets);
+  std::vector<float> times;
+  for (int r = 0; r < reps; ++r) {
+    CHECK_CUDA(cudaEventRecord(e0));
+    call(r % sets);
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    times.push_back(ms);
+  }
+  std::sort(times.begin(), times.end());
+  const double med = times[times.size() / 2];
+  char target[32] = "-", status[32] = "-";
+  if (target_ms > 0) {
+    std::snprintf(target, sizeof target, "%.2f", target_ms);
+    std::snprintf(status, sizeof status, "%s", med <= target_ms ? "met" : "missed");
+  }
+  std::printf("%-28s %-9s %10.3f %10.3f %10.1f %9s %9s\n", name, path, first, med, flops / (med * 1e-3) * 1e-12,
+              target, status);
+}
+
+void check_status(const Status& st, const char* name) {
+  if (!st.ok()) {
+    std::fprintf(stderr, "%s: %s\n", name, st.to_string().c_str());
+    std::exit(1);
+  }
 }
 
 int main(int argc, char** argv) {
@@ -133,41 +173,21 @@ int main(int argc, char** argv) {
         ws_capacity = ws_bytes;
       }
     }
-    auto call = [&](int i) {
-      Status st = cuda::monarch_attention(view(q[i], s.q_frames), view(k[i], s.kv_frames),
-                                          view(v[i], s.kv_frames), view(o[i], s.q_frames), p,
-                                          ws, ws_bytes, nullptr);
-      if (!st.ok()) {
-        std::fprintf(stderr, "%s: %s\n", s.name, st.to_string().c_str());
-        std::exit(1);
-      }
-    };
-    float first = 0;
-    CHECK_CUDA(cudaEventRecord(e0));
-    call(0);
-    CHECK_CUDA(cudaEventRecord(e1));
-    CHECK_CUDA(cudaEventSynchronize(e1));
-    CHECK_CUDA(cudaEventElapsedTime(&first, e0, e1));
-    for (int i = 0; i < 3; ++i) call(i % sets);
-    std::vector<float> times;
-    for (int r = 0; r < reps; ++r) {
-      CHECK_CUDA(cudaEventRecord(e0));
-      call(r % sets);
-      CHECK_CUDA(cudaEventRecord(e1));
-      CHECK_CUDA(cudaEventSynchronize(e1));
-      float ms = 0;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-      times.push_back(ms);
+    time_row(s.name, two_pass ? "two-pass" : "fused", reps, sets, flops, s.target_ms, e0, e1, [&](int i) {
+      check_status(cuda::monarch_attention(view(q[i], s.q_frames), view(k[i], s.kv_frames), view(v[i], s.kv_frames),
+                                           view(o[i], s.q_frames), p, ws, ws_bytes, nullptr),
+                   s.name);
+    });
+    if (two_pass && s.iters == 1 && s.layout.f_tied == 1 && s.layout.h_reduce == 1) {
+      // Our dense kernel (the engine's dense mode) on the same problem; TFLOP/s of dense work.
+      const double dense_flops = 4.0 * double(s.q_frames * per_frame) *
+                                 double((s.causal ? (s.kv_frames + s.causal) / 2 : s.kv_frames) * per_frame) * H * D;
+      time_row(s.name, "dense", reps, sets, dense_flops, 0, e0, e1, [&](int i) {
+        check_status(cuda::dense_attention(view(q[i], s.q_frames), view(k[i], s.kv_frames), view(v[i], s.kv_frames),
+                                           view(o[i], s.q_frames), p, nullptr),
+                     s.name);
+      });
     }
-    std::sort(times.begin(), times.end());
-    const double med = times[times.size() / 2];
-    char target[32] = "-", status[32] = "-";
-    if (s.target_ms > 0) {
-      std::snprintf(target, sizeof target, "%.2f", s.target_ms);
-      std::snprintf(status, sizeof status, "%s", med <= s.target_ms ? "met" : "missed");
-    }
-    std::printf("%-28s %-9s %10.3f %10.3f %10.1f %9s %9s\n", s.name, two_pass ? "two-pass" : "fused",
-                first, med, flops / (med * 1e-3) * 1e-12, target, status);
    }
   }
 
@@ -207,39 +227,11 @@ int main(int argc, char** argv) {
       CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
       ws_capacity = ws_bytes;
     }
-    auto call = [&](int i) {
+    time_row(s.name, "backward", std::max(5, reps / 5), sets, flops, s.target_ms, e0, e1, [&](int i) {
       const std::vector<TensorView> a = args(i);
-      Status st = cuda::monarch_attention_backward(a[0], a[1], a[2], a[3], a[4], a[5], a[6], p, ws, ws_bytes, nullptr);
-      if (!st.ok()) {
-        std::fprintf(stderr, "%s: %s\n", s.name, st.to_string().c_str());
-        std::exit(1);
-      }
-    };
-    float first = 0;
-    CHECK_CUDA(cudaEventRecord(e0));
-    call(0);
-    CHECK_CUDA(cudaEventRecord(e1));
-    CHECK_CUDA(cudaEventSynchronize(e1));
-    CHECK_CUDA(cudaEventElapsedTime(&first, e0, e1));
-    std::vector<float> times;
-    for (int r = 0; r < std::max(5, reps / 5); ++r) {
-      CHECK_CUDA(cudaEventRecord(e0));
-      call(r % sets);
-      CHECK_CUDA(cudaEventRecord(e1));
-      CHECK_CUDA(cudaEventSynchronize(e1));
-      float ms = 0;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-      times.push_back(ms);
-    }
-    std::sort(times.begin(), times.end());
-    const double med = times[times.size() / 2];
-    char target[32] = "-", status[32] = "-";
-    if (s.target_ms > 0) {
-      std::snprintf(target, sizeof target, "%.2f", s.target_ms);
-      std::snprintf(status, sizeof status, "%s", med <= s.target_ms ? "met" : "missed");
-    }
-    std::printf("%-28s %-9s %10.3f %10.3f %10.1f %9s %9s\n", s.name, "backward", first, med,
-                flops / (med * 1e-3) * 1e-12, target, status);
+      check_status(cuda::monarch_attention_backward(a[0], a[1], a[2], a[3], a[4], a[5], a[6], p, ws, ws_bytes, nullptr),
+                   s.name);
+    });
   }
   for (void* g : grads) cudaFree(g);
   cudaFree(ws);

@@ -171,8 +171,8 @@ def main():
             rows.append((f"PyTorch eager {attention} (bf16)", times, None))
     print(f"\n{'pipeline':40s} {'chunk 1':>8s} {'chunk 7':>8s} {'7 chunks':>9s} {'first video':>12s}")
     for name, times, first in rows:
-        print(f"{name:40s} {times[0]:8.3f} {times[-1]:8.3f} {sum(times):9.3f} "
-              f"{(sum(first) if first else float('nan')):12.3f}")
+        first_s = f"{sum(first):12.3f}" if first else f"{'-':>12s}"
+        print(f"{name:40s} {times[0]:8.3f} {times[-1]:8.3f} {sum(times):9.3f} {first_s}")
 
 
 if __name__ == "__main__":

@@ -100,24 +100,7 @@ __global__ void __launch_bounds__(128) monarch_bwd_dq2_kernel(const MonarchBwdPa
     load_a_rows<T, D>(da, drows[0], drows[1], lane);
   }
   auto load = [&](int n, int k0, int stage) {
-    unsigned char* base = smem + stage * C::kStage2;
-    T* aLd = reinterpret_cast<T*>(base);
-    T* Yd = reinterpret_cast<T*>(base + C::kTileBytes);
-    float* cLd = reinterpret_cast<float*>(base + 2 * C::kTileBytes);
-    const int nrows = min(kCh, p.b1 - k0);
-    for (int idx = tid; idx < C::kCols * nrows * (D / 8); idx += blockDim.x) {
-      const int col = idx / (nrows * (D / 8)), rem = idx % (nrows * (D / 8));
-      const int kc = rem / (D / 8), dc = rem % (D / 8);
-      const bool valid = j0 + col < p.b2;
-      const int64_t row = valid ? ws_row(p, bh, m, j0 + col, n, k0 + kc) : 0;
-      cp_async_16(aLd + (col * kCh + kc) * C::kLd + dc * 8, al_ws + row * D + dc * 8, valid);
-      cp_async_16(Yd + (col * kCh + kc) * C::kLd + dc * 8, y_ws + row * D + dc * 8, valid);
-    }
-    for (int idx = tid; idx < C::kCols * nrows; idx += blockDim.x) {
-      const int col = idx / nrows, kc = idx % nrows;
-      const bool valid = j0 + col < p.b2;
-      cp_async_4(cLd + col * kCh + kc, p.ws_cl + (valid ? ws_row(p, bh, m, j0 + col, n, k0 + kc) : 0), valid);
-    }
+    load_stage2_chunk<T, D>(p, al_ws, y_ws, smem + stage * TwoPassConfig<T, D>::kStage2, bh, m, j0, n, k0);
   };
 
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, dsum[2] = {0.f, 0.f};

@@ -225,6 +225,34 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
   }
 }
 
+// Stage 2's input for one pipeline stage: the aL and Y rows (padded pitch kLd) and cL of key
+// tile n, rows k0 .. k0 + min(kChunk, b1 - k0), for the kCols query columns j0.. of query tile m,
+// by cp.async into `stage` (columns past b2 are zero-filled). Stage 2 and the backward's dq2
+// kernel read the workspace this way.
+template <typename T, int D>
+__device__ __forceinline__ void load_stage2_chunk(const MonarchFwdParams& p, const T* al_ws, const T* y_ws,
+                                                  unsigned char* stage, int bh, int m, int j0, int n, int k0) {
+  using C = TwoPassConfig<T, D>;
+  constexpr int kCh = C::kChunk;
+  T* aLd = reinterpret_cast<T*>(stage);
+  T* Yd = reinterpret_cast<T*>(stage + C::kTileBytes);
+  float* cLd = reinterpret_cast<float*>(stage + 2 * C::kTileBytes);
+  const int nrows = min(kCh, p.b1 - k0);
+  for (int idx = int(threadIdx.x); idx < C::kCols * nrows * (D / 8); idx += int(blockDim.x)) {
+    const int col = idx / (nrows * (D / 8)), rem = idx % (nrows * (D / 8));
+    const int kc = rem / (D / 8), dc = rem % (D / 8);
+    const bool valid = j0 + col < p.b2;
+    const int64_t row = valid ? ws_row(p, bh, m, j0 + col, n, k0 + kc) : 0;
+    cp_async_16(aLd + (col * kCh + kc) * C::kLd + dc * 8, al_ws + row * D + dc * 8, valid);
+    cp_async_16(Yd + (col * kCh + kc) * C::kLd + dc * 8, y_ws + row * D + dc * 8, valid);
+  }
+  for (int idx = int(threadIdx.x); idx < C::kCols * nrows; idx += int(blockDim.x)) {
+    const int col = idx / nrows, kc = idx % nrows;
+    const bool valid = j0 + col < p.b2;
+    cp_async_4(cLd + col * kCh + kc, p.ws_cl + (valid ? ws_row(p, bh, m, j0 + col, n, k0 + kc) : 0), valid);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdParams p) {
   using C = TwoPassConfig<T, D>;
@@ -268,24 +296,7 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
   // Chunks of kChunk virtual keys (n, k0 .. k0 + kChunk) over the allowed key tiles, with the
   // next chunk's copies in flight while this one is computed.
   auto load = [&](int n, int k0, int stage) {
-    unsigned char* base = smem + stage * C::kStage2;
-    T* aLd = reinterpret_cast<T*>(base);
-    T* Yd = reinterpret_cast<T*>(base + C::kTileBytes);
-    float* cLd = reinterpret_cast<float*>(base + 2 * C::kTileBytes);
-    const int nrows = min(kCh, p.b1 - k0);
-    for (int idx = tid; idx < C::kCols * nrows * (D / 8); idx += blockDim.x) {
-      const int col = idx / (nrows * (D / 8)), rem = idx % (nrows * (D / 8));
-      const int kc = rem / (D / 8), dc = rem % (D / 8);
-      const bool valid = j0 + col < p.b2;
-      const int64_t row = valid ? ws_row(p, bh, m, j0 + col, n, k0 + kc) : 0;
-      cp_async_16(aLd + (col * kCh + kc) * C::kLd + dc * 8, al_ws + row * D + dc * 8, valid);
-      cp_async_16(Yd + (col * kCh + kc) * C::kLd + dc * 8, y_ws + row * D + dc * 8, valid);
-    }
-    for (int idx = tid; idx < C::kCols * nrows; idx += blockDim.x) {
-      const int col = idx / nrows, kc = idx % nrows;
-      const bool valid = j0 + col < p.b2;
-      cp_async_4(cLd + col * kCh + kc, p.ws_cl + (valid ? ws_row(p, bh, m, j0 + col, n, k0 + kc) : 0), valid);
-    }
+    load_stage2_chunk<T, D>(p, al_ws, y_ws, smem + stage * TwoPassConfig<T, D>::kStage2, bh, m, j0, n, k0);
   };
   int n = next_allowed(p, m, 0), k0 = 0;
   if (n < p.F) load(n, k0, 0);

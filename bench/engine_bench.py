@@ -123,6 +123,7 @@ def main():
     ap.add_argument("--skip-eager", action="store_true", help="no PyTorch eager timing")
     ap.add_argument("--skip-parity", action="store_true", help="no float32 PyTorch parity run")
     ap.add_argument("--profile", action="store_true", help="also run the engine with --profile (GPU time per step)")
+    ap.add_argument("--attention", default="monarch,dense", help="self-attention kinds to run (default: both)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -144,14 +145,15 @@ def main():
     print(f"wrote the checkpoint ({os.path.getsize(files['dit']) / 1e9:.2f} GB) and inputs in {time.time() - t0:.1f} s",
           flush=True)
 
+    kinds = [a for a in ("monarch", "dense") if a in args.attention.split(",")]
     results = {}
-    for attention in ("monarch", "dense"):
+    for attention in kinds:
         videos, lat = run_engine(args.cli, files, attention, T, 2)
         results[attention] = (videos, torch.from_numpy(lat))
         if args.profile:
             run_engine(args.cli, files, attention, T, 1, profile=True)
     rows = []
-    for attention in ("monarch", "dense"):
+    for attention in kinds:
         videos, lat = results[attention]
         warm = videos[-1]
         rows.append((f"engine {attention} (bf16, CUDA graphs)", warm, videos[0]))
@@ -165,7 +167,7 @@ def main():
             print(f"parity {attention} vs PyTorch float32 reference, per chunk rel L2: " +
                   " ".join(f"{e:.2e}" for e in errs) + f"  (max {max(errs):.2e})", flush=True)
     if not args.skip_eager:
-        for attention in ("monarch", "dense"):
+        for attention in kinds:
             eager(sd, text[None], noise[:, :3], renoise[:1], attention, torch.bfloat16)  # warm-up
             _, times = eager(sd, text[None], noise, renoise, attention, torch.bfloat16)
             rows.append((f"PyTorch eager {attention} (bf16)", times, None))

@@ -398,6 +398,42 @@ TEST(Cli, AnalyzeJson) {
   EXPECT_TRUE(contains(r.output, "\"sparsity\": 0.708333")) << r.output;
 }
 
+// ---- generate ------------------------------------------------------------------------------------
+
+// The built-in model on the CPU: the streamed chunks are exactly the slices of the final latents,
+// a second run with the same seed gives the same latents, and bad devices are usage errors.
+TEST(Cli, GenerateStreamsChunksAndIsDeterministic) {
+  test::TempDir dir{"cli"};
+  const std::string base = "generate --device cpu --frames 6 --batch 2 --attention monarch --seed 3 ";
+  Result r = run(base + "--stream-dir " + quote(dir.path()) + " --out " + quote(dir.file("a.npy")));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "chunk 2/2")) << r.output;
+  NpyArray all, again;
+  ASSERT_TRUE(read_npy(dir.file("a.npy"), &all).ok());
+  ASSERT_EQ(all.shape, (std::vector<int64_t>{2, 6, 16, 8, 12}));
+  const int64_t frame = 16 * 8 * 12;
+  for (int64_t k = 0; k < 2; ++k) {
+    NpyArray part;
+    char name[32];
+    std::snprintf(name, sizeof name, "chunk_%03lld.npy", (long long)k);
+    ASSERT_TRUE(read_npy(dir.file(name), &part).ok()) << name;
+    ASSERT_EQ(part.shape, (std::vector<int64_t>{2, 3, 16, 8, 12}));
+    for (int64_t b = 0; b < 2; ++b)
+      for (int64_t i = 0; i < 3 * frame; ++i)
+        ASSERT_EQ(load_element(part.data.data(), part.dtype, b * 3 * frame + i),
+                  load_element(all.data.data(), all.dtype, (b * 6 + k * 3) * frame + i));
+  }
+  r = run(base + "--out " + quote(dir.file("b.npy")));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  ASSERT_TRUE(read_npy(dir.file("b.npy"), &again).ok());
+  EXPECT_EQ(all.data, again.data);
+  r = run("generate --device tpu --out " + quote(dir.file("c.npy")));
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_TRUE(contains(r.output, "--device must be cpu, cuda or auto")) << r.output;
+  r = run("generate --device cpu --repeat 0 --out " + quote(dir.file("c.npy")));
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+}
+
 // ---- errors --------------------------------------------------------------------------------------
 
 // Valid inputs for the error cases: grid 4,2,6, [48, 2, 8] float32.

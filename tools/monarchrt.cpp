@@ -555,6 +555,7 @@ const std::vector<OptionSpec> kGenerateOptions = {
     {"noise", "FILE", nullptr, "initial noise .npy [batch, frames, channels, H, W] instead of seeded noise"},
     {"renoise", "FILE", nullptr, "re-noising draws .npy [chunks, 3, batch, chunk, channels, H, W]"},
     {"out", "FILE", "latents.npy", "where the clean latents [batch, frames, channels, H, W] go (float32)"},
+    {"stream-dir", "DIR", nullptr, "also write each chunk as DIR/chunk_NNN.npy [batch, chunk, channels, H, W] when it is made"},
     {"repeat", "N", "1", "generate the video N times (timings of each; the first includes CUDA-graph capture)"},
     {"device", "KIND", "auto", "cpu (fp32), cuda (bf16, one GPU) or auto (cuda where a GPU is usable)"},
     {"no-cuda-graph", nullptr, nullptr, "cuda: launch the kernels one by one instead of a graph per chunk"},
@@ -707,8 +708,14 @@ int cmd_generate(int argc, char** argv) {
   };
   const int64_t chunks = chunk > 0 ? frames / chunk : 0;
   double total = 0;
-  cb.on_chunk = [&](int64_t k, const float*, double secs) {
+  const std::string stream_dir = a.has("stream-dir") ? a.get("stream-dir") : "";
+  cb.on_chunk = [&](int64_t k, const float* x0, double secs) {
     total += secs;
+    if (!stream_dir.empty()) {  // the chunk as soon as it exists (x0: [batch, chunk, C, H, W])
+      char name[32];
+      std::snprintf(name, sizeof name, "/chunk_%03lld.npy", (long long)k);
+      check(write_npy(stream_dir + name, DType::kF32, {B, chunk, c.in_dim, run.latent_h, run.latent_w}, x0));
+    }
     std::fprintf(stderr, "chunk %lld/%lld  frames [%lld, %lld)  %d passes  %.3f s\n", (long long)k + 1,
                  (long long)chunks, (long long)(k * chunk), (long long)((k + 1) * chunk), k + 1 < chunks ? 5 : 4, secs);
   };

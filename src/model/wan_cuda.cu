@@ -31,9 +31,11 @@ using bf16 = __nv_bfloat16;
 using cuda_detail::LinearEpilogue;
 using cuda_detail::LinearPlan;
 
-constexpr int kPerThread = 8;  // row kernels keep a token's row in registers: dim <= 8 x threads
+// Row kernels: one CTA per token, a thread owns 8 consecutive channels (16-byte loads of bf16,
+// two float4 of fp32) and keeps them in registers; dim is a multiple of 8 (checked in init).
+constexpr int kVec = 8;
 
-int row_threads(int64_t D) { return D <= 256 * kPerThread ? 256 : 1024; }
+int row_threads(int64_t D) { return int((D / kVec + 31) / 32 * 32); }
 
 // Sum over the block (blockDim.x a multiple of 32); `red` holds 32 floats.
 __device__ float block_sum(float v, float* red) {
@@ -44,6 +46,42 @@ __device__ float block_sum(float v, float* red) {
   float s = 0.f;
   for (int i = 0; i < int(blockDim.x) / 32; ++i) s += red[i];
   return s;
+}
+
+__device__ void load8(const float* p, float (&v)[kVec]) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+__device__ void store8(float* p, const float (&v)[kVec]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+// v[i] += a[i] + b[i] for the arrays that exist.
+__device__ void add8(const float* a, const float* b, float (&v)[kVec]) {
+  float t[kVec];
+  if (a) {
+    load8(a, t);
+    for (int i = 0; i < kVec; ++i) v[i] += t[i];
+  }
+  if (b) {
+    load8(b, t);
+    for (int i = 0; i < kVec; ++i) v[i] += t[i];
+  }
+}
+__device__ void load8(const bf16* p, float (&v)[kVec]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  for (int i = 0; i < kVec / 2; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+__device__ void store8(bf16* p, const float (&v)[kVec]) {
+  uint4 raw;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+  for (int i = 0; i < kVec / 2; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+  *reinterpret_cast<uint4*>(p) = raw;
 }
 
 __device__ float silu_f(float x) { return x / (1.f + __expf(-x)); }
@@ -111,40 +149,34 @@ struct AddNormArgs {
 __global__ void add_norm_kernel(const AddNormArgs a) {
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
-  float* x = a.x + row * a.D;
-  float v[kPerThread];
-  float sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int d = int(threadIdx.x) + i * int(blockDim.x);
-    v[i] = 0.f;
-    if (d < a.D) {
-      float xv = x[d];
-      if (a.y) {
-        const float g = a.gate_a ? a.gate_a[d] + (a.gate_b ? a.gate_b[d] : 0.f) : 1.f;
-        xv += __bfloat162float(a.y[row * a.D + d]) * g;
-        x[d] = xv;
-      }
-      v[i] = xv;
-      sum += xv;
+  const int d0 = int(threadIdx.x) * kVec;
+  const bool mine = d0 < a.D;
+  float v[kVec] = {}, sum = 0.f;
+  if (mine) {
+    float* x = a.x + row * a.D + d0;
+    load8(x, v);
+    if (a.y) {
+      float y[kVec], g[kVec];
+      load8(a.y + row * a.D + d0, y);
+      for (int i = 0; i < kVec; ++i) g[i] = a.gate_a ? 0.f : 1.f;
+      add8(a.gate_a ? a.gate_a + d0 : nullptr, a.gate_b ? a.gate_b + d0 : nullptr, g);
+      for (int i = 0; i < kVec; ++i) v[i] += y[i] * g[i];
+      store8(x, v);
     }
+    for (int i = 0; i < kVec; ++i) sum += v[i];
   }
   const float mean = block_sum(sum, red) / float(a.D);
   float var = 0.f;
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int d = int(threadIdx.x) + i * int(blockDim.x);
-    if (d < a.D) var += (v[i] - mean) * (v[i] - mean);
-  }
+  if (mine)
+    for (int i = 0; i < kVec; ++i) var += (v[i] - mean) * (v[i] - mean);
   const float inv = rsqrtf(block_sum(var, red) / float(a.D) + a.eps);
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int d = int(threadIdx.x) + i * int(blockDim.x);
-    if (d < a.D) {
-      const float mul = a.mul_one + (a.mul_a ? a.mul_a[d] : 0.f) + (a.mul_b ? a.mul_b[d] : 0.f);
-      const float add = (a.add_a ? a.add_a[d] : 0.f) + (a.add_b ? a.add_b[d] : 0.f);
-      a.h[row * a.D + d] = __float2bfloat16_rn((v[i] - mean) * inv * mul + add);
-    }
+  if (mine) {
+    float mul[kVec], add[kVec] = {};
+    for (int i = 0; i < kVec; ++i) mul[i] = a.mul_one;
+    add8(a.mul_a ? a.mul_a + d0 : nullptr, a.mul_b ? a.mul_b + d0 : nullptr, mul);
+    add8(a.add_a ? a.add_a + d0 : nullptr, a.add_b ? a.add_b + d0 : nullptr, add);
+    for (int i = 0; i < kVec; ++i) v[i] = (v[i] - mean) * inv * mul[i] + add[i];
+    store8(a.h + row * a.D + d0, v);
   }
 }
 
@@ -152,25 +184,26 @@ __global__ void add_norm_kernel(const AddNormArgs a) {
 __global__ void rms_rows_kernel(bf16* x, int64_t ld, const float* gain, int D, float eps) {
   __shared__ float red[32];
   bf16* r = x + int64_t(blockIdx.x) * ld;
-  float v[kPerThread], ss = 0.f;
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int d = int(threadIdx.x) + i * int(blockDim.x);
-    v[i] = d < D ? __bfloat162float(r[d]) : 0.f;
-    ss += v[i] * v[i];
+  const int d0 = int(threadIdx.x) * kVec;
+  const bool mine = d0 < D;
+  float v[kVec] = {}, ss = 0.f;
+  if (mine) {
+    load8(r + d0, v);
+    for (int i = 0; i < kVec; ++i) ss += v[i] * v[i];
   }
   const float inv = rsqrtf(block_sum(ss, red) / float(D) + eps);
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int d = int(threadIdx.x) + i * int(blockDim.x);
-    if (d < D) r[d] = __float2bfloat16_rn(v[i] * inv * gain[d]);
+  if (mine) {
+    float g[kVec];
+    load8(gain + d0, g);
+    for (int i = 0; i < kVec; ++i) v[i] *= inv * g[i];
+    store8(r + d0, v);
   }
 }
 
 // Self-attention q/k: RMSNorm over all D channels (gains gq, gk), 3D RoPE at the token's
 // absolute (frame, row, column) from cos/sin tables, q written back in place into the q|k|v row,
 // k and v written into the layer's cache at row cache_row0 + token. One token per block; a
-// thread owns channel pairs.
+// thread owns 8 channels (4 RoPE pairs of one head: head dims are multiples of 8).
 struct QkRopeArgs {
   bf16* qkv;  // [B * S, 3 D]
   const float *gq, *gk;
@@ -186,42 +219,41 @@ __global__ void qk_rope_kernel(const QkRopeArgs a) {
   __shared__ float red[32];
   const int64_t tok = blockIdx.x;
   const int b = int(tok / a.S), n = int(tok % a.S);
+  const int d0 = int(threadIdx.x) * kVec;
+  const bool mine = d0 < a.D;
   bf16* q = a.qkv + tok * 3 * a.D;
-  const bf16* k = q + a.D;
-  const bf16* v = q + 2 * a.D;
-  float2 qv[kPerThread / 2], kv[kPerThread / 2];
-  float sq = 0.f, sk = 0.f;
-  const int pairs = a.D / 2;
-#pragma unroll
-  for (int i = 0; i < kPerThread / 2; ++i) {
-    const int p = int(threadIdx.x) + i * int(blockDim.x);
-    qv[i] = kv[i] = make_float2(0.f, 0.f);
-    if (p < pairs) {
-      qv[i] = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(q)[p]);
-      kv[i] = __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(k)[p]);
-      sq += qv[i].x * qv[i].x + qv[i].y * qv[i].y;
-      sk += kv[i].x * kv[i].x + kv[i].y * kv[i].y;
+  float qv[kVec] = {}, kv[kVec] = {}, sq = 0.f, sk = 0.f;
+  if (mine) {
+    load8(q + d0, qv);
+    load8(q + a.D + d0, kv);
+    for (int i = 0; i < kVec; ++i) {
+      sq += qv[i] * qv[i];
+      sk += kv[i] * kv[i];
     }
   }
   const float iq = rsqrtf(block_sum(sq, red) / float(a.D) + a.eps);
   const float ik = rsqrtf(block_sum(sk, red) / float(a.D) + a.eps);
+  if (!mine) return;
   const int frame = a.f0 + n / (a.th * a.tw), row = (n / a.tw) % a.th, col = n % a.tw;
   const int64_t crow = int64_t(b) * a.cache_rows + a.cache_row0 + n;
-#pragma unroll
-  for (int i = 0; i < kPerThread / 2; ++i) {
-    const int p = int(threadIdx.x) + i * int(blockDim.x);
-    if (p >= pairs) continue;
-    const int j = p % (a.hd / 2);
+  float gq[kVec], gk[kVec];
+  load8(a.gq + d0, gq);
+  load8(a.gk + d0, gk);
+  for (int i = 0; i < kVec / 2; ++i) {
+    const int j = (d0 / 2 + i) % (a.hd / 2);  // pair index inside the head
     const float2 cs = j < a.pf            ? a.rope_f[frame * a.pf + j]
                       : j < a.pf + a.phw ? a.rope_r[row * a.phw + (j - a.pf)]
                                          : a.rope_c[col * a.phw + (j - a.pf - a.phw)];
-    const float q0 = qv[i].x * iq * a.gq[2 * p], q1 = qv[i].y * iq * a.gq[2 * p + 1];
-    const float k0 = kv[i].x * ik * a.gk[2 * p], k1 = kv[i].y * ik * a.gk[2 * p + 1];
-    reinterpret_cast<__nv_bfloat162*>(q)[p] = __floats2bfloat162_rn(q0 * cs.x - q1 * cs.y, q0 * cs.y + q1 * cs.x);
-    reinterpret_cast<__nv_bfloat162*>(a.cache_k + crow * a.D)[p] =
-        __floats2bfloat162_rn(k0 * cs.x - k1 * cs.y, k0 * cs.y + k1 * cs.x);
-    reinterpret_cast<__nv_bfloat162*>(a.cache_v + crow * a.D)[p] = reinterpret_cast<const __nv_bfloat162*>(v)[p];
+    const float q0 = qv[2 * i] * iq * gq[2 * i], q1 = qv[2 * i + 1] * iq * gq[2 * i + 1];
+    const float k0 = kv[2 * i] * ik * gk[2 * i], k1 = kv[2 * i + 1] * ik * gk[2 * i + 1];
+    qv[2 * i] = q0 * cs.x - q1 * cs.y;
+    qv[2 * i + 1] = q0 * cs.y + q1 * cs.x;
+    kv[2 * i] = k0 * cs.x - k1 * cs.y;
+    kv[2 * i + 1] = k0 * cs.y + k1 * cs.x;
   }
+  store8(q + d0, qv);
+  store8(a.cache_k + crow * a.D + d0, kv);
+  *reinterpret_cast<uint4*>(a.cache_v + crow * a.D + d0) = *reinterpret_cast<const uint4*>(q + 2 * a.D + d0);
 }
 
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
@@ -466,8 +498,14 @@ struct WanDiTCuda::Impl {
 
 WanDiTCuda::WanDiTCuda() = default;
 WanDiTCuda::~WanDiTCuda() = default;
-const WanRunConfig& WanDiTCuda::run() const { return impl_->run; }
-const WanConfig& WanDiTCuda::config() const { return impl_->c; }
+const WanRunConfig& WanDiTCuda::run() const {
+  static const WanRunConfig none;
+  return impl_ ? impl_->run : none;
+}
+const WanConfig& WanDiTCuda::config() const {
+  static const WanConfig none;
+  return impl_ ? impl_->c : none;
+}
 size_t WanDiTCuda::device_bytes() const { return impl_ ? impl_->arena_bytes + impl_->attn_ws_bytes : 0; }
 
 std::string WanDiTCuda::profile_report() const {
@@ -541,7 +579,7 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
                                  " must be a multiple of 8 (16-byte rows for the GEMMs)");
     }
   }
-  if (c.dim > 1024 * kPerThread) return Status::unsupported("WanDiTCuda: dim above " + std::to_string(1024 * kPerThread));
+  if (c.dim > 1024 * kVec) return Status::unsupported("WanDiTCuda: dim above " + std::to_string(1024 * kVec));
   if (options.max_chunk_frames < 1 || options.max_chunk_frames > run.max_frames) {
     return Status::invalid("WanDiTCuda: max_chunk_frames = " + std::to_string(options.max_chunk_frames) +
                            " must be in [1, max_frames = " + std::to_string(run.max_frames) + "]");

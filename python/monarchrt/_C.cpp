@@ -87,9 +87,20 @@ TensorView view_of(const at::Tensor& t, const char* name) {
   return v;
 }
 
-void check_same_dtype(const at::Tensor& q, const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), "monarchrt: ", name, ": dtype ", t.scalar_type(),
-                    " differs from q's ", q.scalar_type());
+struct Named {
+  const at::Tensor& t;
+  const char* name;
+};
+
+// What every op checks first, on CPU and CUDA alike: q and the other inputs are 4-d tensors of a
+// supported dtype on CPU or CUDA, all of q's dtype.
+void check_inputs(const at::Tensor& q, std::initializer_list<Named> others) {
+  view_of(q, "q");
+  for (const Named& o : others) {
+    view_of(o.t, o.name);
+    TORCH_CHECK_VALUE(o.t.scalar_type() == q.scalar_type(), "monarchrt: ", o.name, ": dtype ", o.t.scalar_type(),
+                      " differs from q's ", q.scalar_type());
+  }
 }
 
 // ---- CPU ------------------------------------------------------------------------------------
@@ -100,9 +111,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          int64_t cache_frames) {
   const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
                                         window_frames, cache_capacity_frames, cache_frames);
+  check_inputs(q, {{k, "k"}, {v, "v"}});
   const TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v");
-  check_same_dtype(q, k, "k");
-  check_same_dtype(q, v, "v");
   at::Tensor out = at::empty(q.sizes(), q.options());
   const TensorView ov = view_of(out, "out");
   check(q.scalar_type() == at::kDouble ? monarchrt::ref::monarch_attention(qv, kv, vv, ov, p)
@@ -116,10 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     int64_t sink_frames, int64_t window_frames, int64_t cache_capacity_frames, int64_t cache_frames) {
   const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
                                         window_frames, cache_capacity_frames, cache_frames);
+  check_inputs(q, {{k, "k"}, {v, "v"}, {grad_out, "grad_out"}});
   const TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v"), gv = view_of(grad_out, "grad_out");
-  check_same_dtype(q, k, "k");
-  check_same_dtype(q, v, "v");
-  check_same_dtype(q, grad_out, "grad_out");
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
   const TensorView a[7] = {qv, kv, vv, gv, view_of(dq, "dq"), view_of(dk, "dk"), view_of(dv, "dv")};
@@ -154,9 +162,7 @@ at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const 
                           int64_t cache_capacity_frames, int64_t cache_frames) {
   const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
                                         window_frames, cache_capacity_frames, cache_frames);
-  view_of(q_in, "q"), view_of(k_in, "k"), view_of(v_in, "v");
-  check_same_dtype(q_in, k_in, "k");
-  check_same_dtype(q_in, v_in, "v");
+  check_inputs(q_in, {{k_in, "k"}, {v_in, "v"}});
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -175,10 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     bool kv_cache, int64_t sink_frames, int64_t window_frames, int64_t cache_capacity_frames, int64_t cache_frames) {
   const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
                                         window_frames, cache_capacity_frames, cache_frames);
-  check_same_dtype(q_in, k_in, "k");
-  check_same_dtype(q_in, v_in, "v");
-  check_same_dtype(q_in, g_in, "grad_out");
-  view_of(q_in, "q"), view_of(k_in, "k"), view_of(v_in, "v"), view_of(g_in, "grad_out");
+  check_inputs(q_in, {{k_in, "k"}, {v_in, "v"}, {g_in, "grad_out"}});
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor g = kernel_ready(g_in), q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),

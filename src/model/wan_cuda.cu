@@ -2,7 +2,7 @@
 // Per layer: LN + modulation (fused with the previous gated residual) -> one q|k|v GEMM ->
 // q/k RMSNorm + RoPE + KV-cache write -> self-attention over the cache (Monarch or dense) -> o
 // GEMM -> residual + norm3 -> cross q GEMM -> RMSNorm -> dense attention over the text K/V -> o
-// GEMM -> residual + LN + modulation -> FFN GEMMs (GELU-tanh in the epilogue) -> gated residual,
+// GEMM -> residual + LN + modulation -> FFN GEMMs (GELU in the epilogue) -> gated residual,
 // fused with the next layer's norm. The residual stream x is fp32; everything else bf16.
 #include <cublasLt.h>
 #include <cuda_bf16.h>
@@ -355,7 +355,7 @@ struct WanDiTCuda::Impl {
     const int64_t D = c.dim;
     MONARCHRT_RETURN_IF_ERROR(p->qkv.init(lt, M, 3 * D, D, DType::kBF16, LinearEpilogue::kBias, kLtWorkspace));
     MONARCHRT_RETURN_IF_ERROR(p->dd.init(lt, M, D, D, DType::kBF16, LinearEpilogue::kBias, kLtWorkspace));
-    MONARCHRT_RETURN_IF_ERROR(p->ffn0.init(lt, M, c.ffn_dim, D, DType::kBF16, LinearEpilogue::kBiasGeluTanh, kLtWorkspace));
+    MONARCHRT_RETURN_IF_ERROR(p->ffn0.init(lt, M, c.ffn_dim, D, DType::kBF16, LinearEpilogue::kBiasGelu, kLtWorkspace));
     MONARCHRT_RETURN_IF_ERROR(p->ffn2.init(lt, M, D, c.ffn_dim, DType::kBF16, LinearEpilogue::kBias, kLtWorkspace));
     MONARCHRT_RETURN_IF_ERROR(p->patch.init(lt, M, D, P, DType::kF32, LinearEpilogue::kBias, kLtWorkspace));
     MONARCHRT_RETURN_IF_ERROR(p->head.init(lt, M, O, D, DType::kF32, LinearEpilogue::kBias, kLtWorkspace));
@@ -744,7 +744,7 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
   MONARCHRT_RETURN_IF_ERROR(m.make_plans(N));
   m.te0_plan = std::make_unique<LinearPlan>();
   m.dd_text_plan = std::make_unique<LinearPlan>();
-  MONARCHRT_RETURN_IF_ERROR(m.te0_plan->init(m.lt, T, D, c.text_dim, DType::kBF16, LinearEpilogue::kBiasGeluTanh, Impl::kLtWorkspace));
+  MONARCHRT_RETURN_IF_ERROR(m.te0_plan->init(m.lt, T, D, c.text_dim, DType::kBF16, LinearEpilogue::kBiasGelu, Impl::kLtWorkspace));
   MONARCHRT_RETURN_IF_ERROR(m.dd_text_plan->init(m.lt, T, D, D, DType::kBF16, LinearEpilogue::kBias, Impl::kLtWorkspace));
   // Every position of a full chunk in the cache; positions that the layout cannot run (a cache
   // that is not whole tiles) fail at forward() with the same message. The first must work.

@@ -16,7 +16,7 @@
 namespace monarchrt {
 namespace cuda_detail {
 
-enum class LinearEpilogue { kBias, kBiasGeluTanh };
+enum class LinearEpilogue { kBias, kBiasGelu };
 
 class LinearPlan {
  public:

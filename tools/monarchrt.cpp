@@ -633,6 +633,9 @@ int cmd_generate(int argc, char** argv) {
   run.sink_frames = a.get_int("sink-frames");
   run.window_frames = a.get_int("window-frames");
   if (run.batch < 1) throw UsageError{"--batch must be >= 1"};
+  const int64_t repeat = a.get_int("repeat");
+  if (repeat < 1) throw UsageError{"--repeat must be >= 1"};
+  [[maybe_unused]] const bool auto_device = a.get("device") == "auto";
   std::string device = a.get("device");
   if (device != "auto" && device != "cpu" && device != "cuda") {
     throw UsageError{"--device must be cpu, cuda or auto, got '" + device + "'"};
@@ -653,11 +656,18 @@ int cmd_generate(int argc, char** argv) {
     opt.cuda_graphs = !a.has("no-cuda-graph");
     opt.profile = a.has("profile");
     auto g = std::make_unique<WanDiTCuda>();
-    check(g->init(weights, run, opt));
-    std::fprintf(stderr, "GPU memory: %s\n", g->memory_report().c_str());
-    gpu_dit = g.get();
-    model = std::move(g);
-    weights = WanWeights();  // the GPU holds its own bf16 copy
+    const Status s = g->init(weights, run, opt);
+    if (s.ok()) {
+      std::fprintf(stderr, "GPU memory: %s\n", g->memory_report().c_str());
+      gpu_dit = g.get();
+      model = std::move(g);
+      weights = WanWeights();  // the GPU holds its own bf16 copy
+    } else if (auto_device && s.code() == StatusCode::kUnsupported) {  // e.g. a head dim the kernels lack
+      std::fprintf(stderr, "the GPU path cannot run this model (%s); running on the CPU\n", s.message().c_str());
+      device = "cpu";
+    } else {
+      check(s);
+    }
   }
 #endif
   if (!model) {
@@ -724,8 +734,6 @@ int cmd_generate(int argc, char** argv) {
                (long long)run.latent_h, (long long)run.latent_w, (long long)B, kind.c_str(),
                device == "cuda" ? "cuda (bf16)" : "cpu (fp32)");
   std::vector<float> latents(size_t(B * frames * frame));
-  const int64_t repeat = a.get_int("repeat");
-  if (repeat < 1) throw UsageError{"--repeat must be >= 1"};
   for (int64_t r = 0; r < repeat; ++r) {
     if (repeat > 1) std::fprintf(stderr, "video %lld/%lld\n", (long long)r + 1, (long long)repeat);
     total = 0;

@@ -191,34 +191,28 @@ TEST(Checkpoint, ClearErrors) {
   s = Checkpoint::open(memory_source(z.finish(), "evil.pt"), &ck);
   EXPECT_EQ(s.code(), StatusCode::kUnsupported);
   EXPECT_NE(s.message().find("os.system"), std::string::npos);
+  // A .pt holding {"x": tensor} on one storage of `storage_bytes` bytes.
+  auto one_tensor = [](const std::string& storage_type, int64_t numel, int64_t offset, int64_t size,
+                       size_t storage_bytes) {
+    PickleWriter pw;
+    pw.op(0x80);
+    pw.op(2);
+    pw.op('}');
+    pw.str("x");
+    pw.tensor(storage_type, "0", numel, offset, {size}, {1}, false);
+    pw.op('s');
+    pw.op('.');
+    ZipWriter zw;
+    zw.add("archive/data.pkl", pw.b);
+    zw.add("archive/data/0", std::vector<uint8_t>(storage_bytes, 0));
+    return zw.finish();
+  };
   // Integer storages (not model weights here) are named.
-  PickleWriter pi;
-  pi.op(0x80);
-  pi.op(2);
-  pi.op('}');
-  pi.str("x");
-  pi.tensor("LongStorage", "0", 1, 0, {1}, {1}, false);
-  pi.op('s');
-  pi.op('.');
-  ZipWriter zi;
-  zi.add("archive/data.pkl", pi.b);
-  zi.add("archive/data/0", std::vector<uint8_t>(8, 0));
-  s = Checkpoint::open(memory_source(zi.finish(), "long.pt"), &ck);
+  s = Checkpoint::open(memory_source(one_tensor("LongStorage", 1, 0, 1, 8), "long.pt"), &ck);
   EXPECT_EQ(s.code(), StatusCode::kUnsupported);
   EXPECT_NE(s.message().find("LongStorage"), std::string::npos);
   // A tensor reaching past its storage.
-  PickleWriter po;
-  po.op(0x80);
-  po.op(2);
-  po.op('}');
-  po.str("x");
-  po.tensor("FloatStorage", "0", 4, 2, {3}, {1}, false);
-  po.op('s');
-  po.op('.');
-  ZipWriter zo;
-  zo.add("archive/data.pkl", po.b);
-  zo.add("archive/data/0", std::vector<uint8_t>(16, 0));
-  s = Checkpoint::open(memory_source(zo.finish(), "over.pt"), &ck);
+  s = Checkpoint::open(memory_source(one_tensor("FloatStorage", 4, 2, 3, 16), "over.pt"), &ck);
   EXPECT_EQ(s.code(), StatusCode::kCorruptData);
   EXPECT_NE(s.message().find("'x'"), std::string::npos);
 }

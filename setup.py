@@ -4,7 +4,8 @@
 
 The extension compiles the library's CPU sources, and, where torch has CUDA and nvcc is found,
 the CUDA kernels. MONARCHRT_TORCH_CUDA=1 forces the CUDA build, =0 skips it; the default builds
-it when a GPU is visible (TORCH_CUDA_ARCH_LIST picks the architectures, default: that GPU's).
+it when a GPU is visible (TORCH_CUDA_ARCH_LIST picks the architectures, default: that GPU's, with
+9.0a for a Hopper GPU so that its wgmma kernels are built).
 MONARCHRT_NATIVE=1 compiles the CPU paths for this machine's instruction set. MAX_JOBS limits
 parallel compile jobs (ninja)."""
 import os
@@ -42,10 +43,15 @@ def extension():
     kwargs = dict(include_dirs=[os.path.abspath("include")], extra_compile_args={"cxx": cxx})
     sources = ["python/monarchrt/_C.cpp"] + CPU_SOURCES
     if want_cuda():
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            if not torch.cuda.is_available():
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+            elif torch.cuda.get_device_capability() == (9, 0):
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"  # Hopper: the wgmma kernels
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["define_macros"] = [("MONARCHRT_WITH_CUDA", "1")]
+        if "9.0a" in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";"):
+            kwargs["define_macros"].append(("MONARCHRT_SM90A", "1"))
         return CUDAExtension("monarchrt._C", sources + CUDA_SOURCES, **kwargs)
     return CppExtension("monarchrt._C", sources, **kwargs)
 

@@ -92,12 +92,16 @@ void check_status(const Status& st, const char* name) {
 
 int main(int argc, char** argv) {
   const int64_t H = 12, D = 128;
-  // Usage: bench_cuda [reps] [--backward]  (--backward: only the backward table, e.g. under ncu)
+  // Usage: bench_cuda [reps] [--backward] [--only TEXT]  (--backward: only the backward table;
+  // --only: only the shapes whose name contains TEXT; both e.g. under ncu)
   int reps = 50;
   bool backward_only = false;
+  std::string only;
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--backward") {
       backward_only = true;
+    } else if (std::string(argv[i]) == "--only" && i + 1 < argc) {
+      only = argv[++i];
     } else {
       reps = std::atoi(argv[i]);
     }
@@ -149,6 +153,7 @@ int main(int argc, char** argv) {
   size_t ws_capacity = 0;
   for (const Shape& s : shapes) {
    if (backward_only) break;
+   if (std::string(s.name).find(only) == std::string::npos) continue;
    for (int two_pass = s.iters > 1 ? 1 : 0; two_pass < 2; ++two_pass) {
     AttentionParams p;
     p.grid = VideoGrid{s.q_frames, 30, 52};
@@ -203,6 +208,7 @@ int main(int argc, char** argv) {
   std::printf("%-28s %-9s %10s %10s %10s %9s %9s\n", "shape", "path", "first ms", "median ms", "TFLOP/s",
               "target", "status");
   for (const Shape& s : bwd_shapes) {
+    if (std::string(s.name).find(only) == std::string::npos) continue;
     AttentionParams p;
     p.grid = VideoGrid{s.q_frames, 30, 52};
     p.layout = s.layout;

@@ -15,6 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
 extra=()
 [ -d .deps/googletest ] && extra+=(-DMONARCHRT_GTEST_SOURCE="$PWD/.deps/googletest")
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+[ "$arch" = 90 ] && arch=90a  # Hopper: the wgmma kernels need the arch-specific target
 cmake -S . -B build-gpu -G Ninja -DMONARCHRT_CUDA=ON -DMONARCHRT_CUDA_ARCHS="$arch" "${extra[@]}" >"$OUT/cmake.log" 2>&1 \
   || { tail -30 "$OUT/cmake.log"; exit 1; }
 cmake --build build-gpu -j "$(nproc)" >"$OUT/build.log" 2>&1 || { grep -E "error" "$OUT/build.log" | head -30; exit 1; }
@@ -25,6 +26,12 @@ if [ "$what" = all ] || [ "$what" = test ]; then
   grep -E "OK|FAILED|PASSED|Failure|Expected|Which" "$OUT/test_cuda.log" | head -40
   grep -E "rel L2" "$OUT/test_cuda.log" | awk "{print \$NF}" | sort -g | tail -1 | sed "s/^/largest rel L2 error: /"
   [ "$rc" -eq 0 ] || status=1
+  if [ "$arch" = 90a ]; then  # the portable kernels too, on this card
+    MONARCHRT_NO_WGMMA=1 ./build-gpu/tests/test_cuda --gtest_filter='CudaForward.*:CudaBackward.*' \
+      >"$OUT/test_cuda_portable.log" 2>&1; rc=$?
+    echo "portable kernels (MONARCHRT_NO_WGMMA=1): $(grep -E "PASSED|FAILED" "$OUT/test_cuda_portable.log" | head -3 | tr '\n' ' ')"
+    [ "$rc" -eq 0 ] || status=1
+  fi
   ./build-gpu/tests/test_wan_cuda >"$OUT/test_wan_cuda.log" 2>&1; rc=$?
   grep -E "OK|FAILED|PASSED|Failure|Expected|Which|rel L2" "$OUT/test_wan_cuda.log" | head -40
   [ "$rc" -eq 0 ] || status=1
@@ -40,6 +47,10 @@ fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   echo "== benchmark"
   ./build-gpu/bench/bench_cuda 2>&1 | tee "$OUT/bench.txt"
+  if [ -x build-gpu/bench/bench_dsmem ]; then
+    echo "== shared-memory traffic between SMs (thread-block clusters)"
+    ./build-gpu/bench/bench_dsmem 2>&1 | tee "$OUT/dsmem.txt"
+  fi
   echo "== dense anchors"
   python3 bench/anchors.py 2>&1 | tee "$OUT/anchors.txt"
 fi

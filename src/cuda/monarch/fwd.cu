@@ -34,9 +34,13 @@ template <typename T, int D>
 Status prepare_two_pass() {
   using C = TwoPassConfig<T, D>;
   using Wide = TwoPassConfig<T, D, 128>;
-  static std::atomic<uint64_t> done1{0}, done1w{0}, done2{0}, done3{0};
+  using Hopper = TwoPassConfig<T, D, 64, true>;
+  static std::atomic<uint64_t> done1{0}, done1w{0}, done1h{0}, done2{0}, done3{0};
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage1_kernel<T, D, C::kB2Max>, C::kSmem1, done1));
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage1_kernel<T, D, 128>, Wide::kSmem1, done1w));
+  if (use_wgmma()) {
+    MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage1_kernel<T, D, 64, true>, Hopper::kSmem1, done1h));
+  }
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage2_kernel<T, D>, C::kSmem2, done2));
   return ensure_smem(monarch_proxy_kernel<T, D>, C::kSmemProxy, done3);
 }
@@ -62,7 +66,9 @@ Status launch_stage1_typed(const MonarchFwdParams& p, int B, cudaStream_t stream
   using C = TwoPassConfig<T, D>;
   MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<T, D>()));
   const dim3 grid1(p.b1, p.A, B * p.H);
-  if (p.b2 > C::kB2Max) {  // rows wider than the default stage-1 buffers
+  if (p.b2 <= 64 && use_wgmma()) {  // Hopper: one warpgroup, S, aL and Y by wgmma
+    monarch_stage1_kernel<T, D, 64, true><<<grid1, 128, TwoPassConfig<T, D, 64, true>::kSmem1, stream>>>(p);
+  } else if (p.b2 > C::kB2Max) {  // rows wider than the default stage-1 buffers
     monarch_stage1_kernel<T, D, 128><<<grid1, 32 * ((p.b2 + 15) / 16), TwoPassConfig<T, D, 128>::kSmem1, stream>>>(p);
   } else {
     monarch_stage1_kernel<T, D, C::kB2Max><<<grid1, 32 * ((p.b2 + 15) / 16), C::kSmem1, stream>>>(p);

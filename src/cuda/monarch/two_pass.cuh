@@ -12,6 +12,9 @@
 //     S = Q_k K_k^T (M = 16 columns, N = b2 keys, K = D); R = softmax rows; cL = sum R (z - lse)
 //     aL = R K_k, Y = R V_k   (M = 16, N = D, K = b2)
 //   written to workspace row ((bh * A + m) * b2 + j) * F + n) * b1 + k.
+//   Hopper variant (Wg, rows of up to 64 keys, chosen by use_wgmma()): the 4 warps are one
+//   warpgroup and the three products are wgmma (M = 64 columns) with K and V rows in the blocked
+//   layout of common/wgmma.cuh; same softmax, same workspace.
 // Stage 2 (monarch_stage2_kernel): one warp per (column j, 16 query rows l), FlashAttention over
 //   the F * b1 "virtual keys" (n, k) of column j: u = s q[m,l,j] . aL - cL, O = softmax(u) Y.
 // Several iterations: stage 1, then per further iteration stage 2 (for its log-sum-exp), the
@@ -21,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include "../common/ptx.cuh"
+#include "../common/wgmma.cuh"
 #include "fwd_params.h"
 #include "tiles.cuh"
 #include "warp_tiles.cuh"
@@ -29,15 +33,18 @@ namespace monarchrt {
 namespace cuda_detail {
 
 // B2Max: the widest key row stage 1 holds in shared memory (64 keeps 3 CTAs per SM for D = 128;
-// 128 serves wider tiles such as 720p's 45 x 80).
-template <typename T, int D, int B2Max = (D == 128 ? 64 : 128)>
+// 128 serves wider tiles such as 720p's 45 x 80). Wg: the Hopper stage 1 (wgmma, B2Max = 64).
+template <typename T, int D, int B2Max = (D == 128 ? 64 : 128), bool Wg = false>
 struct TwoPassConfig {
+  static_assert(!Wg || B2Max == 64, "the wgmma stage 1 holds rows of up to 64 keys");
   static constexpr int kB2Max = B2Max;
   static constexpr int kLd = D + 8;                   // row pitch: ldmatrix rows hit distinct banks
   static constexpr int kMaxB1 = 256;
-  // Stage 1: one key row of K and of V, double-buffered (the proxies stay in registers).
-  static constexpr size_t kRowBytes = size_t(kB2Max) * kLd * sizeof(T);
-  static constexpr int kStageLd = 16 + 8;  // per-warp staging of a 16 x 16 output block
+  // Stage 1: one key row of K and of V, double-buffered (the proxies stay in registers); the
+  // wgmma variant keeps the rows in the blocked layout of common/wgmma.cuh (no padding).
+  static constexpr size_t kRowBytes = Wg ? size_t(kB2Max) * D * sizeof(T) : size_t(kB2Max) * kLd * sizeof(T);
+  static constexpr int kStageCols = Wg ? 64 : 16;  // per-warp staging of a 16 x kStageCols output block
+  static constexpr int kStageLd = kStageCols + 8;
   static constexpr size_t kSmem1 = 2 * 2 * kRowBytes + (kB2Max / 16) * 16 * kStageLd * sizeof(T);
   // Stage 2: kCols columns x kChunk virtual keys of aL and Y, plus cL, double-buffered.
   static constexpr int kCols = 2;
@@ -53,9 +60,9 @@ __device__ __forceinline__ int64_t ws_row(const MonarchFwdParams& p, int bh, int
   return ((int64_t(bh) * p.A + m) * p.b2 + j) * int64_t(p.F) * p.b1 + int64_t(n) * p.b1 + k;
 }
 
-template <typename T, int D, int B2Max>
-__global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdParams p) {
-  using C = TwoPassConfig<T, D, B2Max>;
+template <typename T, int D, int B2Max, bool Wg = false>
+__global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1) monarch_stage1_kernel(const MonarchFwdParams p) {
+  using C = TwoPassConfig<T, D, B2Max, Wg>;
   using MM = Mma<T>;
   constexpr float kLn2 = 0.6931471805599453f;
   constexpr int kNT = C::kB2Max / 8;  // 8-key MMA tiles of a row
@@ -86,14 +93,25 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
     load_a_rows<T, D>(qa, j_row[0] < p.b2 ? qg + int64_t(q_tok + j_row[0]) * p.q_stride[1] : nullptr,
                       j_row[1] < p.b2 ? qg + int64_t(q_tok + j_row[1]) * p.q_stride[1] : nullptr, lane);
   }
+  constexpr size_t kRowElems = C::kRowBytes / sizeof(T);
   auto load = [&](int n, int stage) {  // key row (n, k): b2 consecutive tokens of K and of V
-    T* Kd = bufs + (stage * 2) * C::kB2Max * C::kLd;
-    T* Vd = Kd + C::kB2Max * C::kLd;
+    T* Kd = bufs + (stage * 2) * kRowElems;
+    T* Vd = Kd + kRowElems;
     const int64_t base = key_tile_base(p, n) + k_off;
-    for (int idx = tid; idx < p.b2 * (D / 8); idx += blockDim.x) {
-      const int i = idx / (D / 8), dc = idx % (D / 8);
-      cp_async_16(Kd + i * C::kLd + dc * 8, kg + (base + i) * p.k_stride[1] + dc * 8, true);
-      cp_async_16(Vd + i * C::kLd + dc * 8, vg + (base + i) * p.v_stride[1] + dc * 8, true);
+    if constexpr (Wg) {  // 16-byte piece idx of the blocked layout: key (idx / (D / 8) / 8) * 8 + idx % 8
+      for (int idx = tid; idx < (p.b2 + 7) / 8 * D; idx += blockDim.x) {
+        const int i = idx / D * 8 + idx % 8, dc = (idx / 8) % (D / 8);
+        if (i < p.b2) {
+          cp_async_16(Kd + idx * 8, kg + (base + i) * p.k_stride[1] + dc * 8, true);
+          cp_async_16(Vd + idx * 8, vg + (base + i) * p.v_stride[1] + dc * 8, true);
+        }
+      }
+    } else {
+      for (int idx = tid; idx < p.b2 * (D / 8); idx += blockDim.x) {
+        const int i = idx / (D / 8), dc = idx % (D / 8);
+        cp_async_16(Kd + i * C::kLd + dc * 8, kg + (base + i) * p.k_stride[1] + dc * 8, true);
+        cp_async_16(Vd + i * C::kLd + dc * 8, vg + (base + i) * p.v_stride[1] + dc * 8, true);
+      }
     }
   };
   __syncthreads();  // zeroing done before the first copies land
@@ -106,9 +124,10 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
     if (n_next < p.F) load(n_next, (it + 1) % 2);
     cp_async_commit();
     cp_async_wait_group<1>();  // row (n, k) has landed; (n_next, k) may still be in flight
+    if constexpr (Wg) fence_proxy_async_smem();  // the copies are read by wgmma next
     __syncthreads();
-    const T* Kr = bufs + ((it % 2) * 2) * C::kB2Max * C::kLd;
-    const T* Vr = Kr + C::kB2Max * C::kLd;
+    const T* Kr = bufs + ((it % 2) * 2) * kRowElems;
+    const T* Vr = Kr + kRowElems;
     if (p.ws_proxy != nullptr) {
       const T* pr = static_cast<const T*>(p.ws_proxy);
       load_a_rows<T, D>(qa, j_row[0] < p.b2 ? pr + ws_row(p, bh, m, j_row[0], n, k) * D : nullptr,
@@ -116,11 +135,20 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
     }
 
     // ---- S = Q_k K_k^T for this warp's 16 columns
-    float s[kNT][4];
+    float s[kNT][4];  // the first wgmma overwrites (accumulate == false): no zeroing needed
 #pragma unroll
-    for (int t = 0; t < kNT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+    for (int t = 0; t < (Wg ? 0 : kNT); ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+    if constexpr (Wg) {  // the warpgroup's 64 columns x 64 keys (pad keys are zero rows)
+      wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
+      for (int ks = 0; ks < D / 16; ++ks) {
+        wgmma_m64n64k16<T, false>(s, qa[ks], wgmma_desc(Kr + ks * 128, 128, D * 16), ks > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+    }
+#pragma unroll
+    for (int ks = 0; ks < (Wg ? 0 : D / 16); ++ks) {
 #pragma unroll
       for (int tp = 0; tp < kNT / 2; ++tp) {
         if (2 * tp < ntu) {
@@ -189,10 +217,49 @@ __global__ void __launch_bounds__(256) monarch_stage1_kernel(const MonarchFwdPar
       pa[kk][2] = MM::pack(s[2 * kk + 1][0] * inv[0], s[2 * kk + 1][1] * inv[0]);
       pa[kk][3] = MM::pack(s[2 * kk + 1][2] * inv[1], s[2 * kk + 1][3] * inv[1]);
     }
-    // ---- aL = R K_k and Y = R V_k, 16 features at a time, staged through shared memory so
-    // that every lane stores 16 bytes (scattered 4-byte stores cost ~2x the instructions).
+    // ---- aL = R K_k and Y = R V_k, staged through shared memory so that every lane stores 16
+    // bytes (scattered 4-byte stores cost ~2x the instructions).
+    if constexpr (Wg) {
+      // Four (D = 128) products of 64 features each (aL, then Y), one at a time (a second
+      // accumulator, product q + 1 on the tensor cores while q is stored, gained nothing
+      // measurable and costs 32 registers).
+      constexpr int kHalves = D / 64, kProducts = 2 * kHalves;
+      int64_t rows[4];  // workspace rows this lane stores: j = warp * 16 + lane / 8 + 4 * i
 #pragma unroll
-    for (int which = 0; which < 2; ++which) {
+      for (int i = 0; i < 4; ++i) {
+        const int j = warp * 16 + lane / 8 + 4 * i;
+        rows[i] = j < p.b2 ? ws_row(p, bh, m, j, n, k) : -1;
+      }
+#pragma unroll
+      for (int q = 0; q < kProducts; ++q) {
+        float a[8][4];  // overwritten by the first wgmma (accumulate == false)
+        const T* src = (q / kHalves == 0 ? Kr : Vr) + (q % kHalves) * 64 * 8;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kNT / 2; ++kk) {  // all 64 keys: rows past b2 are zeros
+          wgmma_m64n64k16<T, true>(a, pa[kk], wgmma_desc(src + kk * 16 * D, D * 16, 128), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          *reinterpret_cast<uint32_t*>(staging + r * C::kStageLd + t * 8 + c) = MM::pack(a[t][0], a[t][1]);
+          *reinterpret_cast<uint32_t*>(staging + (r + 8) * C::kStageLd + t * 8 + c) = MM::pack(a[t][2], a[t][3]);
+        }
+        __syncwarp();
+        T* ws = q / kHalves == 0 ? al_ws : y_ws;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (rows[i] >= 0) {
+            *reinterpret_cast<uint4*>(ws + rows[i] * D + (q % kHalves) * 64 + (lane % 8) * 8) =
+                *reinterpret_cast<const uint4*>(staging + (lane / 8 + 4 * i) * C::kStageLd + (lane % 8) * 8);
+          }
+        }
+        __syncwarp();
+      }
+    }
+#pragma unroll
+    for (int which = 0; which < (Wg ? 0 : 2); ++which) {
       const T* src = which == 0 ? Kr : Vr;
       T* ws = which == 0 ? al_ws : y_ws;
 #pragma unroll
@@ -363,7 +430,6 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
   }
   store_rows<T, D>(o, row_sum, orow[0], orow[1], lane);
 }
-
 
 // Proxies for the next iteration (spec section 3): for every workspace row (m, j, n, k),
 //   L[l] = exp(u[l; n,k] - lse_l) with u = s q[m,l,j] . aL - cL (stage 2's probabilities, from

@@ -1,0 +1,119 @@
+// Hopper warpgroup MMA (wgmma, sm_90a only) for the kernels that have a Hopper variant. A
+// warpgroup (4 consecutive warps, the first one's index divisible by 4) computes a 64 x 64 tile:
+//   D (64 x 64, fp32) += A (64 x 16, registers) * B (16 x 64, shared memory, through a descriptor)
+// Register layouts are mma.sync's, per warp: warp w of the group owns rows 16w..16w+15, its A
+// fragment is the m16n8k16 A fragment (ptx.cuh) and D holds eight m16n8 C fragments, d[t] for
+// columns 8t..8t+7. So code written for mma.sync fragments keeps its softmax and packing.
+//
+// Shared-memory operands use the unswizzled ("interleaved") canonical layout: a core matrix is
+// 8 rows of 16 contiguous bytes (128 bytes in one piece). For a row-major tile X[rows][cols]
+// of 16-bit elements, blocked_offset() puts element (i, d) into core matrix (i / 8, d / 8), the
+// core matrices of one row block next to each other. The same buffer then serves as
+//   - a K-major B (B[k][n] = X[n][k], e.g. S = Q K^T with X = K): core matrices along K
+//     (d / 8) are 128 bytes apart (leading byte offset), along N (i / 8) cols * 16 bytes apart
+//     (stride byte offset);
+//   - an MN-major B (B[k][n] = X[k][n], e.g. aL = R K with X = K): along K (i / 8)
+//     cols * 16 bytes apart (leading), along N (d / 8) 128 bytes apart (stride), transposed.
+// Every wrapper compiles on other targets too and traps there; the host launches the kernels that
+// use them only on a compute capability 9.0 device in a build with sm_90a code (use_wgmma()).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "ptx.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MONARCHRT_WGMMA_DEVICE 1
+#endif
+
+namespace monarchrt {
+namespace cuda_detail {
+
+// Byte offset of element (i, d) of a row-major tile with `cols` 16-bit columns (cols % 8 == 0)
+// in the blocked layout above.
+__host__ __device__ constexpr int blocked_offset(int i, int d, int cols) {
+  return ((i / 8) * (cols / 8) + d / 8) * 128 + (i % 8) * 16 + (d % 8) * 2;
+}
+
+// Shared-memory matrix descriptor: start address, leading and stride byte offsets, no swizzle.
+__device__ __forceinline__ uint64_t wgmma_desc(const void* smem, uint32_t leading_bytes, uint32_t stride_bytes) {
+  const uint64_t addr = smem_addr(smem);
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t((leading_bytes >> 4) & 0x3FFF) << 16) |
+         (uint64_t((stride_bytes >> 4) & 0x3FFF) << 32);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef MONARCHRT_WGMMA_DEVICE
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef MONARCHRT_WGMMA_DEVICE
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// Waits until at most N committed wgmma groups of this warp are still in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef MONARCHRT_WGMMA_DEVICE
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#else
+  __trap();
+#endif
+}
+// Makes this thread's earlier generic-proxy shared-memory writes (st.shared, cp.async) visible to
+// later async-proxy reads (wgmma operands); a barrier must follow before other threads' wgmma.
+__device__ __forceinline__ void fence_proxy_async_smem() {
+#ifdef MONARCHRT_WGMMA_DEVICE
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+#define MONARCHRT_WGMMA_D32(d)                                                                        \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), \
+      "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]),             \
+      "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]),             \
+      "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),             \
+      "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+
+#define MONARCHRT_WGMMA_M64N64K16(TYPE)                                                                   \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                          \
+  "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE                                            \
+  " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26," \
+  "%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, %38;\n}\n"
+
+// d (+)= a * B: accumulate == false overwrites d. TransB: B is MN-major (see above).
+template <typename T, bool TransB>
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,
+                                                bool accumulate) {
+#ifdef MONARCHRT_WGMMA_DEVICE
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(MONARCHRT_WGMMA_M64N64K16("bf16")
+                 : MONARCHRT_WGMMA_D32(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)), "n"(int(TransB)));
+  } else {
+    asm volatile(MONARCHRT_WGMMA_M64N64K16("f16")
+                 : MONARCHRT_WGMMA_D32(d)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)), "n"(int(TransB)));
+  }
+#else
+  (void)d, (void)a, (void)desc_b, (void)accumulate;
+  __trap();
+#endif
+}
+
+#undef MONARCHRT_WGMMA_M64N64K16
+#undef MONARCHRT_WGMMA_D32
+
+}  // namespace cuda_detail
+}  // namespace monarchrt

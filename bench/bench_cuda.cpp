@@ -14,19 +14,11 @@
 #include <string>
 #include <vector>
 
+#include "check_cuda.h"
 #include "monarchrt/cuda.h"
 #include "monarchrt/workload.h"
 
 using namespace monarchrt;
-
-#define CHECK_CUDA(x)                                                                      \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #x, cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
 
 struct Shape {
   const char* name;

@@ -12,18 +12,11 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstdlib>
+
+#include "check_cuda.h"
 
 namespace cg = cooperative_groups;
 
-#define CHECK_CUDA(x)                                                                                  \
-  do {                                                                                                 \
-    cudaError_t e_ = (x);                                                                              \
-    if (e_ != cudaSuccess) {                                                                           \
-      std::fprintf(stderr, "%s failed: %s (%s:%d)\n", #x, cudaGetErrorString(e_), __FILE__, __LINE__); \
-      std::exit(1);                                                                                    \
-    }                                                                                                  \
-  } while (0)
 
 constexpr int kBufBytes = 64 * 1024;  // shared memory each CTA writes or reads
 constexpr int kThreads = 512;
@@ -91,6 +84,23 @@ __global__ void dram_store_kernel(uint4* out, size_t n) {
   }
 }
 
+// The fastest of 4 timed runs of launch() after one warm-up run, in milliseconds.
+template <typename Launch>
+float best_ms(cudaEvent_t e0, cudaEvent_t e1, Launch launch) {
+  float best = 1e30f;
+  for (int r = 0; r < 5; ++r) {
+    CHECK_CUDA(cudaEventRecord(e0));
+    launch();
+    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    if (r > 0 && ms < best) best = ms;
+  }
+  CHECK_CUDA(cudaGetLastError());
+  return best;
+}
+
 int main() {
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
@@ -116,17 +126,7 @@ int main() {
     const size_t n = (size_t(2) << 30) / 16;
     uint4* out = nullptr;
     CHECK_CUDA(cudaMalloc(&out, n * 16));
-    float best = 1e30f;
-    for (int r = 0; r < 5; ++r) {
-      CHECK_CUDA(cudaEventRecord(e0));
-      dram_store_kernel<<<sms * 8, 256>>>(out, n);
-      CHECK_CUDA(cudaEventRecord(e1));
-      CHECK_CUDA(cudaEventSynchronize(e1));
-      float ms = 0;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-      if (r > 0 && ms < best) best = ms;
-    }
-    CHECK_CUDA(cudaGetLastError());
+    const float best = best_ms(e0, e1, [&] { dram_store_kernel<<<sms * 8, 256>>>(out, n); });
     std::printf("%-48s %8s %9.2f TB/s\n", "device memory, 16-byte stores", "-", n * 16.0 / (best * 1e-3) * 1e-12);
     CHECK_CUDA(cudaFree(out));
   }
@@ -137,17 +137,7 @@ int main() {
     uint4* in = nullptr;
     CHECK_CUDA(cudaMalloc(&in, size_t(n) * 16));
     CHECK_CUDA(cudaMemset(in, 1, size_t(n) * 16));
-    float best = 1e30f;
-    for (int r = 0; r < 5; ++r) {
-      CHECK_CUDA(cudaEventRecord(e0));
-      l2_load_kernel<<<sms, 1024>>>(in, n, iters, sink);
-      CHECK_CUDA(cudaEventRecord(e1));
-      CHECK_CUDA(cudaEventSynchronize(e1));
-      float ms = 0;
-      CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-      if (r > 0 && ms < best) best = ms;
-    }
-    CHECK_CUDA(cudaGetLastError());
+    const float best = best_ms(e0, e1, [&] { l2_load_kernel<<<sms, 1024>>>(in, n, iters, sink); });
     const double bytes = double(sms) * iters * n * 16.0;
     std::printf("%-48s %8s %9.2f TB/s %10.1f B/clk per SM\n", "L2 -> SM, all SMs read the same 4 MB", "-",
                 bytes / (best * 1e-3) * 1e-12, bytes / sms / (best * 1e-3 * clock_khz * 1e3));
@@ -173,17 +163,7 @@ int main() {
       int clusters = 0;
       CHECK_CUDA(cudaOccupancyMaxActiveClusters(&clusters, dsmem_kernel, &cfg));
       cfg.gridDim = dim3(unsigned(std::min(clusters, sms / size) * size));
-      float best = 1e30f;
-      for (int r = 0; r < 5; ++r) {
-        CHECK_CUDA(cudaEventRecord(e0));
-        CHECK_CUDA(cudaLaunchKernelEx(&cfg, dsmem_kernel, mode, iters, sink));
-        CHECK_CUDA(cudaEventRecord(e1));
-        CHECK_CUDA(cudaEventSynchronize(e1));
-        float ms = 0;
-        CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
-        if (r > 0 && ms < best) best = ms;
-      }
-      CHECK_CUDA(cudaGetLastError());
+      const float best = best_ms(e0, e1, [&] { CHECK_CUDA(cudaLaunchKernelEx(&cfg, dsmem_kernel, mode, iters, sink)); });
       const double bytes = double(cfg.gridDim.x) * iters * kBufBytes;
       const double per_sm_cycle = bytes / cfg.gridDim.x / (best * 1e-3 * clock_khz * 1e3);
       std::printf("%-48s %8d %12.2f %14.1f\n", mode_name(mode), size, bytes / (best * 1e-3) * 1e-12, per_sm_cycle);

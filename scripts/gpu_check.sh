@@ -27,7 +27,7 @@ if [ "$what" = all ] || [ "$what" = test ]; then
   grep -E "rel L2" "$OUT/test_cuda.log" | awk "{print \$NF}" | sort -g | tail -1 | sed "s/^/largest rel L2 error: /"
   [ "$rc" -eq 0 ] || status=1
   if [ "$arch" = 90a ]; then  # the portable kernels too, on this card
-    MONARCHRT_NO_WGMMA=1 ./build-gpu/tests/test_cuda --gtest_filter='CudaForward.*:CudaBackward.*' \
+    MONARCHRT_NO_WGMMA=1 ./build-gpu/tests/test_cuda --gtest_filter='CudaForward.*:CudaBackward.*:CudaDense.*' \
       >"$OUT/test_cuda_portable.log" 2>&1; rc=$?
     echo "portable kernels (MONARCHRT_NO_WGMMA=1): $(grep -E "PASSED|FAILED" "$OUT/test_cuda_portable.log" | head -3 | tr '\n' ' ')"
     [ "$rc" -eq 0 ] || status=1

@@ -1,9 +1,14 @@
 // Dense softmax attention on the GPU (see flash.h): a CTA of 8 warps owns 128 query rows of one
 // (batch, head); every warp keeps its 16 query rows in registers as A fragments, and the CTA walks
-// the keys 64 at a time (K and V tiles double-buffered through cp.async, padded rows for
-// conflict-free ldmatrix), scores with mma.sync, and accumulates P V with the online softmax of
-// the Monarch kernels (warp_tiles.cuh). Keys come from up to four token ranges, so a KV-cache
-// window with sink frames and a ring buffer is read in place.
+// the keys 64 at a time, scores, and accumulates P V with the online softmax of the Monarch
+// kernels (warp_tiles.cuh). Keys come from up to four token ranges, so a KV-cache window with
+// sink frames and a ring buffer is read in place.
+// - flash_fwd_kernel (portable, sm_80+): K and V tiles double-buffered through cp.async, padded
+//   rows for conflict-free ldmatrix, mma.sync.
+// - flash_fwd_wg_kernel (Hopper, use_wgmma()): each group of 4 warps computes its 64 rows' products
+//   with wgmma (common/wgmma.cuh) on tiles in the blocked layout, 4 tiles in flight, and overlaps
+//   the tensor cores with the softmax: the scores of tile t + 1 are issued before the softmax of
+//   tile t, and P V of tile t runs while the next tile's scores are issued.
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -12,6 +17,7 @@
 
 #include "../../core/plan.h"
 #include "../common/host.h"
+#include "../common/wgmma.cuh"
 #include "../monarch/warp_tiles.cuh"
 #include "flash.h"
 #include "monarchrt/cuda.h"
@@ -33,55 +39,89 @@ struct FlashKernelParams {
   float scale_log2;
 };
 
+// What a CTA of either kernel starts from: its 128 query rows of one (batch, head), the keys it
+// may see (block-causal: per row and for the whole CTA), its warp's query rows as A fragments.
+template <typename T, int D>
+struct FlashCta {
+  const T *kb, *vb;
+  T* ob;
+  int limit;         // keys any row of this CTA may see
+  int r[2];          // this lane's query rows
+  int row_limit[2];  // keys each of them may see
+  uint32_t qa[D / 16][4];
+
+  __device__ FlashCta(const FlashKernelParams& p, int rows) {
+    const FlashArgs& a = p.a;
+    const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+    const int b = int(blockIdx.z) / a.H, h = int(blockIdx.z) % a.H;
+    const int q0 = int(blockIdx.x) * rows;
+    const T* qb = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[2];
+    kb = static_cast<const T*>(a.k) + b * a.k_stride[0] + h * a.k_stride[2];
+    vb = static_cast<const T*>(a.v) + b * a.v_stride[0] + h * a.v_stride[2];
+    ob = static_cast<T*>(a.out) + b * a.o_stride[0] + h * a.o_stride[2];
+    const int total = p.seg_cum[a.segments];
+    limit = total;
+    r[0] = q0 + warp * 16 + lane / 4;
+    r[1] = r[0] + 8;
+    row_limit[0] = row_limit[1] = total;
+    if (a.causal_tokens > 0) {
+      const int last = min(q0 + rows, a.Sq) - 1;
+      limit = min(total, (last / a.causal_tokens + 1) * a.causal_tokens);
+      for (int hr = 0; hr < 2; ++hr) row_limit[hr] = min(total, (r[hr] / a.causal_tokens + 1) * a.causal_tokens);
+    }
+    load_a_rows<T, D>(qa, r[0] < a.Sq ? qb + r[0] * a.q_stride[1] : nullptr,
+                      r[1] < a.Sq ? qb + r[1] * a.q_stride[1] : nullptr, lane);
+  }
+  // Token of attended key `key` (< limit): keys number the token ranges one after another.
+  __device__ int token(const FlashKernelParams& p, int key) const {
+    int s = 0;
+    while (s + 1 < p.a.segments && key >= p.seg_cum[s + 1]) ++s;
+    return p.a.seg_start[s] + key - p.seg_cum[s];
+  }
+  // Copies key tile `tile` (kTileKeys keys) of K and V, by the CTA's 256 threads, into Ks / Vs:
+  // row-major with row pitch ld, or (Blocked) the blocked layout of common/wgmma.cuh.
+  static constexpr int kTileKeys = 64;
+  template <bool Blocked>
+  __device__ void load_tile(const FlashKernelParams& p, T* Ks, T* Vs, int tile, int ld) const {
+    for (int i = int(threadIdx.x); i < kTileKeys * D / 8; i += 256) {
+      const int row = Blocked ? i / D * 8 + i % 8 : i / (D / 8), ch = Blocked ? (i / 8) % (D / 8) : i % (D / 8);
+      const int dst = Blocked ? i * 8 : row * ld + ch * 8;
+      const int key = tile * kTileKeys + row;
+      const bool valid = key < limit;
+      const int tok = valid ? token(p, key) : 0;
+      cp_async_16(Ks + dst, kb + tok * p.a.k_stride[1] + ch * 8, valid);
+      cp_async_16(Vs + dst, vb + tok * p.a.v_stride[1] + ch * 8, valid);
+    }
+  }
+  // Normalizes and stores the warp's rows (row_sum: this lane's partial sums, added up here).
+  __device__ void store(const FlashKernelParams& p, const float (&o)[D / 8][4], float (&row_sum)[2], int lane) const {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 1);
+      row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 2);
+    }
+    store_rows<T, D>(o, row_sum, r[0] < p.a.Sq ? ob + r[0] * p.a.o_stride[1] : nullptr,
+                     r[1] < p.a.Sq ? ob + r[1] * p.a.o_stride[1] : nullptr, lane);
+  }
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(256, 1) flash_fwd_kernel(const FlashKernelParams p) {
   using C = FlashConfig<T, D>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  const FlashArgs& a = p.a;
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const int b = int(blockIdx.z) / a.H, h = int(blockIdx.z) % a.H;
-  const int q0 = int(blockIdx.x) * C::kBr;
-  const T* qb = static_cast<const T*>(a.q) + b * a.q_stride[0] + h * a.q_stride[2];
-  const T* kb = static_cast<const T*>(a.k) + b * a.k_stride[0] + h * a.k_stride[2];
-  const T* vb = static_cast<const T*>(a.v) + b * a.v_stride[0] + h * a.v_stride[2];
-  T* ob = static_cast<T*>(a.out) + b * a.o_stride[0] + h * a.o_stride[2];
-  const int total = p.seg_cum[a.segments];
-  int limit = total;  // keys any row of this CTA may see
-  const int r[2] = {q0 + warp * 16 + lane / 4, q0 + warp * 16 + lane / 4 + 8};
-  int row_limit[2] = {total, total};
-  if (a.causal_tokens > 0) {
-    const int last = min(q0 + C::kBr, a.Sq) - 1;
-    limit = min(total, (last / a.causal_tokens + 1) * a.causal_tokens);
-    for (int hr = 0; hr < 2; ++hr) row_limit[hr] = min(total, (r[hr] / a.causal_tokens + 1) * a.causal_tokens);
-  }
-  uint32_t qa[D / 16][4];
-  load_a_rows<T, D>(qa, r[0] < a.Sq ? qb + r[0] * a.q_stride[1] : nullptr,
-                    r[1] < a.Sq ? qb + r[1] * a.q_stride[1] : nullptr, lane);
-
+  const int lane = int(threadIdx.x) % 32;
+  const FlashCta<T, D> cta(p, C::kBr);
   auto load_tile = [&](int tile, int stage) {
     T* Ks = smem + size_t(stage) * 2 * C::kBc * C::kLd;
-    T* Vs = Ks + C::kBc * C::kLd;
-    for (int i = int(threadIdx.x); i < C::kBc * D / 8; i += C::kThreads) {
-      const int row = i / (D / 8), ch = i % (D / 8);
-      const int key = tile * C::kBc + row;
-      const bool valid = key < limit;
-      int tok = 0;
-      if (valid) {
-        int s = 0;
-        while (s + 1 < a.segments && key >= p.seg_cum[s + 1]) ++s;
-        tok = a.seg_start[s] + key - p.seg_cum[s];
-      }
-      cp_async_16(Ks + row * C::kLd + ch * 8, kb + tok * a.k_stride[1] + ch * 8, valid);
-      cp_async_16(Vs + row * C::kLd + ch * 8, vb + tok * a.v_stride[1] + ch * 8, valid);
-    }
+    cta.template load_tile<false>(p, Ks, Ks + C::kBc * C::kLd, tile, C::kLd);
   };
 
   float o[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  const int tiles = (limit + C::kBc - 1) / C::kBc;
+  const int tiles = (cta.limit + C::kBc - 1) / C::kBc;
   load_tile(0, 0);
   cp_async_commit();
   for (int t = 0; t < tiles; ++t) {
@@ -100,8 +140,8 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_kernel(const FlashKernelPara
       for (int tp = 0; tp < C::kBc / 16; ++tp) {
         uint32_t bk[4];
         ldmatrix_x4(bk, Ks + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
-        Mma<T>::run(u[2 * tp], qa[ks], bk[0], bk[1]);
-        Mma<T>::run(u[2 * tp + 1], qa[ks], bk[2], bk[3]);
+        Mma<T>::run(u[2 * tp], cta.qa[ks], bk[0], bk[1]);
+        Mma<T>::run(u[2 * tp + 1], cta.qa[ks], bk[2], bk[3]);
       }
     }
 #pragma unroll
@@ -109,33 +149,144 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_kernel(const FlashKernelPara
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = t * C::kBc + nt * 8 + (lane % 4) * 2 + (e % 2);
-        u[nt][e] = key < row_limit[e / 2] ? u[nt][e] * p.scale_log2 : -INFINITY;
+        u[nt][e] = key < cta.row_limit[e / 2] ? u[nt][e] * p.scale_log2 : -INFINITY;
       }
     }
     online_softmax_pv<T, D, C::kBc / 8>(u, row_max, row_sum, o, Vs, C::kLd, lane);
     __syncthreads();
   }
+  cta.store(p, o, row_sum, lane);
+}
+
+template <typename T, int D>
+struct FlashWgConfig {
+  static constexpr int kThreads = 256, kBr = 128, kBc = 64, kStages = 4;
+  static constexpr size_t kTile = size_t(kBc) * D;  // elements of one K or V tile, blocked layout
+  static constexpr size_t kSmem = size_t(kStages) * 2 * kTile * sizeof(T);
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(256, 1) flash_fwd_wg_kernel(const FlashKernelParams p) {
+  using C = FlashWgConfig<T, D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int lane = int(threadIdx.x) % 32;
+  const FlashCta<T, D> cta(p, C::kBr);
+  auto load_tile = [&](int tile, int stage) {
+    T* Ks = smem + size_t(stage) * 2 * C::kTile;
+    cta.template load_tile<true>(p, Ks, Ks + C::kTile, tile, D);
+  };
+  auto issue_scores = [&](float (&s)[8][4], int t) {  // S = Q K(t)^T for this warpgroup's 64 rows
+    const T* Ks = smem + size_t(t % C::kStages) * 2 * C::kTile;
+    wgmma_fence();
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {  // each lane summed its own columns: add up the row's 4 lanes
-    row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 1);
-    row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 2);
+    for (int ks = 0; ks < D / 16; ++ks) {
+      wgmma_m64n64k16<T, false>(s, cta.qa[ks], wgmma_desc(Ks + ks * 128, 128, D * 16), ks > 0);
+    }
+    wgmma_commit();
+  };
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  const int tiles = (cta.limit + C::kBc - 1) / C::kBc;
+  // Tile t: wait for its copies (two tiles ahead), then one barrier: everyone's copies of t are
+  // visible and every warpgroup is done with tile t - 2, whose stage the copies of t + 2 reuse.
+  auto next_tile = [&](int t) {
+    cp_async_wait_group<1>();
+    fence_proxy_async_smem();
+    __syncthreads();
+    if (t + 2 < tiles) load_tile(t + 2, (t + 2) % C::kStages);
+    cp_async_commit();
+  };
+  // Scores of tile t: scaled and masked into a copy (the score registers, wgmma accumulators, are
+  // only read while P V is in flight), then the online softmax: P as A fragments, and corr.
+  auto softmax = [&](const float (&sc)[8][4], int t, float (&corr)[2], uint32_t (&pa)[C::kBc / 16][4]) {
+    float u[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = t * C::kBc + nt * 8 + (lane % 4) * 2 + (e % 2);
+        u[nt][e] = key < cta.row_limit[e / 2] ? sc[nt][e] * p.scale_log2 : -INFINITY;
+      }
+    }
+    online_softmax_p<T, C::kBc / 8>(u, row_max, row_sum, corr, pa);
+  };
+  auto issue_pv = [&](const uint32_t (&pa)[C::kBc / 16][4], int t) {  // O += P V(t)
+    const T* Vs = smem + size_t(t % C::kStages) * 2 * C::kTile + C::kTile;
+    wgmma_fence();  // o was rescaled by ordinary instructions
+#pragma unroll
+    for (int half = 0; half < D / 64; ++half) {
+      float(&oh)[8][4] = *reinterpret_cast<float(*)[8][4]>(&o[8 * half]);
+#pragma unroll
+      for (int kk = 0; kk < C::kBc / 16; ++kk) {
+        wgmma_m64n64k16<T, true>(oh, pa[kk], wgmma_desc(Vs + kk * 16 * D + half * 64 * 8, D * 16, 128), true);
+      }
+    }
+    wgmma_commit();
+  };
+
+  load_tile(0, 0);
+  cp_async_commit();
+  if (tiles > 1) load_tile(1, 1);
+  cp_async_commit();
+  float s[8][4], corr[2];
+  uint32_t pa[C::kBc / 16][4], pa_next[C::kBc / 16][4];
+  next_tile(0);
+  issue_scores(s, 0);
+  wgmma_wait<0>();
+  softmax(s, 0, corr, pa);  // o is still zero: nothing to rescale
+  // Tile t >= 1: the scores of t and P V of t - 1 are issued together; the softmax of t runs on
+  // the CUDA cores while P V of t - 1 is on the tensor cores; o is rescaled once that is done.
+  // Two P buffers alternate (copying one into the other makes ptxas serialize the wgmmas).
+  auto step = [&](int t, const uint32_t (&pa_prev)[C::kBc / 16][4], uint32_t (&pa_new)[C::kBc / 16][4]) {
+    next_tile(t);
+    issue_scores(s, t);
+    issue_pv(pa_prev, t - 1);
+    wgmma_wait<1>();  // groups complete in order: the scores are done, P V may still run
+    softmax(s, t, corr, pa_new);
+    wgmma_wait<0>();
+    scale_rows<D>(o, corr);
+  };
+  int t = 1;
+  for (; t + 1 < tiles; t += 2) {
+    step(t, pa, pa_next);
+    step(t + 1, pa_next, pa);
   }
-  store_rows<T, D>(o, row_sum, r[0] < a.Sq ? ob + r[0] * a.o_stride[1] : nullptr,
-                   r[1] < a.Sq ? ob + r[1] * a.o_stride[1] : nullptr, lane);
+  if (t < tiles) {
+    step(t, pa, pa_next);
+    issue_pv(pa_next, t);
+  } else {
+    issue_pv(pa, tiles - 1);
+  }
+  wgmma_wait<0>();
+  cta.store(p, o, row_sum, lane);
 }
 
 template <typename T, int D>
 Status prepare_typed() {
-  static std::atomic<uint64_t> done{0};
-  return ensure_smem(flash_fwd_kernel<T, D>, FlashConfig<T, D>::kSmem, done);
+  static std::atomic<uint64_t> done{0}, done_wg{0};
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(flash_fwd_kernel<T, D>, FlashConfig<T, D>::kSmem, done));
+  if (!use_wgmma()) return Status();
+  return ensure_smem(flash_fwd_wg_kernel<T, D>, FlashWgConfig<T, D>::kSmem, done_wg);
 }
 
 template <typename T, int D>
 Status launch_typed(const FlashKernelParams& p, cudaStream_t stream) {
   using C = FlashConfig<T, D>;
+  using Wg = FlashWgConfig<T, D>;
+  static_assert(C::kBr == Wg::kBr && C::kThreads == 256 && Wg::kThreads == 256,
+                "both kernels: CTAs of 256 threads owning 128 query rows (FlashCta)");
+  static_assert(C::kBc == FlashCta<T, D>::kTileKeys && Wg::kBc == FlashCta<T, D>::kTileKeys, "64-key tiles");
   MONARCHRT_RETURN_IF_ERROR((prepare_typed<T, D>()));
   const dim3 grid(unsigned((p.a.Sq + C::kBr - 1) / C::kBr), 1, unsigned(p.a.B * p.a.H));
-  flash_fwd_kernel<T, D><<<grid, C::kThreads, C::kSmem, stream>>>(p);
+  if (use_wgmma()) {
+    flash_fwd_wg_kernel<T, D><<<grid, Wg::kThreads, Wg::kSmem, stream>>>(p);
+  } else {
+    flash_fwd_kernel<T, D><<<grid, C::kThreads, C::kSmem, stream>>>(p);
+  }
   MONARCHRT_CUDA_CHECK(cudaGetLastError());
   return Status();
 }

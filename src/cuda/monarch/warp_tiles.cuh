@@ -25,13 +25,13 @@ __device__ __forceinline__ void load_a_rows(uint32_t (&a)[D / 16][4], const T* r
 
 // One step of the online softmax over NT * 8 more keys for the warp's 16 rows: u holds the
 // scores in log2 units (masked entries -inf; every row has at least one finite score over all
-// steps); rescales the accumulator o (16 x D) and adds P V, where V's NT * 8 rows (keys) of D
-// features start at v with row pitch ld (elements) in shared memory. row_max is the row's;
-// row_sum is this lane's partial sum over its own columns: add the 4 lanes of a row (shfl_xor 1
-// and 2) before store_rows.
-template <typename T, int D, int NT>
-__device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row_max)[2], float (&row_sum)[2],
-                                                  float (&o)[D / 8][4], const T* v, int ld, int lane) {
+// steps). Updates row_max and row_sum, returns the factor corr[2] by which the accumulator of the
+// earlier steps must be scaled, and the probabilities P as A fragments over the keys (pa[kk]:
+// keys 16 kk .. 16 kk + 15). row_sum is this lane's partial sum over its own columns: add the 4
+// lanes of a row (shfl_xor 1 and 2) before store_rows.
+template <typename T, int NT>
+__device__ __forceinline__ void online_softmax_p(float (&u)[NT][4], float (&row_max)[2], float (&row_sum)[2],
+                                                 float (&corr)[2], uint32_t (&pa)[NT / 2][4]) {
   using MM = Mma<T>;
   static_assert(NT % 2 == 0, "keys come in steps of 16");
   float mx[2] = {-INFINITY, -INFINITY};
@@ -40,7 +40,7 @@ __device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row
 #pragma unroll
     for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], u[t][e]);
   }
-  float corr[2], local[2] = {0.f, 0.f};
+  float local[2] = {0.f, 0.f};
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
@@ -60,23 +60,43 @@ __device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row
   row_sum[0] = row_sum[0] * corr[0] + local[0];
   row_sum[1] = row_sum[1] * corr[1] + local[1];
 #pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    pa[kk][0] = MM::pack(u[2 * kk][0], u[2 * kk][1]);
+    pa[kk][1] = MM::pack(u[2 * kk][2], u[2 * kk][3]);
+    pa[kk][2] = MM::pack(u[2 * kk + 1][0], u[2 * kk + 1][1]);
+    pa[kk][3] = MM::pack(u[2 * kk + 1][2], u[2 * kk + 1][3]);
+  }
+}
+
+// Scales the warp's 16 x D accumulator rows by corr (rows lane / 4 and lane / 4 + 8).
+template <int D>
+__device__ __forceinline__ void scale_rows(float (&o)[D / 8][4], const float (&corr)[2]) {
+#pragma unroll
   for (int i = 0; i < D / 8; ++i) {
     o[i][0] *= corr[0];
     o[i][1] *= corr[0];
     o[i][2] *= corr[1];
     o[i][3] *= corr[1];
   }
+}
+
+// online_softmax_p, then o = o * corr + P V with mma.sync, where V's NT * 8 rows (keys) of D
+// features start at v with row pitch ld (elements) in shared memory.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row_max)[2], float (&row_sum)[2],
+                                                  float (&o)[D / 8][4], const T* v, int ld, int lane) {
+  float corr[2];
+  uint32_t pa[NT / 2][4];
+  online_softmax_p<T, NT>(u, row_max, row_sum, corr, pa);
+  scale_rows<D>(o, corr);
 #pragma unroll
   for (int kk = 0; kk < NT / 2; ++kk) {
-    const uint32_t pa[4] = {MM::pack(u[2 * kk][0], u[2 * kk][1]), MM::pack(u[2 * kk][2], u[2 * kk][3]),
-                            MM::pack(u[2 * kk + 1][0], u[2 * kk + 1][1]),
-                            MM::pack(u[2 * kk + 1][2], u[2 * kk + 1][3])};
 #pragma unroll
     for (int dt2 = 0; dt2 < D / 16; ++dt2) {
       uint32_t bv[4];
       ldmatrix_x4_trans(bv, v + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * ld + dt2 * 16 + (lane / 16) * 8);
-      MM::run(o[2 * dt2], pa, bv[0], bv[1]);
-      MM::run(o[2 * dt2 + 1], pa, bv[2], bv[3]);
+      Mma<T>::run(o[2 * dt2], pa[kk], bv[0], bv[1]);
+      Mma<T>::run(o[2 * dt2 + 1], pa[kk], bv[2], bv[3]);
     }
   }
 }

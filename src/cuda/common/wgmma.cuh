@@ -46,6 +46,17 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem, uint32_t leadin
          (uint64_t((stride_bytes >> 4) & 0x3FFF) << 32);
 }
 
+// The same for the 128-byte swizzle (tma.cuh's row tiles: 8 rows of 128 bytes per 1024-byte
+// block). K-major B (B[k][n] = X[n][k], rows n of 64 elements): a K step of 16 elements is a
+// start address 32 bytes further; N blocks of 8 rows are `stride_bytes` (1024) apart. MN-major B
+// (B[k][n] = X[k][n], n < 64 one 128-byte row): K blocks of 8 rows are `stride_bytes` apart.
+// The leading byte offset is unused in both (one swizzle atom wide).
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem, uint32_t stride_bytes) {
+  const uint64_t addr = smem_addr(smem);
+  return ((addr & 0x3FFFF) >> 4) | (uint64_t(1) << 16) | (uint64_t((stride_bytes >> 4) & 0x3FFF) << 32) |
+         (uint64_t(1) << 62);
+}
+
 __device__ __forceinline__ void wgmma_fence() {
 #ifdef MONARCHRT_WGMMA_DEVICE
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <string>
+#include <type_traits>
 
 #include "../../core/plan.h"
 #include "../common/host.h"
@@ -66,12 +67,19 @@ Status launch_stage1_typed(const MonarchFwdParams& p, int B, cudaStream_t stream
   using C = TwoPassConfig<T, D>;
   MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<T, D>()));
   const dim3 grid1(p.b1, p.A, B * p.H);
-  if (p.b2 <= 64 && use_wgmma()) {  // Hopper: one warpgroup, S, aL and Y by wgmma
-    monarch_stage1_kernel<T, D, 64, true><<<grid1, 128, TwoPassConfig<T, D, 64, true>::kSmem1, stream>>>(p);
+  Stage1Tma tma{};
+  // Hopper: one warpgroup, rows by TMA, S, aL and Y by wgmma. Views the copy engine cannot
+  // describe (its encoder refuses, e.g. a zero stride that broadcasts K over heads) take the
+  // portable kernel.
+  const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const int64_t k_shape[4] = {B, p.k_tokens, p.H, D}, v_shape[4] = {B, p.v_tokens, p.H, D};
+  if (p.b2 <= 64 && use_wgmma() && encode_row_tiles(&tma.k, p.k, bf16, k_shape, p.k_stride, p.b2).ok() &&
+      encode_row_tiles(&tma.v, p.v, bf16, v_shape, p.v_stride, p.b2).ok()) {
+    monarch_stage1_kernel<T, D, 64, true><<<grid1, 128, TwoPassConfig<T, D, 64, true>::kSmem1, stream>>>(p, tma);
   } else if (p.b2 > C::kB2Max) {  // rows wider than the default stage-1 buffers
-    monarch_stage1_kernel<T, D, 128><<<grid1, 32 * ((p.b2 + 15) / 16), TwoPassConfig<T, D, 128>::kSmem1, stream>>>(p);
+    monarch_stage1_kernel<T, D, 128><<<grid1, 32 * ((p.b2 + 15) / 16), TwoPassConfig<T, D, 128>::kSmem1, stream>>>(p, tma);
   } else {
-    monarch_stage1_kernel<T, D, C::kB2Max><<<grid1, 32 * ((p.b2 + 15) / 16), C::kSmem1, stream>>>(p);
+    monarch_stage1_kernel<T, D, C::kB2Max><<<grid1, 32 * ((p.b2 + 15) / 16), C::kSmem1, stream>>>(p, tma);
   }
   MONARCHRT_CUDA_CHECK(cudaGetLastError());
   return Status();
@@ -191,6 +199,8 @@ MonarchFwdParams make_fwd_params(const TensorView& q, const TensorView& k, const
     p.o_stride[i] = out.stride[i];
   }
   p.H = int(plan.H);
+  p.k_tokens = k.tokens();
+  p.v_tokens = v.tokens();
   p.h = int(plan.q_grid.h);
   p.w = int(plan.q_grid.w);
   p.f_tied = int(params.layout.f_tied);

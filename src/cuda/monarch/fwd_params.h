@@ -20,6 +20,7 @@ struct MonarchFwdParams {
   const void* v;
   void* out;
   int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3];  // batch, token, head (elements)
+  int64_t k_tokens, v_tokens;  // tokens of the k and v views (a KV cache: all its slots)
   int H;                       // heads
   int h, w;                    // rows and columns of a frame (query and key grids alike)
   int f_tied, w_reduce;        // layout

@@ -13,8 +13,9 @@
 //     aL = R K_k, Y = R V_k   (M = 16, N = D, K = b2)
 //   written to workspace row ((bh * A + m) * b2 + j) * F + n) * b1 + k.
 //   Hopper variant (Wg, rows of up to 64 keys, chosen by use_wgmma()): the 4 warps are one
-//   warpgroup and the three products are wgmma (M = 64 columns) with K and V rows in the blocked
-//   layout of common/wgmma.cuh; same softmax, same workspace.
+//   warpgroup and the three products are wgmma (M = 64 columns); the K and V rows come by TMA
+//   (common/tma.cuh) in the 128-byte swizzled layout that serves both as K-major B (S = Q K^T) and
+//   as MN-major B (aL = R K, Y = R V); same softmax, same workspace.
 // Stage 2 (monarch_stage2_kernel): one warp per (column j, 16 query rows l), FlashAttention over
 //   the F * b1 "virtual keys" (n, k) of column j: u = s q[m,l,j] . aL - cL, O = softmax(u) Y.
 // Several iterations: stage 1, then per further iteration stage 2 (for its log-sum-exp), the
@@ -24,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include "../common/ptx.cuh"
+#include "../common/tma.cuh"
 #include "../common/wgmma.cuh"
 #include "fwd_params.h"
 #include "tiles.cuh"
@@ -41,11 +43,15 @@ struct TwoPassConfig {
   static constexpr int kLd = D + 8;                   // row pitch: ldmatrix rows hit distinct banks
   static constexpr int kMaxB1 = 256;
   // Stage 1: one key row of K and of V, double-buffered (the proxies stay in registers); the
-  // wgmma variant keeps the rows in the blocked layout of common/wgmma.cuh (no padding).
+  // wgmma variant keeps each row as D / 64 swizzled tiles of 64 rows x 128 bytes (no padding).
   static constexpr size_t kRowBytes = Wg ? size_t(kB2Max) * D * sizeof(T) : size_t(kB2Max) * kLd * sizeof(T);
   static constexpr int kStageCols = Wg ? 64 : 16;  // per-warp staging of a 16 x kStageCols output block
   static constexpr int kStageLd = kStageCols + 8;
-  static constexpr size_t kSmem1 = 2 * 2 * kRowBytes + (kB2Max / 16) * 16 * kStageLd * sizeof(T);
+  static constexpr size_t kStagingBytes = (kB2Max / 16) * 16 * kStageLd * sizeof(T);
+  // The Hopper variant's rows come by TMA with the 128-byte swizzle: its buffers start at a
+  // 1024-byte boundary (up to 1008 bytes of slack) and two mbarriers follow the staging area.
+  // 75.8 KB in all: still 3 CTAs per SM (228 KB, 1 KB reserved per CTA).
+  static constexpr size_t kSmem1 = (Wg ? 1008 + 2 * sizeof(uint64_t) : 0) + 2 * 2 * kRowBytes + kStagingBytes;
   // Stage 2: kCols columns x kChunk virtual keys of aL and Y, plus cL, double-buffered.
   static constexpr int kCols = 2;
   static constexpr int kChunk = 32;
@@ -60,16 +66,24 @@ __device__ __forceinline__ int64_t ws_row(const MonarchFwdParams& p, int bh, int
   return ((int64_t(bh) * p.A + m) * p.b2 + j) * int64_t(p.F) * p.b1 + int64_t(n) * p.b1 + k;
 }
 
+// The Hopper stage 1's TMA descriptors of K and V: row tiles of b2 tokens (common/tma.cuh).
+struct Stage1Tma {
+  CUtensorMap k, v;
+};
+
 template <typename T, int D, int B2Max, bool Wg = false>
-__global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1) monarch_stage1_kernel(const MonarchFwdParams p) {
+__global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1)
+    monarch_stage1_kernel(const MonarchFwdParams p, const __grid_constant__ Stage1Tma tma) {
   using C = TwoPassConfig<T, D, B2Max, Wg>;
   using MM = Mma<T>;
   constexpr float kLn2 = 0.6931471805599453f;
   constexpr int kNT = C::kB2Max / 8;  // 8-key MMA tiles of a row
   const int k = blockIdx.x, m = blockIdx.y, bh = blockIdx.z;
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* bufs = reinterpret_cast<T*>(smem);  // [stage][K, V][kB2Max][kLd]
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + (Wg ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u);
+  T* bufs = reinterpret_cast<T*>(smem);  // [stage][K, V][kB2Max][kLd] (Wg: [stage][K, V][D / 64][64][64], swizzled)
   T* staging = reinterpret_cast<T*>(smem + 2 * 2 * C::kRowBytes) + (threadIdx.x / 32) * 16 * C::kStageLd;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + 2 * 2 * C::kRowBytes + C::kStagingBytes);  // Wg: per stage
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
   const int b = bh / p.H, h = bh % p.H;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
@@ -98,34 +112,54 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1) monarch_stage1_ker
     T* Kd = bufs + (stage * 2) * kRowElems;
     T* Vd = Kd + kRowElems;
     const int64_t base = key_tile_base(p, n) + k_off;
-    if constexpr (Wg) {  // 16-byte piece idx of the blocked layout: key (idx / (D / 8) / 8) * 8 + idx % 8
-      for (int idx = tid; idx < (p.b2 + 7) / 8 * D; idx += blockDim.x) {
-        const int i = idx / D * 8 + idx % 8, dc = (idx / 8) % (D / 8);
-        if (i < p.b2) {
-          cp_async_16(Kd + idx * 8, kg + (base + i) * p.k_stride[1] + dc * 8, true);
-          cp_async_16(Vd + idx * 8, vg + (base + i) * p.v_stride[1] + dc * 8, true);
-        }
-      }
-    } else {
-      for (int idx = tid; idx < p.b2 * (D / 8); idx += blockDim.x) {
-        const int i = idx / (D / 8), dc = idx % (D / 8);
-        cp_async_16(Kd + i * C::kLd + dc * 8, kg + (base + i) * p.k_stride[1] + dc * 8, true);
-        cp_async_16(Vd + i * C::kLd + dc * 8, vg + (base + i) * p.v_stride[1] + dc * 8, true);
-      }
+    for (int idx = tid; idx < p.b2 * (D / 8); idx += blockDim.x) {
+      const int i = idx / (D / 8), dc = idx % (D / 8);
+      cp_async_16(Kd + i * C::kLd + dc * 8, kg + (base + i) * p.k_stride[1] + dc * 8, true);
+      cp_async_16(Vd + i * C::kLd + dc * 8, vg + (base + i) * p.v_stride[1] + dc * 8, true);
     }
   };
-  __syncthreads();  // zeroing done before the first copies land
+  // Hopper: thread 0 copies each K / V row by TMA (D / 64 swizzled 64-feature tiles of b2 rows
+  // each; the pad rows b2..63 stay zero) and the stage's mbarrier counts the bytes; row r + 2
+  // goes into the stage of row r once every thread has finished row r.
+  auto issue = [&](int n, int stage) {
+    T* Kd = bufs + (stage * 2) * kRowElems;
+    const int tok = key_tile_base(p, n) + k_off;
+    mbar_expect(&full[stage], 2 * (D / 64) * uint32_t(p.b2) * 128);
+#pragma unroll
+    for (int hf = 0; hf < D / 64; ++hf) {
+      tma_load_tile(Kd + hf * 64 * 64, &tma.k, hf * 64, tok, h, b, &full[stage]);
+      tma_load_tile(Kd + kRowElems + hf * 64 * 64, &tma.v, hf * 64, tok, h, b, &full[stage]);
+    }
+  };
 
   int n = next_allowed(p, m, 0);
-  if (n < p.F) load(n, 0);
-  cp_async_commit();
-  for (int it = 0; n < p.F; ++it) {
-    const int n_next = next_allowed(p, m, n + 1);
-    if (n_next < p.F) load(n_next, (it + 1) % 2);
-    cp_async_commit();
-    cp_async_wait_group<1>();  // row (n, k) has landed; (n_next, k) may still be in flight
-    if constexpr (Wg) fence_proxy_async_smem();  // the copies are read by wgmma next
+  int n1 = n < p.F ? next_allowed(p, m, n + 1) : p.F;  // the row after n
+  if constexpr (Wg) {
+    fence_proxy_async_smem();  // the zeroed pad rows are read by wgmma
+    if (tid == 0) {
+      mbar_init(&full[0], 1);
+      mbar_init(&full[1], 1);
+      fence_mbar_init();
+    }
     __syncthreads();
+    if (tid == 0 && n < p.F) issue(n, 0);
+    if (tid == 0 && n1 < p.F) issue(n1, 1);
+  } else {
+    __syncthreads();  // zeroing done before the first copies land
+    if (n < p.F) load(n, 0);
+    cp_async_commit();
+  }
+  for (int it = 0; n < p.F; ++it) {
+    const int n_next = n1;
+    const int n2 = n_next < p.F ? next_allowed(p, m, n_next + 1) : p.F;
+    if constexpr (Wg) {
+      mbar_wait(&full[it % 2], (it / 2) & 1);
+    } else {
+      if (n_next < p.F) load(n_next, (it + 1) % 2);
+      cp_async_commit();
+      cp_async_wait_group<1>();  // row (n, k) has landed; (n_next, k) may still be in flight
+      __syncthreads();
+    }
     const T* Kr = bufs + ((it % 2) * 2) * kRowElems;
     const T* Vr = Kr + kRowElems;
     if (p.ws_proxy != nullptr) {
@@ -141,8 +175,8 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1) monarch_stage1_ker
     if constexpr (Wg) {  // the warpgroup's 64 columns x 64 keys (pad keys are zero rows)
       wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        wgmma_m64n64k16<T, false>(s, qa[ks], wgmma_desc(Kr + ks * 128, 128, D * 16), ks > 0);
+      for (int ks = 0; ks < D / 16; ++ks) {  // 16 features: 32 bytes into a 64-feature tile
+        wgmma_m64n64k16<T, false>(s, qa[ks], wgmma_desc_sw128(Kr + (ks / 4) * 64 * 64 + (ks % 4) * 16, 1024), ks > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -233,11 +267,11 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1) monarch_stage1_ker
 #pragma unroll
       for (int q = 0; q < kProducts; ++q) {
         float a[8][4];  // overwritten by the first wgmma (accumulate == false)
-        const T* src = (q / kHalves == 0 ? Kr : Vr) + (q % kHalves) * 64 * 8;
+        const T* src = (q / kHalves == 0 ? Kr : Vr) + (q % kHalves) * 64 * 64;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kNT / 2; ++kk) {  // all 64 keys: rows past b2 are zeros
-          wgmma_m64n64k16<T, true>(a, pa[kk], wgmma_desc(src + kk * 16 * D, D * 16, 128), kk > 0);
+          wgmma_m64n64k16<T, true>(a, pa[kk], wgmma_desc_sw128(src + kk * 16 * 64, 1024), kk > 0);
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -287,8 +321,10 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1) monarch_stage1_ker
         __syncwarp();
       }
     }
-    __syncthreads();  // this stage's buffers are refilled by the next iteration's copies
+    __syncthreads();  // this stage's buffers are refilled next
+    if (Wg && tid == 0 && n2 < p.F) issue(n2, it % 2);
     n = n_next;
+    n1 = n2;
   }
 }
 

@@ -1,0 +1,123 @@
+// Hopper's tensor copy engine (TMA), for the kernels that have a Hopper variant: a tile of a
+// [B, S, H, D] tensor copied into shared memory by one instruction, completing on an mbarrier.
+//
+// Tiles are `rows` consecutive tokens x 64 features (128 bytes, 16-bit elements) of one (batch,
+// head), written with the 128-byte swizzle: row r's 16-byte chunk c lands at r * 128 + ((c ^ (r %
+// 8)) * 16) inside 1024-byte aligned blocks of 8 rows, the layout wgmma_desc_sw128() describes.
+// The device wrappers compile on every target and trap below sm_90; the host launches the kernels
+// that use them only where use_wgmma() holds.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap and the encoder's signature (the function comes from the runtime)
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "host.h"
+#include "ptx.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MONARCHRT_TMA_DEVICE 1
+#endif
+
+namespace monarchrt {
+namespace cuda_detail {
+
+// ---- device side ---------------------------------------------------------------------------
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t arrivals) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals) : "memory");
+#else
+  (void)bar, (void)arrivals;
+  __trap();
+#endif
+}
+// Makes mbarrier initializations visible to the copy engine.
+__device__ __forceinline__ void fence_mbar_init() {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// One arrival that also announces `bytes` of copies for the barrier's current phase.
+__device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#else
+  (void)bar, (void)bytes;
+  __trap();
+#endif
+}
+// Waits until the phase with this parity has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile(
+      "{\n.reg .pred done;\nMONARCHRT_WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra MONARCHRT_WAIT_%=;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+#else
+  (void)bar, (void)parity;
+  __trap();
+#endif
+}
+
+// Copies the tile at coordinates (feature c0, token c1, head c2, batch c3) of `map` to `dst`;
+// the mbarrier `bar` counts the bytes.
+__device__ __forceinline__ void tma_load_tile(void* dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                              uint64_t* bar) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar))
+      : "memory");
+#else
+  (void)dst, (void)map, (void)c0, (void)c1, (void)c2, (void)c3, (void)bar;
+  __trap();
+#endif
+}
+
+// ---- host side -----------------------------------------------------------------------------
+
+// Encodes the descriptor of row tiles (above) of a [B, S, H, D] view of 16-bit elements with
+// strides (batch, token, head) in elements: box = 64 features x `rows` tokens of one head.
+inline Status encode_row_tiles(CUtensorMap* map, const void* data, bool bf16, const int64_t shape[4],
+                               const int64_t stride[3], int rows) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<Encode>(fn);
+  }();
+  if (encode == nullptr) return Status::internal("cuTensorMapEncodeTiled is not available from the CUDA driver");
+  const cuuint64_t dims[4] = {cuuint64_t(shape[3]), cuuint64_t(shape[1]), cuuint64_t(shape[2]), cuuint64_t(shape[0])};
+  // A dimension of extent 1 is never stepped along: any valid stride will do for it.
+  auto bytes = [&](int dim, int64_t s) { return cuuint64_t(shape[dim] == 1 && s == 0 ? 8 : s) * 2; };
+  const cuuint64_t strides[3] = {bytes(1, stride[1]), bytes(2, stride[2]), bytes(0, stride[0])};
+  const cuuint32_t box[4] = {64, cuuint32_t(rows), 1, 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                            const_cast<void*>(data), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return Status::internal("cuTensorMapEncodeTiled failed with CUresult " + std::to_string(int(r)));
+  }
+  return Status();
+}
+
+}  // namespace cuda_detail
+}  // namespace monarchrt

@@ -272,6 +272,42 @@ TEST(CudaForward, PaddedStrides) {
     for (int64_t D : {64, 128}) EXPECT_LT(run_case(c, DType::kBF16, D, rng, 8, two_pass), 1e-2);
 }
 
+// K and V shared by every head through a zero head stride (multi-query style views): the
+// two-pass path must match the reference whichever stage-1 kernel takes such a view (on Hopper the
+// one that copies rows with TMA, or the portable one where the copy engine's encoder refuses it).
+TEST(CudaForward, KeysSharedAcrossHeadsByZeroStride) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(103);
+  const VideoGrid grid{3, 6, 20};
+  const int64_t H = 3, D = 128, S = grid.tokens();
+  Tensor q(DType::kBF16, 1, S, H, D), k(DType::kBF16, 1, S, 1, D), v(DType::kBF16, 1, S, 1, D);
+  Tensor out(DType::kBF16, 1, S, H, D);
+  q.fill_normal(rng, 1.5);
+  k.fill_normal(rng, 1.5);
+  v.fill_normal(rng);
+  for (Tensor* t : {&k, &v}) {
+    t->view.shape[2] = H;
+    t->view.stride[2] = 0;
+  }
+  AttentionParams p;
+  p.grid = grid;
+  Tensor want(DType::kF64, 1, S, H, D);
+  ASSERT_TRUE(ref::monarch_attention(q.view, k.view, v.view, want.view, p).ok());
+  DeviceTensor dq(q), dk(k), dv(v), dout(out);
+  const size_t ws_bytes = cuda::workspace_size(dq.view, dk.view, dv.view, dout.view, p);
+  ASSERT_GT(ws_bytes, 0u);
+  void* ws = nullptr;
+  ASSERT_EQ(cudaMalloc(&ws, ws_bytes), cudaSuccess);
+  const Status s = cuda::monarch_attention(dq.view, dk.view, dv.view, dout.view, p, ws, ws_bytes, nullptr);
+  EXPECT_TRUE(s.ok()) << s.to_string();
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  cudaFree(ws);
+  dout.copy_to(out);
+  const std::vector<double> got = out.values();
+  EXPECT_TRUE(test::all_finite(got));
+  EXPECT_LT(test::relative_l2(got, want.values()), 1e-2);
+}
+
 TEST(CudaForward, WideTilesForHeadDim64) {
   SKIP_WITHOUT_GPU();
   Rng rng(103);

@@ -19,7 +19,7 @@ constexpr int64_t kQueryBlock = 32;  // queries per task (one frame never splits
 constexpr int64_t kKeyBlock = 128;   // keys per online-softmax step
 
 struct HeadBuffers {
-  std::vector<float> Q, K, V, O;
+  std::vector<float> Q, K, KT, V, O;  // KT: K transposed, [D][Skv]
 };
 
 // Query blocks of (b, h): blocks never straddle a frame, so all queries of a block share the
@@ -37,36 +37,39 @@ std::vector<QueryBlock> query_blocks(const AttentionPlan& p) {
   return blocks;
 }
 
+// Per key block: Z = Q_blk K_blk^T (matrix product against K^T), the online softmax along each
+// query's row, acc = acc * correction + P V_blk (matrix product).
 void dense_block(const AttentionPlan& p, const HeadBuffers& hb, const QueryBlock& qb, float* O) {
   const int64_t D = p.D, nq = qb.end - qb.begin, per_frame = p.k_grid.tokens_per_frame();
   const float s = static_cast<float>(p.scale);
   std::vector<float> acc(nq * D, 0.0f), row_max(nq, -INFINITY), row_sum(nq, 0.0f);
   std::vector<float> z(nq * kKeyBlock);
+  const float* Qb = &hb.Q[qb.begin * D];
   const int64_t qf = p.q_frame(qb.begin);
   for (int64_t kf = 0; kf < p.k_grid.T; ++kf) {
     if (!p.frame_allowed(qf, kf)) continue;
     for (int64_t k0 = kf * per_frame; k0 < (kf + 1) * per_frame; k0 += kKeyBlock) {
       const int64_t nk = std::min(kKeyBlock, (kf + 1) * per_frame - k0);
-      for (int64_t j = 0; j < nk; ++j) {
-        const float* kr = &hb.K[(k0 + j) * D];
-        for (int64_t i = 0; i < nq; ++i) z[i * kKeyBlock + j] = s * dot(&hb.Q[(qb.begin + i) * D], kr, D);
-      }
+      gemm(nq, nk, D, Qb, D, 1, &hb.KT[k0], p.Skv, z.data(), kKeyBlock, false);
       for (int64_t i = 0; i < nq; ++i) {
         float* zi = &z[i * kKeyBlock];
         float m = row_max[i];
-        for (int64_t j = 0; j < nk; ++j) m = std::max(m, zi[j]);
-        const float correction = std::exp(row_max[i] - m);  // exp(-inf) = 0 on the first block
-        row_max[i] = m;
-        float* ai = &acc[i * D];
-        scale_in_place(correction, ai, D);
-        float sum = row_sum[i] * correction;
         for (int64_t j = 0; j < nk; ++j) {
-          const float e = std::exp(zi[j] - m);
-          sum += e;
-          axpy(e, &hb.V[(k0 + j) * D], ai, D);
+          zi[j] *= s;
+          m = std::max(m, zi[j]);
         }
-        row_sum[i] = sum;
+        const float correction = exp_nonpositive(row_max[i] - m);  // exp(-inf) = 0 on the first block
+        row_max[i] = m;
+        scale_in_place(correction, &acc[i * D], D);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < nk; ++j) {
+          zi[j] = exp_nonpositive(zi[j] - m);
+          sum += zi[j];
+        }
+        row_sum[i] = row_sum[i] * correction + sum;
       }
+      gemm(nq, D, nk, z.data(), kKeyBlock, 1, &hb.V[k0 * D], D, acc.data(), D, true);
     }
   }
   for (int64_t i = 0; i < nq; ++i) {
@@ -121,6 +124,7 @@ Status run(const TensorView& q, const TensorView& k, const TensorView& v, const 
     const std::vector<int64_t> krows = key_rows(p, nullptr);
     const int64_t* kr = krows.empty() ? nullptr : krows.data();
     hb.K.resize(p.Skv * p.D);
+    if (density == 0.0) hb.KT.resize(p.Skv * p.D);
     hb.V.resize(p.Skv * p.D);
     hb.O.resize(p.Sq * p.D);
     for (int64_t b = 0; b < p.B; ++b) {
@@ -128,6 +132,10 @@ Status run(const TensorView& q, const TensorView& k, const TensorView& v, const 
         gather_head(q, b, h, nullptr, hb.Q.data());
         gather_rows(k, b, h, kr, p.Skv, hb.K.data());
         gather_rows(v, b, h, kr, p.Skv, hb.V.data());
+        if (density == 0.0) {
+          for (int64_t t = 0; t < p.Skv; ++t)
+            for (int64_t d = 0; d < p.D; ++d) hb.KT[d * p.Skv + t] = hb.K[t * p.D + d];
+        }
         parallel_for(static_cast<int64_t>(blocks.size()), [&](int64_t t) {
           if (density > 0.0) {
             topk_block(p, hb, blocks[t], density, hb.O.data());

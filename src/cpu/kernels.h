@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <new>
+#include <vector>
 
 #include "monarchrt/status.h"
 
@@ -30,13 +31,101 @@ inline void scale_in_place(float alpha, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] *= alpha;
 }
 
+// C[M x N] = A[M x K] * B[K x N] (+ C with accumulate), fp32: A's element (i, k) at
+// A[i * a_rs + k * a_cs], B and C row-major with row pitches ldb and ldc. Blocks of MR = 4 rows x
+// NR = 32 columns (then 16) of C stay in registers over the whole K (every loop bound is a
+// compile-time constant, or the compiler keeps C in memory); an edge block narrower than 16
+// columns runs on a zero-padded copy of its B columns.
+template <int MR, int NR>
+inline void gemm_block(int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t ldb,
+                       float* C, int64_t ldc, bool accumulate) {
+  float c[MR][NR];
+  for (int i = 0; i < MR; ++i) {
+#pragma omp simd
+    for (int j = 0; j < NR; ++j) c[i][j] = accumulate ? C[i * ldc + j] : 0.0f;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    for (int i = 0; i < MR; ++i) {
+      const float a = A[i * a_rs + k * a_cs];
+#pragma omp simd
+      for (int j = 0; j < NR; ++j) c[i][j] += a * b[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+#pragma omp simd
+    for (int j = 0; j < NR; ++j) C[i * ldc + j] = c[i][j];
+  }
+}
+
+// Rows [0, MR) of C: 32- and 16-column blocks up to nfull; the rest (nr < 16 columns) against the
+// zero-padded copy Bt of B's last columns (pitch 16).
+template <int MR>
+inline void gemm_rows(int64_t nfull, int nr, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B,
+                      int64_t ldb, const float* Bt, float* C, int64_t ldc, bool accumulate) {
+  int64_t j0 = 0;
+  for (; j0 + 32 <= nfull; j0 += 32) gemm_block<MR, 32>(K, A, a_rs, a_cs, B + j0, ldb, C + j0, ldc, accumulate);
+  for (; j0 < nfull; j0 += 16) gemm_block<MR, 16>(K, A, a_rs, a_cs, B + j0, ldb, C + j0, ldc, accumulate);
+  if (nr == 0) return;
+  float Cp[MR * 16] = {};
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < nr; ++j) Cp[i * 16 + j] = accumulate ? C[i * ldc + nfull + j] : 0.0f;
+  gemm_block<MR, 16>(K, A, a_rs, a_cs, Bt, 16, Cp, 16, accumulate);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < nr; ++j) C[i * ldc + nfull + j] = Cp[i * 16 + j];
+}
+
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  const int64_t nfull = N / 16 * 16;
+  const int nr = static_cast<int>(N - nfull);
+  thread_local std::vector<float> pad;
+  if (nr > 0) {
+    pad.assign(static_cast<size_t>(K * 16), 0.0f);
+    for (int64_t k = 0; k < K; ++k)
+      for (int j = 0; j < nr; ++j) pad[k * 16 + j] = B[k * ldb + nfull + j];
+  }
+  int64_t i0 = 0;
+  for (; i0 + 4 <= M; i0 += 4)
+    gemm_rows<4>(nfull, nr, K, A + i0 * a_rs, a_rs, a_cs, B, ldb, pad.data(), C + i0 * ldc, ldc, accumulate);
+  for (; i0 < M; ++i0)
+    gemm_rows<1>(nfull, nr, K, A + i0 * a_rs, a_rs, a_cs, B, ldb, pad.data(), C + i0 * ldc, ldc, accumulate);
+}
+
+// exp(x) for x <= 0 (softmax arguments after subtracting the maximum), in operations a loop can
+// vectorize (std::exp does not): x = n ln 2 + r with |r| <= ln(2) / 2, exp(r) by its Taylor
+// series to degree 7 (truncation below 2e-9 relative), times 2^n built in the exponent bits.
+// Relative error at most 1.1e-7 on [-87, 0] (measured against double exp), like std::exp in
+// float; exactly 0 below -87 (and for -inf), NaN stays NaN; positive x is outside its domain
+// (treated as 0).
+inline float exp_nonpositive(float x) {
+  // Clamped into [-87, 0] (NaN too), so the float-to-int conversion below is always defined.
+  const float xc = x >= -87.0f ? (x <= 0.0f ? x : 0.0f) : -87.0f;
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick (std::floor does not vectorize without
+  // -fno-trapping-math); |x / ln 2| <= 126 is far inside its range.
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440054e-4f;  // ln 2 = 0.693359375 - 2.12194440054e-4
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  const float scale = __builtin_bit_cast(float, bits);            // (memcpy stops the vectorizer)
+  return x >= -87.0f ? p * scale : (x != x ? x : 0.0f);
+}
+
 // Turns z[0..n) into softmax(z) in place and returns the log-sum-exp of the input.
 inline float softmax_in_place(float* z, int64_t n) {
   float zmax = -INFINITY;
   for (int64_t i = 0; i < n; ++i) zmax = z[i] > zmax ? z[i] : zmax;
   float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    z[i] = std::exp(z[i] - zmax);
+    z[i] = exp_nonpositive(z[i] - zmax);
     sum += z[i];
   }
   const float inv = 1.0f / sum;

@@ -1,7 +1,7 @@
 // Fast fp32 CPU Monarch attention. One task per (query tile m) of a head: stage 1 runs over
 // every allowed key row (n, k) and keeps aL, Y, cL of the tile in a task-local buffer laid out
 // column-major in j ([j][n*b1 + k][D]) so that stage 2, which works one query column j at a
-// time, reads them contiguously. With num_iters > 1 the stage-2 probabilities L are kept too
+// time, reads them contiguously. Both stages are small matrix products (kernels.h gemm). With num_iters > 1 the stage-2 probabilities L are kept too
 // ([j][n*b1 + k][l]) to form the next iteration's aR and cR. Same math as src/ref/monarch.cpp.
 #include <algorithm>
 #include <cmath>
@@ -17,9 +17,51 @@ namespace cpu {
 namespace {
 
 struct TileBuffers {
-  std::vector<float> aL, Y, cL, L, u, z, aR;
+  std::vector<float> aL, Y, cL, L, aR, AT, ZT, QT, UT, colv;
 };
 
+// Softmax down each column of X[rows][ld] (columns [0, ld), contiguous in a row), in place, after
+// x -> x * scale[col] (scale may be null); returns each column's log-sum-exp in lse[col] and, with
+// neg_entropy, sum R (x - lse) in neg_entropy[col] (never log of an underflowed probability).
+// Every loop runs along a row, so it vectorizes. work: 2 * ld floats.
+void column_softmax(float* X, int64_t rows, int64_t ld, const float* scale, float* lse, float* neg_entropy,
+                    float* work) {
+  float* mx = work;
+  float* sum = work + ld;
+  for (int64_t c = 0; c < ld; ++c) mx[c] = -INFINITY, sum[c] = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = X + r * ld;
+    if (scale != nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < ld; ++c) x[c] *= scale[c];
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < ld; ++c) mx[c] = x[c] > mx[c] ? x[c] : mx[c];
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = X + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < ld; ++c) sum[c] += exp_nonpositive(x[c] - mx[c]);
+  }
+  for (int64_t c = 0; c < ld; ++c) lse[c] = mx[c] + std::log(sum[c]);
+  if (neg_entropy != nullptr) {
+    for (int64_t c = 0; c < ld; ++c) neg_entropy[c] = 0.0f;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = X + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < ld; ++c) {
+      const float R = exp_nonpositive(x[c] - lse[c]);
+      if (neg_entropy != nullptr) neg_entropy[c] += R * (x[c] - lse[c]);
+      x[c] = R;
+    }
+  }
+}
+
+// Stage 1 runs as small matrix products per key row (n, k) with the b2 keys as rows: Z^T = K aR^T
+// (b2 x b2, the query columns j contiguous), the softmax of each column j in place (R^T), then
+// aL = R K and Y = R V (b2 x D). Stage 2, per query column j: U^T = aL_j Q_j^T (rows x b1, the
+// queries l contiguous), the softmax of each query's column, then O_j = softmax(U) Y_j.
 void monarch_tile(const AttentionPlan& p, const float* Qt, const float* Kt, const float* Vt,
                   float* Ot, int64_t m, TileBuffers& tb) {
   const int64_t D = p.D, b1 = p.qg.b1, b2 = p.qg.b2;
@@ -28,79 +70,79 @@ void monarch_tile(const AttentionPlan& p, const float* Qt, const float* Kt, cons
   for (int64_t n = 0; n < p.kg.tiles; ++n)
     if (p.tile_allowed(m, n)) keys.push_back(n);
   const int64_t N = static_cast<int64_t>(keys.size()), rows = N * b1;
+  // aR^T and Q_j^T get columns up to a multiple of 16 (zeros past b2 / b1): whole register blocks.
+  const int64_t b2p = (b2 + 15) / 16 * 16, b1p = (b1 + 15) / 16 * 16;
   tb.aL.resize(b2 * rows * D);
   tb.Y.resize(b2 * rows * D);
   tb.cL.resize(b2 * rows);
-  tb.u.resize(rows);
-  tb.z.resize(b2 * b2);
   tb.aR.resize(b2 * D);
+  tb.AT.assign(D * b2p, 0.0f);
+  tb.ZT.resize(b2 * b2p);
+  tb.QT.assign(D * b1p, 0.0f);
+  tb.UT.resize(rows * b1p);
+  tb.colv.resize(6 * std::max(b1p, b2p));
+  float* scale = tb.colv.data();
+  float* lse = scale + std::max(b1p, b2p);
+  float* neg_entropy = lse + std::max(b1p, b2p);
+  float* work = neg_entropy + std::max(b1p, b2p);
   if (p.num_iters > 1) tb.L.resize(b2 * rows * b1);
   const float* Qm = Qt + m * b1 * b2 * D;  // query (l, j) at Qm + (l * b2 + j) * D
 
   for (int it = 0; it < p.num_iters; ++it) {
     const bool last = it + 1 == p.num_iters;
     // Stage 1 for every allowed key row (n, k), all query columns j at once.
-    for (int64_t ni = 0; ni < N; ++ni) {
-      for (int64_t k = 0; k < b1; ++k) {
+    for (int64_t k = 0; k < b1; ++k) {
+      for (int64_t ni = 0; ni < N; ++ni) {
         const int64_t r = ni * b1 + k;
         const float* Krow = Kt + (keys[ni] * b1 + k) * b2 * D;  // b2 keys, contiguous
         const float* Vrow = Vt + (keys[ni] * b1 + k) * b2 * D;
-        // Proxies aR_j: the query of row k itself on iteration 1, the L-weighted mean after.
-        const float* aR = Qm + k * b2 * D;
-        std::vector<float> inv_cR(b2, 1.0f);
-        if (it > 0) {
-          std::fill(tb.aR.begin(), tb.aR.end(), 0.0f);
-          for (int64_t j = 0; j < b2; ++j) {
-            const float* Lrow = &tb.L[(j * rows + r) * b1];
-            float cR = 0.0f;
-            for (int64_t l = 0; l < b1; ++l) {
-              cR += Lrow[l];
-              axpy(Lrow[l], Qm + (l * b2 + j) * D, &tb.aR[j * D], D);
+        // Proxies aR_j: the query of row k itself on iteration 1 (transposed once per k), the
+        // L-weighted mean after.
+        for (int64_t j = 0; j < b2p; ++j) scale[j] = j < b2 ? s : 0.0f;
+        if (it > 0 || ni == 0) {
+          const float* aR = Qm + k * b2 * D;
+          if (it > 0) {
+            std::fill(tb.aR.begin(), tb.aR.end(), 0.0f);
+            for (int64_t j = 0; j < b2; ++j) {
+              const float* Lrow = &tb.L[(j * rows + r) * b1];
+              float cR = 0.0f;
+              for (int64_t l = 0; l < b1; ++l) {
+                cR += Lrow[l];
+                axpy(Lrow[l], Qm + (l * b2 + j) * D, &tb.aR[j * D], D);
+              }
+              scale[j] = s * std::min(1.0f / (cR + 1e-6f), 1e4f);
             }
-            inv_cR[j] = std::min(1.0f / (cR + 1e-6f), 1e4f);
+            aR = tb.aR.data();
           }
-          aR = tb.aR.data();
+          for (int64_t j = 0; j < b2; ++j)
+            for (int64_t d = 0; d < D; ++d) tb.AT[d * b2p + j] = aR[j * D + d];
         }
-        for (int64_t j = 0; j < b2; ++j) {
-          float* zj = &tb.z[j * b2];
-          const float f = s * inv_cR[j];
-          for (int64_t i = 0; i < b2; ++i) zj[i] = f * dot(aR + j * D, Krow + i * D, D);
-          float zmax = -INFINITY;
-          for (int64_t i = 0; i < b2; ++i) zmax = std::max(zmax, zj[i]);
-          float sum = 0.0f;
-          for (int64_t i = 0; i < b2; ++i) sum += std::exp(zj[i] - zmax);
-          const float lse = zmax + std::log(sum);
-          float c = 0.0f;
-          float* aLj = &tb.aL[(j * rows + r) * D];
-          float* Yj = &tb.Y[(j * rows + r) * D];
-          std::fill(aLj, aLj + D, 0.0f);
-          if (last) std::fill(Yj, Yj + D, 0.0f);
-          for (int64_t i = 0; i < b2; ++i) {
-            const float R = std::exp(zj[i] - lse);
-            c += R * (zj[i] - lse);  // never log of an underflowed probability
-            axpy(R, Krow + i * D, aLj, D);
-            if (last) axpy(R, Vrow + i * D, Yj, D);
-          }
-          tb.cL[j * rows + r] = c;
-        }
+        gemm(b2, b2p, D, Krow, D, 1, tb.AT.data(), b2p, tb.ZT.data(), b2p, false);
+        column_softmax(tb.ZT.data(), b2, b2p, scale, lse, neg_entropy, work);
+        for (int64_t j = 0; j < b2; ++j) tb.cL[j * rows + r] = neg_entropy[j];
+        // Row j of aL / Y goes to [j][r][D]: row pitch rows * D; R[j][i] = R^T[i][j].
+        gemm(b2, D, b2, tb.ZT.data(), 1, b2p, Krow, D, &tb.aL[r * D], rows * D, false);
+        if (last) gemm(b2, D, b2, tb.ZT.data(), 1, b2p, Vrow, D, &tb.Y[r * D], rows * D, false);
       }
     }
     // Stage 2, one query column j at a time: softmax over all allowed rows (n, k).
     for (int64_t j = 0; j < b2; ++j) {
-      const float* aLj = &tb.aL[j * rows * D];
       const float* cLj = &tb.cL[j * rows];
-      for (int64_t l = 0; l < b1; ++l) {
-        const float* ql = Qm + (l * b2 + j) * D;
-        for (int64_t r = 0; r < rows; ++r) tb.u[r] = s * dot(ql, aLj + r * D, D) - cLj[r];
-        softmax_in_place(tb.u.data(), rows);
-        if (!last) {
-          for (int64_t r = 0; r < rows; ++r) tb.L[(j * rows + r) * b1 + l] = tb.u[r];
-        } else {
-          float* o = Ot + ((m * b1 + l) * b2 + j) * D;
-          std::fill(o, o + D, 0.0f);
-          const float* Yj = &tb.Y[j * rows * D];
-          for (int64_t r = 0; r < rows; ++r) axpy(tb.u[r], Yj + r * D, o, D);
-        }
+      for (int64_t l = 0; l < b1; ++l)
+        for (int64_t d = 0; d < D; ++d) tb.QT[d * b1p + l] = Qm[(l * b2 + j) * D + d];
+      gemm(rows, b1p, D, &tb.aL[j * rows * D], D, 1, tb.QT.data(), b1p, tb.UT.data(), b1p, false);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* u = &tb.UT[r * b1p];
+        const float c = cLj[r];
+#pragma omp simd
+        for (int64_t l = 0; l < b1p; ++l) u[l] = s * u[l] - c;
+      }
+      column_softmax(tb.UT.data(), rows, b1p, nullptr, lse, nullptr, work);
+      if (!last) {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t l = 0; l < b1; ++l) tb.L[(j * rows + r) * b1 + l] = tb.UT[r * b1p + l];
+      } else {  // output rows l of column j: pitch b2 * D; P[l][r] = U^T[r][l]
+        gemm(b1, D, rows, tb.UT.data(), 1, b1p, &tb.Y[j * rows * D], D, Ot + (m * b1 * b2 + j) * D, b2 * D, false);
       }
     }
   }

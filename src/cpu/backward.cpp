@@ -7,7 +7,7 @@
 // Monarch, per (batch, head), one task per query tile m (in waves of num_threads() tasks):
 //  1. recompute stage 1 for every allowed key row r = (n, k), all query columns j at once (the
 //     b2 keys of the row stay in cache): aL, Y, cL ([j][r][D], as in src/cpu/monarch.cpp) and
-//     log R ([r][j][i]);
+//     log R ([r][j][i]); every product of steps 1-3 is a cpu::gemm;
 //  2. per query column j: recompute stage 2 (u, L) and differentiate it: dq[m,l,j] (stage-2
 //     part), and daL, dY, dcL of the column, which overwrite aL, Y, cL in place (a column's aL
 //     and Y are not needed once its dq is formed);
@@ -39,13 +39,18 @@ struct MonarchTask {
   std::vector<float> aL, Y, cL;   // [j][r][D], [j][r][D], [j][r]; become daL, dY, dcL
   std::vector<float> lR;          // log R, [r][j][i]
   std::vector<float> gK, gV;      // contributions to dK, dV of the allowed key rows, [r][i][D]
-  std::vector<float> U, G, dqacc, dR;  // stage-2 scratch [l][r] x 2, [l][D]; stage-1 [i]
+  // Scratch: transposes (aR^T, K^T, V^T [D][b2p]; Q_j^T, dO_j^T [D][b1p]), stage-1 tiles
+  // [b2][b2p] (Z^T, then dR and s dz; R), stage-2 tiles [rows][b1p] (U^T, G^T), dq rows, columns.
+  std::vector<float> AT, KT, VT, QT, dOT, ZT, RR, UT, GT, dqacc, colv;
 };
 
+// The products run as cpu::gemm with the same orientations as the forward (src/cpu/monarch.cpp):
+// stage 1 with the b2 keys of a row as rows, stage 2 with the column's rows (n, k) as rows.
 void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float* Kt,
                            const float* Vt, const float* dOt, float* dQt, int64_t m,
                            MonarchTask& t) {
   const int64_t D = p.D, b1 = p.qg.b1, b2 = p.qg.b2;
+  const int64_t b2p = (b2 + 15) / 16 * 16, b1p = (b1 + 15) / 16 * 16, wide = std::max(b1p, b2p);
   const float s = static_cast<float>(p.scale);
   t.keys.clear();
   for (int64_t n = 0; n < p.kg.tiles; ++n)
@@ -55,97 +60,97 @@ void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float*
   t.Y.resize(b2 * rows * D);
   t.cL.resize(b2 * rows);
   t.lR.resize(rows * b2 * b2);
-  t.gK.resize(rows * b2 * D);
-  t.gV.resize(rows * b2 * D);
-  t.U.resize(b1 * rows);
-  t.G.resize(b1 * rows);
+  t.gK.assign(rows * b2 * D, 0.0f);
+  t.gV.assign(rows * b2 * D, 0.0f);
+  t.AT.assign(D * b2p, 0.0f);
+  t.KT.assign(D * b2p, 0.0f);
+  t.VT.assign(D * b2p, 0.0f);
+  t.QT.assign(D * b1p, 0.0f);
+  t.dOT.assign(D * b1p, 0.0f);
+  t.ZT.resize(b2 * b2p);
+  t.RR.assign(b2 * b2p, 0.0f);
+  t.UT.resize(rows * b1p);
+  t.GT.resize(rows * b1p);
   t.dqacc.resize(b1 * D);
-  t.dR.resize(b2);
+  t.colv.resize(6 * wide);
+  float* scale = t.colv.data();  // per column of a tile: softmax scale, then stage 2's mean
+  float* lse = scale + wide;
+  float* neg_entropy = lse + wide;
+  float* work = neg_entropy + wide;
   const float* Qm = Qt + m * b1 * b2 * D;  // query (l, j) at Qm + (l * b2 + j) * D
   const float* dOm = dOt + m * b1 * b2 * D;
   float* dQm = dQt + m * b1 * b2 * D;
   std::fill(dQm, dQm + b1 * b2 * D, 0.0f);
 
-  // 1. Stage 1 for every allowed key row r = (n, k), all query columns j at once.
-  for (int64_t ni = 0; ni < N; ++ni) {
-    for (int64_t k = 0; k < b1; ++k) {
+  // 1. Stage 1 for every allowed key row r = (n, k), all query columns j at once: Z^T = K q_k^T,
+  //    R^T by columns (and log R), aL = R K, Y = R V.
+  for (int64_t k = 0; k < b1; ++k) {
+    for (int64_t j = 0; j < b2; ++j)
+      for (int64_t d = 0; d < D; ++d) t.AT[d * b2p + j] = Qm[(k * b2 + j) * D + d];
+    for (int64_t ni = 0; ni < N; ++ni) {
       const int64_t r = ni * b1 + k;
       const float* Krow = Kt + (t.keys[ni] * b1 + k) * b2 * D;
       const float* Vrow = Vt + (t.keys[ni] * b1 + k) * b2 * D;
-      for (int64_t j = 0; j < b2; ++j) {
-        const float* qk = Qm + (k * b2 + j) * D;  // the proxy of column j
-        float* lr = &t.lR[(r * b2 + j) * b2];
-        float zmax = -INFINITY;
-        for (int64_t i = 0; i < b2; ++i) {
-          lr[i] = s * dot(qk, Krow + i * D, D);
-          zmax = std::max(zmax, lr[i]);
-        }
-        float sum = 0.0f;
-        for (int64_t i = 0; i < b2; ++i) sum += std::exp(lr[i] - zmax);
-        const float lse = zmax + std::log(sum);
-        float c = 0.0f;
-        float* aLj = &t.aL[(j * rows + r) * D];
-        float* Yj = &t.Y[(j * rows + r) * D];
-        std::fill(aLj, aLj + D, 0.0f);
-        std::fill(Yj, Yj + D, 0.0f);
-        for (int64_t i = 0; i < b2; ++i) {
-          lr[i] -= lse;  // log R_i, finite where R_i underflows
-          const float R = std::exp(lr[i]);
-          c += R * lr[i];
-          axpy(R, Krow + i * D, aLj, D);
-          axpy(R, Vrow + i * D, Yj, D);
-        }
-        t.cL[j * rows + r] = c;
-      }
+      for (int64_t j = 0; j < b2p; ++j) scale[j] = j < b2 ? s : 0.0f;
+      gemm(b2, b2p, D, Krow, D, 1, t.AT.data(), b2p, t.ZT.data(), b2p, false);
+      column_softmax(t.ZT.data(), b2, b2p, scale, lse, neg_entropy, &t.lR[r * b2 * b2], b2, work);
+      for (int64_t j = 0; j < b2; ++j) t.cL[j * rows + r] = neg_entropy[j];
+      gemm(b2, D, b2, t.ZT.data(), 1, b2p, Krow, D, &t.aL[r * D], rows * D, false);
+      gemm(b2, D, b2, t.ZT.data(), 1, b2p, Vrow, D, &t.Y[r * D], rows * D, false);
     }
   }
 
-  // 2. Stage 2 and its backward, one query column j at a time.
+  // 2. Stage 2 and its backward, one query column j at a time, with the rows r as rows:
+  //    U^T = aL_j Q_j^T, G^T = Y_j dO_j^T; L^T by columns; du = L (G - sum L G).
   for (int64_t j = 0; j < b2; ++j) {
     float* aLj = &t.aL[j * rows * D];
     float* Yj = &t.Y[j * rows * D];
     float* cLj = &t.cL[j * rows];
-    // U[l][r] = u, G[l][r] = dL = dO . Y.
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* a = aLj + r * D;
-      const float* y = Yj + r * D;
-      for (int64_t l = 0; l < b1; ++l) {
-        t.U[l * rows + r] = s * dot(Qm + (l * b2 + j) * D, a, D) - cLj[r];
-        t.G[l * rows + r] = dot(dOm + (l * b2 + j) * D, y, D);
+    for (int64_t l = 0; l < b1; ++l) {
+      for (int64_t d = 0; d < D; ++d) {
+        t.QT[d * b1p + l] = Qm[(l * b2 + j) * D + d];
+        t.dOT[d * b1p + l] = dOm[(l * b2 + j) * D + d];
       }
     }
-    // U becomes L, G becomes du = L (dL - sum L dL).
-    for (int64_t l = 0; l < b1; ++l) {
-      float* L = &t.U[l * rows];
-      float* g = &t.G[l * rows];
-      softmax_in_place(L, rows);
-      const float mean = dot(L, g, rows);
-      for (int64_t r = 0; r < rows; ++r) g[r] = L[r] * (g[r] - mean);
-    }
-    // dq[l, j] += s sum_r du aL; then aL, Y, cL of the column become daL, dY, dcL.
-    std::fill(t.dqacc.begin(), t.dqacc.end(), 0.0f);
+    gemm(rows, b1p, D, aLj, D, 1, t.QT.data(), b1p, t.UT.data(), b1p, false);
+    gemm(rows, b1p, D, Yj, D, 1, t.dOT.data(), b1p, t.GT.data(), b1p, false);
     for (int64_t r = 0; r < rows; ++r) {
-      float* a = aLj + r * D;
-      float* y = Yj + r * D;
+      float* u = &t.UT[r * b1p];
+      const float c = cLj[r];
+#pragma omp simd
+      for (int64_t l = 0; l < b1p; ++l) u[l] = s * u[l] - c;
+    }
+    column_softmax(t.UT.data(), rows, b1p, nullptr, lse, nullptr, nullptr, 0, work);
+    float* mean = scale;
+    for (int64_t l = 0; l < b1p; ++l) mean[l] = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* L = &t.UT[r * b1p];
+      const float* g = &t.GT[r * b1p];
+#pragma omp simd
+      for (int64_t l = 0; l < b1p; ++l) mean[l] += L[l] * g[l];
+    }
+    // G^T becomes s du (the pad columns l >= b1 are zero); dcL = -sum_l du.
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* L = &t.UT[r * b1p];
+      float* g = &t.GT[r * b1p];
       float dc = 0.0f;
-      for (int64_t l = 0; l < b1; ++l) axpy(s * t.G[l * rows + r], a, &t.dqacc[l * D], D);
-      std::fill(a, a + D, 0.0f);
-      std::fill(y, y + D, 0.0f);
-      for (int64_t l = 0; l < b1; ++l) {
-        const float du = t.G[l * rows + r];
-        axpy(s * du, Qm + (l * b2 + j) * D, a, D);
-        axpy(t.U[l * rows + r], dOm + (l * b2 + j) * D, y, D);
+      for (int64_t l = 0; l < b1p; ++l) {
+        const float du = l < b1 ? L[l] * (g[l] - mean[l]) : 0.0f;
         dc -= du;
+        g[l] = s * du;
       }
       cLj[r] = dc;
     }
+    // dq[l, j] += s sum_r du aL (before aL is overwritten), then daL = s du^T Q_j, dY = L^T dO_j.
+    gemm(b1, D, rows, t.GT.data(), 1, b1p, aLj, D, t.dqacc.data(), D, false);
     for (int64_t l = 0; l < b1; ++l) axpy(1.0f, &t.dqacc[l * D], dQm + (l * b2 + j) * D, D);
+    gemm(rows, D, b1, t.GT.data(), b1p, 1, Qm + j * D, b2 * D, aLj, D, false);
+    gemm(rows, D, b1, t.UT.data(), b1p, 1, dOm + j * D, b2 * D, Yj, D, false);
   }
 
-  // 3. Stage-1 backward per key row r, all columns j: dq (stage-1 part) and dK, dV of the row.
-  std::fill(t.gK.begin(), t.gK.end(), 0.0f);
-  std::fill(t.gV.begin(), t.gV.end(), 0.0f);
-  float* dR = t.dR.data();
+  // 3. Stage-1 backward per key row r, all columns j: dR = daL K^T + dY V^T + dcL log R,
+  //    s dz = s R (dR - sum R dR); dq (stage-1 part) = s dz K; dK += R^T daL + s dz^T q_k,
+  //    dV += R^T dY.
   for (int64_t ni = 0; ni < N; ++ni) {
     for (int64_t k = 0; k < b1; ++k) {
       const int64_t r = ni * b1 + k;
@@ -153,27 +158,31 @@ void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float*
       const float* Vrow = Vt + (t.keys[ni] * b1 + k) * b2 * D;
       float* gKr = &t.gK[r * b2 * D];
       float* gVr = &t.gV[r * b2 * D];
-      for (int64_t j = 0; j < b2; ++j) {
-        const float* lr = &t.lR[(r * b2 + j) * b2];
-        const float* da = &t.aL[(j * rows + r) * D];
-        const float* dy = &t.Y[(j * rows + r) * D];
-        const float dc = t.cL[j * rows + r];
-        float mean = 0.0f;
-        for (int64_t i = 0; i < b2; ++i) {
-          dR[i] = dot(da, Krow + i * D, D) + dot(dy, Vrow + i * D, D) + dc * lr[i];
-          mean += std::exp(lr[i]) * dR[i];
-        }
-        const float* qk = Qm + (k * b2 + j) * D;
-        float* dqk = dQm + (k * b2 + j) * D;
-        for (int64_t i = 0; i < b2; ++i) {
-          const float R = std::exp(lr[i]);
-          const float sdz = s * R * (dR[i] - mean);
-          axpy(sdz, Krow + i * D, dqk, D);
-          axpy(R, da, gKr + i * D, D);
-          axpy(sdz, qk, gKr + i * D, D);
-          axpy(R, dy, gVr + i * D, D);
+      for (int64_t i = 0; i < b2; ++i) {
+        for (int64_t d = 0; d < D; ++d) {
+          t.KT[d * b2p + i] = Krow[i * D + d];
+          t.VT[d * b2p + i] = Vrow[i * D + d];
         }
       }
+      gemm(b2, b2p, D, &t.aL[r * D], rows * D, 1, t.KT.data(), b2p, t.ZT.data(), b2p, false);
+      gemm(b2, b2p, D, &t.Y[r * D], rows * D, 1, t.VT.data(), b2p, t.ZT.data(), b2p, true);
+      for (int64_t j = 0; j < b2; ++j) {
+        const float* lr = &t.lR[(r * b2 + j) * b2];
+        const float dc = t.cL[j * rows + r];
+        float* dr = &t.ZT[j * b2p];
+        float* rr = &t.RR[j * b2p];
+        float mean = 0.0f;
+        for (int64_t i = 0; i < b2; ++i) {
+          dr[i] += dc * lr[i];
+          rr[i] = exp_nonpositive(lr[i]);
+          mean += rr[i] * dr[i];
+        }
+        for (int64_t i = 0; i < b2p; ++i) dr[i] = i < b2 ? s * rr[i] * (dr[i] - mean) : 0.0f;
+      }
+      gemm(b2, D, b2, t.ZT.data(), b2p, 1, Krow, D, dQm + k * b2 * D, D, true);
+      gemm(b2, D, b2, t.RR.data(), 1, b2p, &t.aL[r * D], rows * D, gKr, D, true);
+      gemm(b2, D, b2, t.ZT.data(), 1, b2p, Qm + k * b2 * D, D, gKr, D, true);
+      gemm(b2, D, b2, t.RR.data(), 1, b2p, &t.Y[r * D], rows * D, gVr, D, true);
     }
   }
 }

@@ -133,6 +133,48 @@ inline float softmax_in_place(float* z, int64_t n) {
   return zmax + std::log(sum);
 }
 
+// Softmax down each column c of X[rows][ld] (a row's ld columns contiguous), in place, after
+// x -> x * scale[c] (scale may be null). lse[c] gets the column's log-sum-exp; neg_entropy[c], if
+// given, sum R (x - lse) (never the log of an underflowed probability); log_r, if given, the log
+// probabilities x - lse of columns c < log_cols, transposed: log_r[c * rows + row]. Every loop
+// runs along a row, so it vectorizes. work: 2 * ld floats.
+inline void column_softmax(float* X, int64_t rows, int64_t ld, const float* scale, float* lse, float* neg_entropy,
+                           float* log_r, int64_t log_cols, float* work) {
+  float* mx = work;
+  float* sum = work + ld;
+  for (int64_t c = 0; c < ld; ++c) mx[c] = -INFINITY, sum[c] = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = X + r * ld;
+    if (scale != nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < ld; ++c) x[c] *= scale[c];
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < ld; ++c) mx[c] = x[c] > mx[c] ? x[c] : mx[c];
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = X + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < ld; ++c) sum[c] += exp_nonpositive(x[c] - mx[c]);
+  }
+  for (int64_t c = 0; c < ld; ++c) lse[c] = mx[c] + std::log(sum[c]);
+  if (neg_entropy != nullptr) {
+    for (int64_t c = 0; c < ld; ++c) neg_entropy[c] = 0.0f;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* x = X + r * ld;
+    if (log_r != nullptr) {
+      for (int64_t c = 0; c < log_cols; ++c) log_r[c * rows + r] = x[c] - lse[c];
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < ld; ++c) {
+      const float R = exp_nonpositive(x[c] - lse[c]);
+      if (neg_entropy != nullptr) neg_entropy[c] += R * (x[c] - lse[c]);
+      x[c] = R;
+    }
+  }
+}
+
 // Runs `body` and turns an allocation failure into a Status instead of an escaping exception.
 template <typename Body>
 Status guard_allocation(Body&& body) {

@@ -20,44 +20,6 @@ struct TileBuffers {
   std::vector<float> aL, Y, cL, L, aR, AT, ZT, QT, UT, colv;
 };
 
-// Softmax down each column of X[rows][ld] (columns [0, ld), contiguous in a row), in place, after
-// x -> x * scale[col] (scale may be null); returns each column's log-sum-exp in lse[col] and, with
-// neg_entropy, sum R (x - lse) in neg_entropy[col] (never log of an underflowed probability).
-// Every loop runs along a row, so it vectorizes. work: 2 * ld floats.
-void column_softmax(float* X, int64_t rows, int64_t ld, const float* scale, float* lse, float* neg_entropy,
-                    float* work) {
-  float* mx = work;
-  float* sum = work + ld;
-  for (int64_t c = 0; c < ld; ++c) mx[c] = -INFINITY, sum[c] = 0.0f;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* x = X + r * ld;
-    if (scale != nullptr) {
-#pragma omp simd
-      for (int64_t c = 0; c < ld; ++c) x[c] *= scale[c];
-    }
-#pragma omp simd
-    for (int64_t c = 0; c < ld; ++c) mx[c] = x[c] > mx[c] ? x[c] : mx[c];
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* x = X + r * ld;
-#pragma omp simd
-    for (int64_t c = 0; c < ld; ++c) sum[c] += exp_nonpositive(x[c] - mx[c]);
-  }
-  for (int64_t c = 0; c < ld; ++c) lse[c] = mx[c] + std::log(sum[c]);
-  if (neg_entropy != nullptr) {
-    for (int64_t c = 0; c < ld; ++c) neg_entropy[c] = 0.0f;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* x = X + r * ld;
-#pragma omp simd
-    for (int64_t c = 0; c < ld; ++c) {
-      const float R = exp_nonpositive(x[c] - lse[c]);
-      if (neg_entropy != nullptr) neg_entropy[c] += R * (x[c] - lse[c]);
-      x[c] = R;
-    }
-  }
-}
-
 // Stage 1 runs as small matrix products per key row (n, k) with the b2 keys as rows: Z^T = K aR^T
 // (b2 x b2, the query columns j contiguous), the softmax of each column j in place (R^T), then
 // aL = R K and Y = R V (b2 x D). Stage 2, per query column j: U^T = aL_j Q_j^T (rows x b1, the
@@ -118,7 +80,7 @@ void monarch_tile(const AttentionPlan& p, const float* Qt, const float* Kt, cons
             for (int64_t d = 0; d < D; ++d) tb.AT[d * b2p + j] = aR[j * D + d];
         }
         gemm(b2, b2p, D, Krow, D, 1, tb.AT.data(), b2p, tb.ZT.data(), b2p, false);
-        column_softmax(tb.ZT.data(), b2, b2p, scale, lse, neg_entropy, work);
+        column_softmax(tb.ZT.data(), b2, b2p, scale, lse, neg_entropy, nullptr, 0, work);
         for (int64_t j = 0; j < b2; ++j) tb.cL[j * rows + r] = neg_entropy[j];
         // Row j of aL / Y goes to [j][r][D]: row pitch rows * D; R[j][i] = R^T[i][j].
         gemm(b2, D, b2, tb.ZT.data(), 1, b2p, Krow, D, &tb.aL[r * D], rows * D, false);
@@ -137,7 +99,7 @@ void monarch_tile(const AttentionPlan& p, const float* Qt, const float* Kt, cons
 #pragma omp simd
         for (int64_t l = 0; l < b1p; ++l) u[l] = s * u[l] - c;
       }
-      column_softmax(tb.UT.data(), rows, b1p, nullptr, lse, nullptr, work);
+      column_softmax(tb.UT.data(), rows, b1p, nullptr, lse, nullptr, nullptr, 0, work);
       if (!last) {
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t l = 0; l < b1; ++l) tb.L[(j * rows + r) * b1 + l] = tb.UT[r * b1p + l];

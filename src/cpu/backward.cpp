@@ -84,6 +84,7 @@ void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float*
 
   // 1. Stage 1 for every allowed key row r = (n, k), all query columns j at once: Z^T = K q_k^T,
   //    R^T by columns (and log R), aL = R K, Y = R V.
+  for (int64_t j = 0; j < b2p; ++j) scale[j] = j < b2 ? s : 0.0f;
   for (int64_t k = 0; k < b1; ++k) {
     for (int64_t j = 0; j < b2; ++j)
       for (int64_t d = 0; d < D; ++d) t.AT[d * b2p + j] = Qm[(k * b2 + j) * D + d];
@@ -91,12 +92,9 @@ void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float*
       const int64_t r = ni * b1 + k;
       const float* Krow = Kt + (t.keys[ni] * b1 + k) * b2 * D;
       const float* Vrow = Vt + (t.keys[ni] * b1 + k) * b2 * D;
-      for (int64_t j = 0; j < b2p; ++j) scale[j] = j < b2 ? s : 0.0f;
-      gemm(b2, b2p, D, Krow, D, 1, t.AT.data(), b2p, t.ZT.data(), b2p, false);
-      column_softmax(t.ZT.data(), b2, b2p, scale, lse, neg_entropy, &t.lR[r * b2 * b2], b2, work);
+      monarch_stage1_row(Krow, Vrow, t.AT.data(), b2, b2p, D, scale, t.ZT.data(), lse, neg_entropy,
+                         &t.lR[r * b2 * b2], &t.aL[r * D], &t.Y[r * D], rows * D, work);
       for (int64_t j = 0; j < b2; ++j) t.cL[j * rows + r] = neg_entropy[j];
-      gemm(b2, D, b2, t.ZT.data(), 1, b2p, Krow, D, &t.aL[r * D], rows * D, false);
-      gemm(b2, D, b2, t.ZT.data(), 1, b2p, Vrow, D, &t.Y[r * D], rows * D, false);
     }
   }
 
@@ -106,21 +104,10 @@ void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float*
     float* aLj = &t.aL[j * rows * D];
     float* Yj = &t.Y[j * rows * D];
     float* cLj = &t.cL[j * rows];
-    for (int64_t l = 0; l < b1; ++l) {
-      for (int64_t d = 0; d < D; ++d) {
-        t.QT[d * b1p + l] = Qm[(l * b2 + j) * D + d];
-        t.dOT[d * b1p + l] = dOm[(l * b2 + j) * D + d];
-      }
-    }
-    gemm(rows, b1p, D, aLj, D, 1, t.QT.data(), b1p, t.UT.data(), b1p, false);
+    for (int64_t l = 0; l < b1; ++l)
+      for (int64_t d = 0; d < D; ++d) t.dOT[d * b1p + l] = dOm[(l * b2 + j) * D + d];
     gemm(rows, b1p, D, Yj, D, 1, t.dOT.data(), b1p, t.GT.data(), b1p, false);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* u = &t.UT[r * b1p];
-      const float c = cLj[r];
-#pragma omp simd
-      for (int64_t l = 0; l < b1p; ++l) u[l] = s * u[l] - c;
-    }
-    column_softmax(t.UT.data(), rows, b1p, nullptr, lse, nullptr, nullptr, 0, work);
+    monarch_stage2_probabilities(aLj, cLj, Qm, j, rows, b1, b1p, b2, D, s, t.QT.data(), t.UT.data(), lse, work);
     float* mean = scale;
     for (int64_t l = 0; l < b1p; ++l) mean[l] = 0.0f;
     for (int64_t r = 0; r < rows; ++r) {

@@ -175,6 +175,39 @@ inline void column_softmax(float* X, int64_t rows, int64_t ld, const float* scal
   }
 }
 
+// Monarch stage 1 for one key row of b2 keys (Krow, Vrow: [b2][D]) and all b2 query columns,
+// whose proxies are given transposed in AT ([D][b2p], zero columns past b2): Z^T = K aR^T into
+// ZT ([b2][b2p]), scaled per column by scale[j], the softmax of each column (R^T, left in ZT; cL
+// in neg_entropy[j], log R transposed into log_r[j * b2 + i] if given), then aL = R K into aL
+// and, if Y is given, Y = R V (rows j with pitch ld). work: 2 * b2p floats.
+inline void monarch_stage1_row(const float* Krow, const float* Vrow, const float* AT, int64_t b2, int64_t b2p,
+                               int64_t D, const float* scale, float* ZT, float* lse, float* neg_entropy,
+                               float* log_r, float* aL, float* Y, int64_t ld, float* work) {
+  gemm(b2, b2p, D, Krow, D, 1, AT, b2p, ZT, b2p, false);
+  column_softmax(ZT, b2, b2p, scale, lse, neg_entropy, log_r, log_r != nullptr ? b2 : 0, work);
+  gemm(b2, D, b2, ZT, 1, b2p, Krow, D, aL, ld, false);  // R[j][i] = R^T[i][j]
+  if (Y != nullptr) gemm(b2, D, b2, ZT, 1, b2p, Vrow, D, Y, ld, false);
+}
+
+// Monarch stage 2's probabilities for query column j: the column's queries q[l, j] (at
+// Qm + (l * b2 + j) * D) transposed into QT ([D][b1p], zero columns past b1), U^T = aL_j Q_j^T
+// scaled, minus cL, into UT ([rows][b1p]), then the softmax of each query's column: L^T in UT.
+// work: 2 * b1p floats.
+inline void monarch_stage2_probabilities(const float* aLj, const float* cLj, const float* Qm, int64_t j,
+                                         int64_t rows, int64_t b1, int64_t b1p, int64_t b2, int64_t D, float s,
+                                         float* QT, float* UT, float* lse, float* work) {
+  for (int64_t l = 0; l < b1; ++l)
+    for (int64_t d = 0; d < D; ++d) QT[d * b1p + l] = Qm[(l * b2 + j) * D + d];
+  gemm(rows, b1p, D, aLj, D, 1, QT, b1p, UT, b1p, false);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* u = UT + r * b1p;
+    const float c = cLj[r];
+#pragma omp simd
+    for (int64_t l = 0; l < b1p; ++l) u[l] = s * u[l] - c;
+  }
+  column_softmax(UT, rows, b1p, nullptr, lse, nullptr, nullptr, 0, work);
+}
+
 // Runs `body` and turns an allocation failure into a Status instead of an escaping exception.
 template <typename Body>
 Status guard_allocation(Body&& body) {

@@ -1,8 +1,9 @@
 // Fast fp32 CPU Monarch attention. One task per (query tile m) of a head: stage 1 runs over
 // every allowed key row (n, k) and keeps aL, Y, cL of the tile in a task-local buffer laid out
 // column-major in j ([j][n*b1 + k][D]) so that stage 2, which works one query column j at a
-// time, reads them contiguously. Both stages are small matrix products (kernels.h gemm). With num_iters > 1 the stage-2 probabilities L are kept too
-// ([j][n*b1 + k][l]) to form the next iteration's aR and cR. Same math as src/ref/monarch.cpp.
+// time, reads them contiguously. Both stages are small matrix products (kernels.h). With
+// num_iters > 1 the stage-2 probabilities L are kept too ([j][n*b1 + k][l]) to form the next
+// iteration's aR and cR. Same math as src/ref/monarch.cpp.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -79,27 +80,16 @@ void monarch_tile(const AttentionPlan& p, const float* Qt, const float* Kt, cons
           for (int64_t j = 0; j < b2; ++j)
             for (int64_t d = 0; d < D; ++d) tb.AT[d * b2p + j] = aR[j * D + d];
         }
-        gemm(b2, b2p, D, Krow, D, 1, tb.AT.data(), b2p, tb.ZT.data(), b2p, false);
-        column_softmax(tb.ZT.data(), b2, b2p, scale, lse, neg_entropy, nullptr, 0, work);
+        // Row j of aL / Y goes to [j][r][D]: row pitch rows * D.
+        monarch_stage1_row(Krow, Vrow, tb.AT.data(), b2, b2p, D, scale, tb.ZT.data(), lse, neg_entropy, nullptr,
+                           &tb.aL[r * D], last ? &tb.Y[r * D] : nullptr, rows * D, work);
         for (int64_t j = 0; j < b2; ++j) tb.cL[j * rows + r] = neg_entropy[j];
-        // Row j of aL / Y goes to [j][r][D]: row pitch rows * D; R[j][i] = R^T[i][j].
-        gemm(b2, D, b2, tb.ZT.data(), 1, b2p, Krow, D, &tb.aL[r * D], rows * D, false);
-        if (last) gemm(b2, D, b2, tb.ZT.data(), 1, b2p, Vrow, D, &tb.Y[r * D], rows * D, false);
       }
     }
     // Stage 2, one query column j at a time: softmax over all allowed rows (n, k).
     for (int64_t j = 0; j < b2; ++j) {
-      const float* cLj = &tb.cL[j * rows];
-      for (int64_t l = 0; l < b1; ++l)
-        for (int64_t d = 0; d < D; ++d) tb.QT[d * b1p + l] = Qm[(l * b2 + j) * D + d];
-      gemm(rows, b1p, D, &tb.aL[j * rows * D], D, 1, tb.QT.data(), b1p, tb.UT.data(), b1p, false);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* u = &tb.UT[r * b1p];
-        const float c = cLj[r];
-#pragma omp simd
-        for (int64_t l = 0; l < b1p; ++l) u[l] = s * u[l] - c;
-      }
-      column_softmax(tb.UT.data(), rows, b1p, nullptr, lse, nullptr, nullptr, 0, work);
+      monarch_stage2_probabilities(&tb.aL[j * rows * D], &tb.cL[j * rows], Qm, j, rows, b1, b1p, b2, D, s,
+                                   tb.QT.data(), tb.UT.data(), lse, work);
       if (!last) {
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t l = 0; l < b1; ++l) tb.L[(j * rows + r) * b1 + l] = tb.UT[r * b1p + l];

@@ -41,7 +41,7 @@ struct MonarchTask {
   std::vector<float> gK, gV;      // contributions to dK, dV of the allowed key rows, [r][i][D]
   // Scratch: transposes (aR^T, K^T, V^T [D][b2p]; Q_j^T, dO_j^T [D][b1p]), stage-1 tiles
   // [b2][b2p] (Z^T, then dR and s dz; R), stage-2 tiles [rows][b1p] (U^T, G^T), dq rows, columns.
-  std::vector<float> AT, KT, VT, QT, dOT, ZT, RR, UT, GT, dqacc, colv;
+  std::vector<float> AT, KT, VT, QT, dOT, ZT, RR, UT, GT, dqacc, colv, DA, DY;
 };
 
 // The products run as cpu::gemm with the same orientations as the forward (src/cpu/monarch.cpp):
@@ -72,6 +72,8 @@ void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float*
   t.UT.resize(rows * b1p);
   t.GT.resize(rows * b1p);
   t.dqacc.resize(b1 * D);
+  t.DA.resize(b2 * D);
+  t.DY.resize(b2 * D);
   t.colv.resize(6 * wide);
   float* scale = t.colv.data();  // per column of a tile: softmax scale, then stage 2's mean
   float* lse = scale + wide;
@@ -151,8 +153,13 @@ void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float*
           t.VT[d * b2p + i] = Vrow[i * D + d];
         }
       }
-      gemm(b2, b2p, D, &t.aL[r * D], rows * D, 1, t.KT.data(), b2p, t.ZT.data(), b2p, false);
-      gemm(b2, b2p, D, &t.Y[r * D], rows * D, 1, t.VT.data(), b2p, t.ZT.data(), b2p, true);
+      // daL and dY of this row for all j, gathered from [j][r][D] (rows * D apart) once.
+      for (int64_t j = 0; j < b2; ++j) {
+        std::copy_n(&t.aL[(j * rows + r) * D], D, &t.DA[j * D]);
+        std::copy_n(&t.Y[(j * rows + r) * D], D, &t.DY[j * D]);
+      }
+      gemm(b2, b2p, D, t.DA.data(), D, 1, t.KT.data(), b2p, t.ZT.data(), b2p, false);
+      gemm(b2, b2p, D, t.DY.data(), D, 1, t.VT.data(), b2p, t.ZT.data(), b2p, true);
       for (int64_t j = 0; j < b2; ++j) {
         const float* lr = &t.lR[(r * b2 + j) * b2];
         const float dc = t.cL[j * rows + r];
@@ -167,9 +174,9 @@ void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float*
         for (int64_t i = 0; i < b2p; ++i) dr[i] = i < b2 ? s * rr[i] * (dr[i] - mean) : 0.0f;
       }
       gemm(b2, D, b2, t.ZT.data(), b2p, 1, Krow, D, dQm + k * b2 * D, D, true);
-      gemm(b2, D, b2, t.RR.data(), 1, b2p, &t.aL[r * D], rows * D, gKr, D, true);
+      gemm(b2, D, b2, t.RR.data(), 1, b2p, t.DA.data(), D, gKr, D, true);
       gemm(b2, D, b2, t.ZT.data(), 1, b2p, Qm + k * b2 * D, D, gKr, D, true);
-      gemm(b2, D, b2, t.RR.data(), 1, b2p, &t.Y[r * D], rows * D, gVr, D, true);
+      gemm(b2, D, b2, t.RR.data(), 1, b2p, t.DY.data(), D, gVr, D, true);
     }
   }
 }

@@ -3,6 +3,7 @@
 // attention (full score rows, nth_element, softmax over the kept keys).
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 #include <vector>
 
@@ -78,38 +79,67 @@ void dense_block(const AttentionPlan& p, const HeadBuffers& hb, const QueryBlock
   }
 }
 
+// Oracle top-k for a query block: the score rows Z = Q_blk K^T over every allowed key (matrix
+// products against K^T, one per run of allowed frames), per row the `keep` largest scores
+// (nth_element, ties to the lower key), their softmax written into the row (zero elsewhere), then
+// O_blk = P V (matrix products again).
 void topk_block(const AttentionPlan& p, const HeadBuffers& hb, const QueryBlock& qb,
                 double density, float* O) {
-  const int64_t D = p.D, per_frame = p.k_grid.tokens_per_frame();
+  const int64_t D = p.D, nq = qb.end - qb.begin, per_frame = p.k_grid.tokens_per_frame();
   const float s = static_cast<float>(p.scale);
   const int64_t qf = p.q_frame(qb.begin);
-  std::vector<int64_t> keys;
-  for (int64_t kf = 0; kf < p.k_grid.T; ++kf)
-    if (p.frame_allowed(qf, kf))
-      for (int64_t t = kf * per_frame; t < (kf + 1) * per_frame; ++t) keys.push_back(t);
-  const int64_t n = static_cast<int64_t>(keys.size());
+  std::vector<QueryBlock> runs;  // allowed key tokens [begin, end), whole frames
+  for (int64_t kf = 0; kf < p.k_grid.T; ++kf) {
+    if (!p.frame_allowed(qf, kf)) continue;
+    if (!runs.empty() && runs.back().end == kf * per_frame) {
+      runs.back().end += per_frame;
+    } else {
+      runs.push_back({kf * per_frame, (kf + 1) * per_frame});
+    }
+  }
+  int64_t n = 0;
+  for (const QueryBlock& r : runs) n += r.end - r.begin;
   int64_t keep = static_cast<int64_t>(std::ceil(density * static_cast<double>(n) - 1e-9));
   keep = std::max<int64_t>(1, std::min(keep, n));
-  std::vector<float> z(n);
-  std::vector<int32_t> order(n);
-  for (int64_t i = qb.begin; i < qb.end; ++i) {
-    const float* qi = &hb.Q[i * D];
-    for (int64_t r = 0; r < n; ++r) z[r] = s * dot(qi, &hb.K[keys[r] * D], D);
-    std::iota(order.begin(), order.end(), 0);
-    std::nth_element(order.begin(), order.begin() + (keep - 1), order.end(), [&](int32_t a, int32_t c) {
-      return z[a] > z[c] || (z[a] == z[c] && a < c);
-    });
+  std::vector<float> Z(nq * n);
+  const float* Qb = &hb.Q[qb.begin * D];
+  int64_t c = 0;  // column of Z where the run starts
+  for (const QueryBlock& r : runs) {
+    gemm(nq, r.end - r.begin, D, Qb, D, 1, &hb.KT[r.begin], p.Skv, &Z[c], n, false);
+    c += r.end - r.begin;
+  }
+  std::vector<float> vals(n);
+  for (int64_t i = 0; i < nq; ++i) {
+    float* z = &Z[i * n];
+    scale_in_place(s, z, n);
+    // The keep-th largest score, then the kept keys: every larger score, and of the scores equal
+    // to it the lowest keys (the reference's order: larger score first, ties to the lower key).
+    std::copy(z, z + n, vals.begin());
+    std::nth_element(vals.begin(), vals.begin() + (keep - 1), vals.end(), std::greater<float>());
+    const float thr = vals[keep - 1];
+    int64_t ties = keep;
     float m = -INFINITY;
-    for (int64_t r = 0; r < keep; ++r) m = std::max(m, z[order[r]]);
-    float sum = 0.0f;
-    float* o = &O[i * D];
-    std::fill(o, o + D, 0.0f);
-    for (int64_t r = 0; r < keep; ++r) {
-      const float e = std::exp(z[order[r]] - m);
-      sum += e;
-      axpy(e, &hb.V[keys[order[r]] * D], o, D);
+    for (int64_t r = 0; r < n; ++r) {
+      if (z[r] > thr) --ties;
+      m = std::max(m, z[r]);
     }
-    scale_in_place(1.0f / sum, o, D);
+    for (int64_t r = 0; r < n; ++r) {
+      const bool kept = z[r] > thr || (z[r] == thr && ties-- > 0);
+      if (!kept) z[r] = -INFINITY;  // probability 0
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t r = 0; r < n; ++r) {
+      z[r] = exp_nonpositive(z[r] - m);
+      sum += z[r];
+    }
+    scale_in_place(1.0f / sum, z, n);
+  }
+  float* Ob = &O[qb.begin * D];
+  c = 0;
+  for (const QueryBlock& r : runs) {
+    gemm(nq, D, r.end - r.begin, &Z[c], n, 1, &hb.V[r.begin * D], D, Ob, D, c > 0);
+    c += r.end - r.begin;
   }
 }
 
@@ -124,7 +154,7 @@ Status run(const TensorView& q, const TensorView& k, const TensorView& v, const 
     const std::vector<int64_t> krows = key_rows(p, nullptr);
     const int64_t* kr = krows.empty() ? nullptr : krows.data();
     hb.K.resize(p.Skv * p.D);
-    if (density == 0.0) hb.KT.resize(p.Skv * p.D);
+    hb.KT.resize(p.Skv * p.D);
     hb.V.resize(p.Skv * p.D);
     hb.O.resize(p.Sq * p.D);
     for (int64_t b = 0; b < p.B; ++b) {
@@ -132,10 +162,8 @@ Status run(const TensorView& q, const TensorView& k, const TensorView& v, const 
         gather_head(q, b, h, nullptr, hb.Q.data());
         gather_rows(k, b, h, kr, p.Skv, hb.K.data());
         gather_rows(v, b, h, kr, p.Skv, hb.V.data());
-        if (density == 0.0) {
-          for (int64_t t = 0; t < p.Skv; ++t)
-            for (int64_t d = 0; d < p.D; ++d) hb.KT[d * p.Skv + t] = hb.K[t * p.D + d];
-        }
+        for (int64_t t = 0; t < p.Skv; ++t)
+          for (int64_t d = 0; d < p.D; ++d) hb.KT[d * p.Skv + t] = hb.K[t * p.D + d];
         parallel_for(static_cast<int64_t>(blocks.size()), [&](int64_t t) {
           if (density > 0.0) {
             topk_block(p, hb, blocks[t], density, hb.O.data());

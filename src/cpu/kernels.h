@@ -118,21 +118,6 @@ inline float exp_nonpositive(float x) {
   return x >= -87.0f ? p * scale : (x != x ? x : 0.0f);
 }
 
-// Turns z[0..n) into softmax(z) in place and returns the log-sum-exp of the input.
-inline float softmax_in_place(float* z, int64_t n) {
-  float zmax = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) zmax = z[i] > zmax ? z[i] : zmax;
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    z[i] = exp_nonpositive(z[i] - zmax);
-    sum += z[i];
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < n; ++i) z[i] *= inv;
-  return zmax + std::log(sum);
-}
-
 // Softmax down each column c of X[rows][ld] (a row's ld columns contiguous), in place, after
 // x -> x * scale[c] (scale may be null). lse[c] gets the column's log-sum-exp; neg_entropy[c], if
 // given, sum R (x - lse) (never the log of an underflowed probability); log_r, if given, the log

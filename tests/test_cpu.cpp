@@ -5,7 +5,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
 
+#include "../src/cpu/kernels.h"
 #include "test_util.h"
 
 namespace monarchrt {
@@ -101,6 +106,54 @@ TEST(CpuPath, DenseMatchesReference) {
     p.causal_chunk_frames = c.causal_chunk;
     expect_match(Method::kDense, c, p, DType::kF32, rng, c.grid.tokens());
   }
+}
+
+// The CPU paths' vectorizable exp: relative error against double exp over its whole domain, and
+// its special values (0 below -87 and at -inf, NaN kept).
+TEST(CpuKernels, ExpNonpositive) {
+  double worst = 0.0;
+  for (int i = 0; i <= 870000; ++i) {
+    const float x = -static_cast<float>(i) * 1e-4f;
+    const double want = std::exp(static_cast<double>(x));
+    worst = std::max(worst, std::fabs(cpu::exp_nonpositive(x) - want) / want);
+  }
+  EXPECT_LT(worst, 2e-7);
+  EXPECT_EQ(cpu::exp_nonpositive(0.0f), 1.0f);
+  EXPECT_EQ(cpu::exp_nonpositive(-100.0f), 0.0f);
+  EXPECT_EQ(cpu::exp_nonpositive(-std::numeric_limits<float>::infinity()), 0.0f);
+  EXPECT_TRUE(std::isnan(cpu::exp_nonpositive(std::numeric_limits<float>::quiet_NaN())));
+}
+
+// The CPU paths' matrix product on every edge of its blocking (rows not a multiple of 4, columns
+// not a multiple of 16), with A read row-major or transposed, padded pitches, and accumulate.
+TEST(CpuKernels, GemmMatchesNaiveProduct) {
+  std::mt19937 gen(7);
+  std::normal_distribution<float> normal;
+  for (int64_t M : {1, 3, 4, 5, 9})
+    for (int64_t N : {1, 7, 16, 17, 33, 52, 64})
+      for (int64_t K : {1, 5, 128})
+        for (bool transposed : {false, true})
+          for (bool accumulate : {false, true}) {
+            const int64_t lda = (transposed ? M : K) + 3, ldb = N + 2, ldc = N + 5;
+            std::vector<float> A((transposed ? K : M) * lda), B(K * ldb), C(M * ldc);
+            for (float& x : A) x = normal(gen);
+            for (float& x : B) x = normal(gen);
+            for (float& x : C) x = normal(gen);
+            const std::vector<float> C0 = C;
+            const int64_t a_rs = transposed ? 1 : lda, a_cs = transposed ? lda : 1;
+            cpu::gemm(M, N, K, A.data(), a_rs, a_cs, B.data(), ldb, C.data(), ldc, accumulate);
+            for (int64_t i = 0; i < M; ++i)
+              for (int64_t j = 0; j < ldc; ++j) {
+                const float got = C[i * ldc + j];
+                if (j >= N) {  // past the columns: untouched
+                  ASSERT_EQ(got, C0[i * ldc + j]) << M << "x" << N << "x" << K;
+                  continue;
+                }
+                double want = accumulate ? C0[i * ldc + j] : 0.0;
+                for (int64_t k = 0; k < K; ++k) want += double(A[i * a_rs + k * a_cs]) * B[k * ldb + j];
+                ASSERT_NEAR(got, want, 1e-4 * (1.0 + std::sqrt(double(K)))) << M << "x" << N << "x" << K;
+              }
+          }
 }
 
 TEST(CpuPath, TopkMatchesReference) {

@@ -82,12 +82,45 @@ __device__ __forceinline__ void tma_load_tile(void* dst, const CUtensorMap* map,
 #endif
 }
 
+// The same for a tile of a 2-D map (c0 innermost).
+__device__ __forceinline__ void tma_load_tile_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      : "memory");
+#else
+  (void)dst, (void)map, (void)c0, (void)c1, (void)bar;
+  __trap();
+#endif
+}
+// Copies `bytes` (a multiple of 16) from global `src` to shared `dst` (both 16-byte aligned)
+// with the copy engine, without a tensor map; `bar` counts the bytes.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+#else
+  (void)dst, (void)src, (void)bytes, (void)bar;
+  __trap();
+#endif
+}
+
+// Element offset (16-bit elements) of 16-byte chunk `chunk` of row `row` in D / 64 swizzled tiles
+// of `rows` rows each (tile chunk / 8, rows of 128 bytes, chunk c of row r at (c ^ (r % 8)) * 16).
+__host__ __device__ constexpr int sw128_offset(int row, int chunk, int rows) {
+  return (chunk / 8) * rows * 64 + row * 64 + ((chunk % 8) ^ (row % 8)) * 8;
+}
+
 // ---- host side -----------------------------------------------------------------------------
 
-// Encodes the descriptor of row tiles (above) of a [B, S, H, D] view of 16-bit elements with
-// strides (batch, token, head) in elements: box = 64 features x `rows` tokens of one head.
-inline Status encode_row_tiles(CUtensorMap* map, const void* data, bool bf16, const int64_t shape[4],
-                               const int64_t stride[3], int rows) {
+// Encodes a tensor map (rank 1..4, dims innermost first, strides in bytes of dims 1..rank-1).
+inline Status encode_tensor_map(CUtensorMap* map, const void* data, CUtensorMapDataType type, int rank,
+                                const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
+                                CUtensorMapSwizzle swizzle) {
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                               const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                               CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -103,20 +136,27 @@ inline Status encode_row_tiles(CUtensorMap* map, const void* data, bool bf16, co
     return reinterpret_cast<Encode>(fn);
   }();
   if (encode == nullptr) return Status::internal("cuTensorMapEncodeTiled is not available from the CUDA driver");
-  const cuuint64_t dims[4] = {cuuint64_t(shape[3]), cuuint64_t(shape[1]), cuuint64_t(shape[2]), cuuint64_t(shape[0])};
-  // A dimension of extent 1 is never stepped along: any valid stride will do for it.
-  auto bytes = [&](int dim, int64_t s) { return cuuint64_t(shape[dim] == 1 && s == 0 ? 8 : s) * 2; };
-  const cuuint64_t strides[3] = {bytes(1, stride[1]), bytes(2, stride[2]), bytes(0, stride[0])};
-  const cuuint32_t box[4] = {64, cuuint32_t(rows), 1, 1};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
-  const CUresult r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-                            const_cast<void*>(data), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+  const CUresult r = encode(map, type, cuuint32_t(rank), const_cast<void*>(data), dims, strides, box, unit,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     return Status::internal("cuTensorMapEncodeTiled failed with CUresult " + std::to_string(int(r)));
   }
   return Status();
+}
+
+// The row tiles above for a [B, S, H, D] view of 16-bit elements with strides (batch, token,
+// head) in elements: box = 64 features x `rows` tokens of one head.
+inline Status encode_row_tiles(CUtensorMap* map, const void* data, bool bf16, const int64_t shape[4],
+                               const int64_t stride[3], int rows) {
+  const cuuint64_t dims[4] = {cuuint64_t(shape[3]), cuuint64_t(shape[1]), cuuint64_t(shape[2]), cuuint64_t(shape[0])};
+  // A dimension of extent 1 is never stepped along: any valid stride will do for it.
+  auto bytes = [&](int dim, int64_t s) { return cuuint64_t(shape[dim] == 1 && s == 0 ? 8 : s) * 2; };
+  const cuuint64_t strides[3] = {bytes(1, stride[1]), bytes(2, stride[2]), bytes(0, stride[0])};
+  const cuuint32_t box[4] = {64, cuuint32_t(rows), 1, 1};
+  return encode_tensor_map(map, data, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                           dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 }  // namespace cuda_detail

@@ -43,6 +43,10 @@ Status prepare_two_pass() {
     MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage1_kernel<T, D, 64, true>, Hopper::kSmem1, done1h));
   }
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage2_kernel<T, D>, C::kSmem2, done2));
+  if (use_wgmma()) {
+    static std::atomic<uint64_t> done2h{0};
+    MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_stage2_kernel<T, D, true>, C::kSmem2Tma, done2h));
+  }
   return ensure_smem(monarch_proxy_kernel<T, D>, C::kSmemProxy, done3);
 }
 
@@ -85,6 +89,21 @@ Status launch_stage1_typed(const MonarchFwdParams& p, int B, cudaStream_t stream
   return Status();
 }
 
+// The Hopper stage 2's tensor maps over the workspace (false: the encoder refused, or the rows
+// do not fit its 32-bit coordinates; the portable stage 2 runs).
+template <typename T, int D>
+bool stage2_maps(const MonarchFwdParams& p, int B, Stage2Tma* tma) {
+  constexpr int kCh = TwoPassConfig<T, D>::kChunk;
+  const int64_t rows = int64_t(B) * p.H * p.A * p.b2 * p.F * p.b1;
+  if (rows + kCh >= (int64_t(1) << 31)) return false;
+  const CUtensorMapDataType type =
+      std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const cuuint64_t dims[2] = {cuuint64_t(D), cuuint64_t(rows)}, pitch[1] = {cuuint64_t(D) * sizeof(T)};
+  const cuuint32_t box[2] = {64, kCh};
+  return encode_tensor_map(&tma->al, p.ws_al, type, 2, dims, pitch, box, CU_TENSOR_MAP_SWIZZLE_128B).ok() &&
+         encode_tensor_map(&tma->y, p.ws_y, type, 2, dims, pitch, box, CU_TENSOR_MAP_SWIZZLE_128B).ok();
+}
+
 template <typename T, int D>
 Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream) {
   using C = TwoPassConfig<T, D>;
@@ -97,7 +116,12 @@ Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream
   for (int it = 1; it <= iters; ++it) {
     MONARCHRT_RETURN_IF_ERROR((launch_stage1_typed<T, D>(p, B, stream)));
     p.ws_lse = it < iters ? lse : nullptr;  // stage 2 of an inner iteration: its log-sum-exp
-    monarch_stage2_kernel<T, D><<<grid2, 128, C::kSmem2, stream>>>(p);
+    Stage2Tma tma2{};
+    if (use_wgmma() && stage2_maps<T, D>(p, B, &tma2)) {
+      monarch_stage2_kernel<T, D, true><<<grid2, 128, C::kSmem2Tma, stream>>>(p, tma2);
+    } else {
+      monarch_stage2_kernel<T, D><<<grid2, 128, C::kSmem2, stream>>>(p, tma2);
+    }
     MONARCHRT_CUDA_CHECK(cudaGetLastError());
     if (it < iters) {
       p.ws_proxy = proxies;
@@ -109,10 +133,13 @@ Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream
 }
 
 // Per row: aL and Y (D elements each) and cL; with several iterations also the proxy (D
-// elements), plus one log-sum-exp float per query.
+// elements), plus one log-sum-exp float per query. After cL, kClSlack floats that the Hopper
+// stage 2 may read (it copies cL in 16-byte aligned blocks) and nothing writes.
+constexpr int64_t kClSlack = 64;
 size_t two_pass_workspace(const AttentionPlan& plan, DType dtype) {
   const size_t planes = plan.num_iters > 1 ? 3 : 2;
-  size_t bytes = size_t(workspace_rows(plan)) * (planes * size_t(plan.D) * size_t(dtype_size(dtype)) + sizeof(float));
+  size_t bytes = size_t(workspace_rows(plan)) * (planes * size_t(plan.D) * size_t(dtype_size(dtype)) + sizeof(float)) +
+                 kClSlack * sizeof(float);
   if (plan.num_iters > 1) bytes += size_t(plan.B * plan.H * plan.Sq) * sizeof(float);
   return bytes;
 }
@@ -342,13 +369,13 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
     const size_t plane = size_t(workspace_rows(plan)) * size_t(plan.D) * size_t(dtype_size(q.dtype));
     p.ws_al = workspace;
     p.ws_y = static_cast<char*>(workspace) + plane;
-    // Layout: aL plane, Y plane, [proxy plane,] cL floats, [log-sum-exp floats]: every plane is
-    // rows * D elements, a multiple of 16 bytes, so each part stays 16-byte aligned.
+    // Layout: aL plane, Y plane, [proxy plane,] cL floats, kClSlack floats, [log-sum-exp floats]:
+    // every plane is rows * D elements, a multiple of 16 bytes, so each part stays 16-byte aligned.
     const size_t planes = plan.num_iters > 1 ? 3 : 2;
     p.ws_cl = reinterpret_cast<float*>(static_cast<char*>(workspace) + planes * plane);
     if (plan.num_iters > 1) {
       p.ws_proxy = static_cast<char*>(workspace) + 2 * plane;
-      p.ws_lse = p.ws_cl + workspace_rows(plan);
+      p.ws_lse = p.ws_cl + workspace_rows(plan) + kClSlack;
     }
     const int iters = params.num_iters;
     if (q.dtype == DType::kBF16) {

@@ -58,6 +58,14 @@ struct TwoPassConfig {
   static constexpr size_t kTileBytes = size_t(kCols) * kChunk * kLd * sizeof(T);
   static constexpr size_t kStage2 = 2 * kTileBytes + kCols * kChunk * sizeof(float);
   static constexpr size_t kSmem2 = 2 * kStage2 + kMaxB1 * sizeof(int);
+  // Its Hopper variant (TMA): per stage and column, aL and Y as D / 64 swizzled tiles of kChunk
+  // rows (common/tma.cuh), then cL of both columns, kClCopy floats each (a chunk's kChunk values
+  // from the 16-byte boundary at or before its first row); stages 1024-byte aligned; then the
+  // mbarriers.
+  static constexpr int kClCopy = kChunk + 4;
+  static constexpr size_t kPlane = size_t(D / 64) * kChunk * 128;
+  static constexpr size_t kStage2Tma = (kCols * 2 * kPlane + kCols * kClCopy * sizeof(float) + 1023) / 1024 * 1024;
+  static constexpr size_t kSmem2Tma = 1008 + 2 * kStage2Tma + 2 * sizeof(uint64_t) + kMaxB1 * sizeof(int);
   // Proxy kernel (iterations >= 2): 32 query rows of kCols columns, and their log-sum-exp.
   static constexpr size_t kSmemProxy = size_t(kCols) * 32 * kLd * sizeof(T) + kCols * 32 * sizeof(float);
 };
@@ -356,15 +364,29 @@ __device__ __forceinline__ void load_stage2_chunk(const MonarchFwdParams& p, con
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdParams p) {
+// The Hopper stage 2's TMA descriptors: the aL and Y planes as [rows][D] (boxes of 64 features x
+// kChunk rows, swizzled). cL is copied without a map (bulk_load).
+struct Stage2Tma {
+  CUtensorMap al, y;
+};
+
+// Stage 2. Portable: chunks of kChunk virtual keys (n, k0..) per key tile by cp.async into
+// padded rows. Hopper (Tma): chunks of kChunk consecutive workspace rows of the column across the
+// key tiles of each run of allowed tiles (a column's rows (n, k) are contiguous), by TMA.
+template <typename T, int D, bool Tma = false>
+__global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registers, 3 CTAs per SM
+    monarch_stage2_kernel(const MonarchFwdParams p, const __grid_constant__ Stage2Tma tma) {
   using C = TwoPassConfig<T, D>;
   using MM = Mma<T>;
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr int kCh = C::kChunk;
-  extern __shared__ __align__(128) unsigned char smem[];
-  // Two stages of [aL: kCols][kChunk][kLd] [Y: same] [cL: kCols][kChunk], then the row offsets.
-  int* row_off = reinterpret_cast<int*>(smem + 2 * C::kStage2);
+  constexpr size_t kStage = Tma ? C::kStage2Tma : C::kStage2;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + (Tma ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u);
+  // Two stages (portable: [aL: kCols][kChunk][kLd] [Y: same] [cL: kCols][kChunk]; Tma: per
+  // column [aL tiles][Y tiles], then [cL: kCols][kClCopy]), (Tma) two mbarriers, the row offsets.
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + 2 * kStage);
+  int* row_off = reinterpret_cast<int*>(smem + 2 * kStage + (Tma ? 2 * sizeof(uint64_t) : 0));
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
   const int row_groups = (p.b1 + 31) / 32;
   const int j0 = blockIdx.x * C::kCols, m = blockIdx.y / row_groups, rg = blockIdx.y % row_groups;
@@ -374,10 +396,16 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
   const T* al_ws = static_cast<const T*>(p.ws_al);
   const T* y_ws = static_cast<const T*>(p.ws_y);
 
-  for (int i = tid; i < int(2 * C::kStage2 / 16); i += blockDim.x) {
+  for (int i = tid; i < int(2 * kStage / 16); i += blockDim.x) {
     reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
   }
   for (int i = tid; i < p.b1; i += blockDim.x) row_off[i] = row_offset(p, i);
+  if (Tma && tid == 0) {
+    mbar_init(&full[0], 1);
+    mbar_init(&full[1], 1);
+    fence_mbar_init();
+  }
+  if (Tma) fence_proxy_async_smem();  // zeroed columns past b2 are never copied into
   __syncthreads();
   const int q_base = tile_base(p, m);
   const int jl = warp / 2, mt = warp % 2, jq = j0 + jl;
@@ -396,32 +424,79 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
-  // Chunks of kChunk virtual keys (n, k0 .. k0 + kChunk) over the allowed key tiles, with the
-  // next chunk's copies in flight while this one is computed.
-  auto load = [&](int n, int k0, int stage) {
-    load_stage2_chunk<T, D>(p, al_ws, y_ws, smem + stage * TwoPassConfig<T, D>::kStage2, bh, m, j0, n, k0);
+  // A chunk: virtual keys (n, k) = column rows [row, row + nrows), row = n * b1 + k. Portable:
+  // within one key tile; Tma: within one run of allowed key tiles, ending at `end`.
+  struct Chunk {
+    int row, end;
   };
-  int n = next_allowed(p, m, 0), k0 = 0;
-  if (n < p.F) load(n, k0, 0);
-  cp_async_commit();
-  for (int it = 0; n < p.F; ++it) {
-    int n_next = n, k_next = k0 + kCh;
-    if (k_next >= p.b1) {
-      n_next = next_allowed(p, m, n + 1);
-      k_next = 0;
+  const int col_rows = p.F * p.b1;
+  auto run_from = [&](int n) {  // the chunk at the start of the first run of allowed tiles >= n
+    n = next_allowed(p, m, n);
+    int e = n;
+    while (e < p.F && tile_allowed(p, m, e)) ++e;
+    return Chunk{n * p.b1, (Tma ? e : min(e, n + 1)) * p.b1};
+  };
+  auto next = [&](Chunk ch) {
+    ch.row += Tma ? kCh : min(kCh, p.b1 - ch.row % p.b1);
+    return ch.row < ch.end ? ch : run_from(ch.end / p.b1);
+  };
+  auto load = [&](Chunk ch, int stage) {
+    unsigned char* st = smem + stage * kStage;
+    if constexpr (Tma) {  // by thread 0
+      const int64_t col0 = (int64_t(bh) * p.A + m) * p.b2 + j0;
+      const int cols = min(C::kCols, p.b2 - j0);
+      mbar_expect(&full[stage], uint32_t(cols) * (2 * C::kPlane + C::kClCopy * sizeof(float)));
+      for (int col = 0; col < cols; ++col) {
+        const int row = int((col0 + col) * col_rows + ch.row);
+        T* al_dst = reinterpret_cast<T*>(st + col * 2 * C::kPlane);
+#pragma unroll
+        for (int hf = 0; hf < D / 64; ++hf) {
+          tma_load_tile_2d(al_dst + hf * kCh * 64, &tma.al, hf * 64, row, &full[stage]);
+          tma_load_tile_2d(al_dst + C::kPlane / sizeof(T) + hf * kCh * 64, &tma.y, hf * 64, row, &full[stage]);
+        }
+        // cL from the 16-byte boundary at or before `row` (the workspace has slack after cL).
+        bulk_load(st + C::kCols * 2 * C::kPlane + col * C::kClCopy * sizeof(float), p.ws_cl + (row & ~3),
+                  C::kClCopy * sizeof(float), &full[stage]);
+      }
+    } else {
+      load_stage2_chunk<T, D>(p, al_ws, y_ws, st, bh, m, j0, ch.row / p.b1, ch.row % p.b1);
     }
-    if (n_next < p.F) load(n_next, k_next, (it + 1) % 2);
+  };
+  Chunk cur = run_from(0);
+  Chunk nxt = cur.row < col_rows ? next(cur) : cur;
+  if (Tma) {
+    if (tid == 0 && cur.row < col_rows) load(cur, 0);
+    if (tid == 0 && nxt.row < col_rows) load(nxt, 1);
+  } else {
+    if (cur.row < col_rows) load(cur, 0);
     cp_async_commit();
-    cp_async_wait_group<1>();
+  }
+  for (int it = 0; cur.row < col_rows; ++it) {
+    const int nrows = min(kCh, cur.end - cur.row);
+    unsigned char* base = smem + (it % 2) * kStage;
+    if constexpr (Tma) {
+      mbar_wait(&full[it % 2], (it / 2) & 1);
+      if (nrows < kCh) {  // the copy ran past the run: those Y rows may hold anything (0 * NaN)
+        const int cols = min(C::kCols, p.b2 - j0);
+        for (int i = tid; i < cols * (kCh - nrows) * (D / 8); i += blockDim.x) {
+          const int col = i / ((kCh - nrows) * (D / 8)), rem = i % ((kCh - nrows) * (D / 8));
+          T* y = reinterpret_cast<T*>(base + (col * 2 + 1) * C::kPlane);
+          *reinterpret_cast<uint4*>(y + sw128_offset(nrows + rem / (D / 8), rem % (D / 8), kCh)) = make_uint4(0, 0, 0, 0);
+        }
+        fence_proxy_async_smem();  // before the next copies into this stage
+      }
+    } else {
+      if (nxt.row < col_rows) load(nxt, (it + 1) % 2);
+      cp_async_commit();
+      cp_async_wait_group<1>();
+    }
     __syncthreads();
     {
-      const int nrows = min(kCh, p.b1 - k0);
-      unsigned char* base = smem + (it % 2) * C::kStage2;
-      const T* aLs = reinterpret_cast<const T*>(base);
-      const T* Ys = reinterpret_cast<const T*>(base + C::kTileBytes);
-      const float* cLs = reinterpret_cast<const float*>(base + 2 * C::kTileBytes);
-      const T* aLj = aLs + jl * kCh * C::kLd;
-      const T* Yj = Ys + jl * kCh * C::kLd;
+      const T* aLj = reinterpret_cast<const T*>(base + (Tma ? jl * 2 * C::kPlane : jl * kCh * C::kLd * sizeof(T)));
+      const T* Yj = Tma ? aLj + C::kPlane / sizeof(T) : aLj + C::kTileBytes / sizeof(T);
+      const float* cLs = reinterpret_cast<const float*>(base + (Tma ? C::kCols * 2 * C::kPlane : 2 * C::kTileBytes)) +
+                         (Tma ? jl * C::kClCopy + int(((int64_t(bh) * p.A + m) * p.b2 + jq) * col_rows + cur.row) % 4
+                              : jl * kCh);
       float u[kCh / 8][4];
 #pragma unroll
       for (int t = 0; t < kCh / 8; ++t) u[t][0] = u[t][1] = u[t][2] = u[t][3] = 0.f;
@@ -430,7 +505,8 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
 #pragma unroll
         for (int tp = 0; tp < kCh / 16; ++tp) {
           uint32_t bk[4];
-          ldmatrix_x4(bk, aLj + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
+          const int row = tp * 16 + (lane / 16) * 8 + lane % 8, chunk = ks * 2 + (lane / 8) % 2;
+          ldmatrix_x4(bk, aLj + (Tma ? sw128_offset(row, chunk, kCh) : row * C::kLd + chunk * 8));
           MM::run(u[2 * tp], qa[ks], bk[0], bk[1]);
           MM::run(u[2 * tp + 1], qa[ks], bk[2], bk[3]);
         }
@@ -440,14 +516,16 @@ __global__ void __launch_bounds__(128) monarch_stage2_kernel(const MonarchFwdPar
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int kc = t * 8 + c + e % 2;
-          u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLs[jl * kCh + kc] * kLog2e : -INFINITY;
+          u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLs[kc] * kLog2e : -INFINITY;
         }
       }
-      online_softmax_pv<T, D, kCh / 8>(u, row_max, row_sum, o, Yj, C::kLd, lane);
+      online_softmax_pv<T, D, kCh / 8, Tma>(u, row_max, row_sum, o, Yj, C::kLd, lane);
     }
-    __syncthreads();  // this stage is refilled by the next iteration's copies
-    n = n_next;
-    k0 = k_next;
+    __syncthreads();  // this stage is refilled next
+    const Chunk after = nxt.row < col_rows ? next(nxt) : nxt;
+    if (Tma && tid == 0 && after.row < col_rows) load(after, it % 2);
+    cur = nxt;
+    nxt = after;
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "../common/ptx.cuh"
+#include "../common/tma.cuh"
 
 namespace monarchrt {
 namespace cuda_detail {
@@ -81,8 +82,9 @@ __device__ __forceinline__ void scale_rows(float (&o)[D / 8][4], const float (&c
 }
 
 // online_softmax_p, then o = o * corr + P V with mma.sync, where V's NT * 8 rows (keys) of D
-// features start at v with row pitch ld (elements) in shared memory.
-template <typename T, int D, int NT>
+// features start at v with row pitch ld (elements) in shared memory, or (Swizzled) lie in the
+// 128-byte-swizzled tiles of common/tma.cuh (D / 64 tiles of NT * 8 rows; ld unused).
+template <typename T, int D, int NT, bool Swizzled = false>
 __device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row_max)[2], float (&row_sum)[2],
                                                   float (&o)[D / 8][4], const T* v, int ld, int lane) {
   float corr[2];
@@ -94,7 +96,8 @@ __device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row
 #pragma unroll
     for (int dt2 = 0; dt2 < D / 16; ++dt2) {
       uint32_t bv[4];
-      ldmatrix_x4_trans(bv, v + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * ld + dt2 * 16 + (lane / 16) * 8);
+      const int row = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, chunk = dt2 * 2 + lane / 16;
+      ldmatrix_x4_trans(bv, v + (Swizzled ? sw128_offset(row, chunk, NT * 8) : row * ld + chunk * 8));
       Mma<T>::run(o[2 * dt2], pa[kk], bv[0], bv[1]);
       Mma<T>::run(o[2 * dt2 + 1], pa[kk], bv[2], bv[3]);
     }

@@ -5,8 +5,12 @@
 // the SMs that share a query tile, so this bandwidth decides whether the design can beat the
 // two-pass path. Also measures how fast SMs take in data from L2 that all of them read (the
 // alternative: every CTA loads the K / V rows itself). Prints aggregate TB/s and bytes per cycle
-// per SM; not a test, exits 0 unless a CUDA call fails. Usage: bench_dsmem (needs compute
-// capability 9.0 or newer).
+// per SM. Last, for the plan of keeping the two-pass workspace in L2 (docs/cuda-forward.md, "Next
+// candidate"): how fast a buffer of W MB is written and then read back by all SMs, plainly, with
+// each line dropped from L2 after its read (discard.global.L2: no write-back), and with the
+// buffer also marked persisting in L2; a W far larger than L2 gives the device-memory rate.
+// Not a test, exits 0 unless a CUDA call fails. Usage: bench_dsmem (needs compute capability 9.0
+// or newer).
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -84,14 +88,37 @@ __global__ void dram_store_kernel(uint4* out, size_t n) {
   }
 }
 
+// The workspace round trip: every thread stores, then (next kernel) loads, 16-byte pieces; with
+// `discard`, one lane per 128-byte line drops the line from L2 once the 8 lanes have read it.
+__global__ void ws_write_kernel(uint4* buf, size_t n, unsigned salt) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    buf[i] = make_uint4(unsigned(i), salt, 2, 3);
+  }
+}
+__global__ void ws_read_kernel(uint4* buf, size_t n, bool discard, unsigned* sink) {
+  unsigned acc = 0;
+  // Warp-uniform loop over 512-byte pieces (four lines): the lanes of a line read before its drop.
+  const size_t warps = size_t(gridDim.x) * blockDim.x / 32;
+  for (size_t w = (blockIdx.x * size_t(blockDim.x) + threadIdx.x) / 32; w < n / 32; w += warps) {
+    const size_t i = w * 32 + threadIdx.x % 32;
+    const uint4 x = __ldcg(buf + i);
+    acc ^= x.x + x.y;
+    if (discard) {
+      __syncwarp();
+      if (threadIdx.x % 8 == 0) asm volatile("discard.global.L2 [%0], 128;" ::"l"(buf + i) : "memory");
+    }
+  }
+  if (acc == 0x12345678u) *sink = acc;
+}
+
 // The fastest of 4 timed runs of launch() after one warm-up run, in milliseconds.
 template <typename Launch>
-float best_ms(cudaEvent_t e0, cudaEvent_t e1, Launch launch) {
+float best_ms(cudaEvent_t e0, cudaEvent_t e1, Launch launch, cudaStream_t stream = nullptr) {
   float best = 1e30f;
   for (int r = 0; r < 5; ++r) {
-    CHECK_CUDA(cudaEventRecord(e0));
+    CHECK_CUDA(cudaEventRecord(e0, stream));
     launch();
-    CHECK_CUDA(cudaEventRecord(e1));
+    CHECK_CUDA(cudaEventRecord(e1, stream));
     CHECK_CUDA(cudaEventSynchronize(e1));
     float ms = 0;
     CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
@@ -168,6 +195,56 @@ int main() {
       const double per_sm_cycle = bytes / cfg.gridDim.x / (best * 1e-3 * clock_khz * 1e3);
       std::printf("%-48s %8d %12.2f %14.1f\n", mode_name(mode), size, bytes / (best * 1e-3) * 1e-12, per_sm_cycle);
     }
+  }
+  // The workspace round trip at sizes around the L2 (50 MB on an H100, 60 MB on an H200).
+  {
+    std::printf("workspace round trip: W MB written, then read, repeated; TB/s of (write + read) traffic\n");
+    std::printf("%-10s %12s %12s %22s\n", "W MB", "plain", "discard", "persisting + discard");
+    cudaStream_t stream;
+    CHECK_CUDA(cudaStreamCreate(&stream));
+    const int grid = sms * 8, block = 256;
+    for (size_t mb : {8, 16, 24, 32, 48, 64, 512}) {
+      const int reps = int(std::max<size_t>(1, 640 / mb));  // about 1.3 GB of traffic per timed run
+      const size_t n = (mb << 20) / 16;
+      uint4* buf = nullptr;
+      CHECK_CUDA(cudaMalloc(&buf, n * 16));
+      float ms[3];
+      for (int variant = 0; variant < 3; ++variant) {
+        const bool discard = variant > 0, persist = variant == 2;
+        if (persist) {
+          if (cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, size_t(prop.persistingL2CacheMaxSize)) != cudaSuccess) {
+            (void)cudaGetLastError();  // no persisting L2 on this device or setup: not measured
+            ms[variant] = 0;
+            continue;
+          }
+          cudaStreamAttrValue attr = {};
+          attr.accessPolicyWindow.base_ptr = buf;
+          attr.accessPolicyWindow.num_bytes = std::min(n * 16, size_t(prop.accessPolicyMaxWindowSize));
+          attr.accessPolicyWindow.hitRatio = 1.0f;
+          attr.accessPolicyWindow.hitProp = cudaAccessPropertyPersisting;
+          attr.accessPolicyWindow.missProp = cudaAccessPropertyStreaming;
+          CHECK_CUDA(cudaStreamSetAttribute(stream, cudaStreamAttributeAccessPolicyWindow, &attr));
+        }
+        ms[variant] = best_ms(e0, e1, [&] {
+          for (int r = 0; r < reps; ++r) {
+            ws_write_kernel<<<grid, block, 0, stream>>>(buf, n, unsigned(r));
+            ws_read_kernel<<<grid, block, 0, stream>>>(buf, n, discard, sink);
+          }
+        }, stream);
+        if (persist) {
+          cudaStreamAttrValue attr = {};
+          attr.accessPolicyWindow.num_bytes = 0;  // no window
+          CHECK_CUDA(cudaStreamSetAttribute(stream, cudaStreamAttributeAccessPolicyWindow, &attr));
+          CHECK_CUDA(cudaCtxResetPersistingL2Cache());
+          CHECK_CUDA(cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, 0));
+        }
+      }
+      const double bytes = 2.0 * reps * double(n) * 16;
+      auto rate = [&](float t) { return t > 0 ? bytes / (t * 1e-3) * 1e-12 : 0.0; };  // 0: not measured
+      std::printf("%-10zu %12.2f %12.2f %22.2f\n", mb, rate(ms[0]), rate(ms[1]), rate(ms[2]));
+      CHECK_CUDA(cudaFree(buf));
+    }
+    CHECK_CUDA(cudaStreamDestroy(stream));
   }
   CHECK_CUDA(cudaFree(sink));
   return 0;

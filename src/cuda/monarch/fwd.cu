@@ -113,11 +113,12 @@ Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream
   void* proxies = p.ws_proxy;
   float* lse = p.ws_lse;
   p.ws_proxy = nullptr;  // iteration 1: the queries are the proxies
+  Stage2Tma tma2{};
+  const bool stage2_tma = use_wgmma() && stage2_maps<T, D>(p, B, &tma2);
   for (int it = 1; it <= iters; ++it) {
     MONARCHRT_RETURN_IF_ERROR((launch_stage1_typed<T, D>(p, B, stream)));
     p.ws_lse = it < iters ? lse : nullptr;  // stage 2 of an inner iteration: its log-sum-exp
-    Stage2Tma tma2{};
-    if (use_wgmma() && stage2_maps<T, D>(p, B, &tma2)) {
+    if (stage2_tma) {
       monarch_stage2_kernel<T, D, true><<<grid2, 128, C::kSmem2Tma, stream>>>(p, tma2);
     } else {
       monarch_stage2_kernel<T, D><<<grid2, 128, C::kSmem2, stream>>>(p, tma2);

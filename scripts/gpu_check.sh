@@ -4,8 +4,10 @@
 # then the benchmark and the dense anchors (cuDNN, FlashAttention-2 through torch) in the same run.
 # Logs go to $OUT (default /tmp/monarchrt-gpu). GoogleTest is built from .deps/googletest when the
 # machine has none installed (an untracked copy of Debian's /usr/src/googletest, see README).
-# `engine` runs the full-size engine benchmark and float32 parity (bench/engine_bench.py).
-# Usage: scripts/gpu_check.sh [all|test|bench|engine|build]
+# `engine` runs the full-size engine benchmark and float32 parity (bench/engine_bench.py);
+# `profile` prints per-kernel time and DRAM traffic of the two-pass forward at the Self-Forcing
+# last chunk (ncu, which locks clocks: compare its times with each other, not with the benchmark).
+# Usage: scripts/gpu_check.sh [all|test|bench|engine|profile|build]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -57,6 +59,14 @@ fi
 if [ "$what" = all ] || [ "$what" = engine ]; then
   echo "== engine (1.3B, random weights)"
   python3 bench/engine_bench.py --cli ./build-gpu/monarchrt --profile 2>&1 | tee "$OUT/engine.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if [ "$what" = profile ]; then
+  echo "== per-kernel profile, SF chunk KV 21 frames (ncu)"
+  ncu --kernel-name regex:"monarch_stage" --launch-skip 4 --launch-count 2 \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
+    ./build-gpu/bench/bench_cuda 3 --only "KV 21 frames" 2>&1 | grep -E "monarch_stage|duration|bytes|throughput|registers" \
+    | tee "$OUT/profile.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status

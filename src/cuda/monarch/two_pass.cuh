@@ -18,6 +18,8 @@
 //   as MN-major B (aL = R K, Y = R V); same softmax, same workspace.
 // Stage 2 (monarch_stage2_kernel): one warp per (column j, 16 query rows l), FlashAttention over
 //   the F * b1 "virtual keys" (n, k) of column j: u = s q[m,l,j] . aL - cL, O = softmax(u) Y.
+//   Hopper variant (Tma, chosen by use_wgmma()): the same warps and math, the workspace chunks
+//   copied by TMA (swizzled aL / Y tiles, cL by a plain bulk copy) across the key tiles of a run.
 // Several iterations: stage 1, then per further iteration stage 2 (for its log-sum-exp), the
 //   proxy kernel (aR / cR per workspace row, below) and stage 1 on those proxies; stage 2 last.
 #pragma once

@@ -109,6 +109,48 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 #endif
 }
 
+// Copies the tile at `src` (the box's layout, swizzled as the map says) to coordinates (c0, c1,
+// c2, c3) of `map` in global memory; elements outside the map's dims are not written. The copy
+// joins the thread's current bulk group (bulk_commit / bulk_wait_read / bulk_wait below).
+__device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                               const void* src) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(src))
+               : "memory");
+#else
+  (void)map, (void)c0, (void)c1, (void)c2, (void)c3, (void)src;
+  __trap();
+#endif
+}
+// Closes the thread's current bulk group.
+__device__ __forceinline__ void bulk_commit() {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// Waits until at most N of the thread's bulk groups still read their shared-memory sources.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+#else
+  __trap();
+#endif
+}
+// Waits until at most N of the thread's bulk groups are incomplete (writes performed).
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+#else
+  __trap();
+#endif
+}
+
 // Element offset (16-bit elements) of 16-byte chunk `chunk` of row `row` in D / 64 swizzled tiles
 // of `rows` rows each (tile chunk / 8, rows of 128 bytes, chunk c of row r at (c ^ (r % 8)) * 16).
 __host__ __device__ constexpr int sw128_offset(int row, int chunk, int rows) {

@@ -2,6 +2,7 @@
 // (ahead of time, from the device's shared-memory size: never autotuned), and the launch.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <string>
 #include <type_traits>
@@ -65,12 +66,25 @@ Status dispatch_groups(const MonarchFwdParams& p, int B, int G, cudaStream_t str
   return G == 4 ? launch<T, D, 4>(p, B, stream) : launch<T, D, 2>(p, B, stream);
 }
 
+// The Hopper stage 1's store maps over the workspace planes (two_pass.cuh, Stage1Tma).
+template <typename T, int D>
+bool stage1_store_maps(const MonarchFwdParams& p, int B, Stage1Tma* tma) {
+  const CUtensorMapDataType type =
+      std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const cuuint64_t row = cuuint64_t(D) * sizeof(T), rows_per_j = cuuint64_t(p.F) * p.b1;
+  const cuuint64_t dims[4] = {cuuint64_t(D), rows_per_j, cuuint64_t(p.b2), cuuint64_t(B) * p.H * p.A};
+  const cuuint64_t strides[3] = {row, rows_per_j * row, cuuint64_t(p.b2) * rows_per_j * row};
+  const cuuint32_t box[4] = {64, 1, cuuint32_t(std::min(p.b2, 64)), 1};
+  return encode_tensor_map(&tma->al, p.ws_al, type, 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B).ok() &&
+         encode_tensor_map(&tma->y, p.ws_y, type, 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B).ok();
+}
+
 // Stage 1 into the workspace, with the configuration that holds rows of b2 keys.
 template <typename T, int D>
 Status launch_stage1_typed(const MonarchFwdParams& p, int B, cudaStream_t stream) {
   using C = TwoPassConfig<T, D>;
   MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<T, D>()));
-  const dim3 grid1(p.b1, p.A, B * p.H);
+  const dim3 grid1(p.A, p.b1, B * p.H);
   Stage1Tma tma{};
   // Hopper: one warpgroup, rows by TMA, S, aL and Y by wgmma. Views the copy engine cannot
   // describe (its encoder refuses, e.g. a zero stride that broadcasts K over heads) take the
@@ -78,8 +92,8 @@ Status launch_stage1_typed(const MonarchFwdParams& p, int B, cudaStream_t stream
   const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
   const int64_t k_shape[4] = {B, p.k_tokens, p.H, D}, v_shape[4] = {B, p.v_tokens, p.H, D};
   if (p.b2 <= 64 && use_wgmma() && encode_row_tiles(&tma.k, p.k, bf16, k_shape, p.k_stride, p.b2).ok() &&
-      encode_row_tiles(&tma.v, p.v, bf16, v_shape, p.v_stride, p.b2).ok()) {
-    monarch_stage1_kernel<T, D, 64, true><<<grid1, 128, TwoPassConfig<T, D, 64, true>::kSmem1, stream>>>(p, tma);
+      encode_row_tiles(&tma.v, p.v, bf16, v_shape, p.v_stride, p.b2).ok() && stage1_store_maps<T, D>(p, B, &tma)) {
+    monarch_stage1_kernel<T, D, 64, true><<<grid1, 128, TwoPassConfig<T, D, 64, true>::smem1_wg(p.b2), stream>>>(p, tma);
   } else if (p.b2 > C::kB2Max) {  // rows wider than the default stage-1 buffers
     monarch_stage1_kernel<T, D, 128><<<grid1, 32 * ((p.b2 + 15) / 16), TwoPassConfig<T, D, 128>::kSmem1, stream>>>(p, tma);
   } else {

@@ -4,7 +4,7 @@
 // rows), which the fused kernel (fwd_kernel.cuh) cannot: there, 8 query columns per CTA force
 // the transposed orientation and cross-warp reductions (measured 44 instructions per MMA).
 //
-// Stage 1 (monarch_stage1_kernel): one CTA per (batch*head, query tile m, tile row k), one warp
+// Stage 1 (monarch_stage1_kernel): one CTA per (batch*head, tile row k, query tile m), one warp
 //   per 16 query columns j, the proxies q[m,k,:] in registers (rejected: CTAs of 3 query tiles
 //   sharing each K/V row, H100 last chunk 0.871 vs 0.794 ms, docs/cuda-forward.md); for every allowed key tile n
 //   (K/V rows double-buffered) it is a small attention of the b2 proxies over the b2 keys
@@ -45,15 +45,23 @@ struct TwoPassConfig {
   static constexpr int kLd = D + 8;                   // row pitch: ldmatrix rows hit distinct banks
   static constexpr int kMaxB1 = 256;
   // Stage 1: one key row of K and of V, double-buffered (the proxies stay in registers); the
-  // wgmma variant keeps each row as D / 64 swizzled tiles of 64 rows x 128 bytes (no padding).
+  // wgmma variant keeps each row as D / 64 swizzled tiles of 64 rows x 128 bytes (no padding), in
+  // a ring of three slots (K and V of the current row and the next K; the next V follows into the
+  // slot of the current K once the aL products are done).
   static constexpr size_t kRowBytes = Wg ? size_t(kB2Max) * D * sizeof(T) : size_t(kB2Max) * kLd * sizeof(T);
-  static constexpr int kStageCols = Wg ? 64 : 16;  // per-warp staging of a 16 x kStageCols output block
+  static constexpr int kSlots = Wg ? 3 : 4;
+  static constexpr size_t kBufBytes = kSlots * kRowBytes;
+  static constexpr int kStageCols = 16;  // per-warp staging of a 16 x kStageCols output block
   static constexpr int kStageLd = kStageCols + 8;
+  // (Wg: one tile of b2 columns x 64 features in the 128-byte swizzle, the source of the TMA
+  // stores; its size is in smem1_wg.)
   static constexpr size_t kStagingBytes = (kB2Max / 16) * 16 * kStageLd * sizeof(T);
   // The Hopper variant's rows come by TMA with the 128-byte swizzle: its buffers start at a
-  // 1024-byte boundary (up to 1008 bytes of slack) and two mbarriers follow the staging area.
-  // 75.8 KB in all: still 3 CTAs per SM (228 KB, 1 KB reserved per CTA).
-  static constexpr size_t kSmem1 = (Wg ? 1008 + 2 * sizeof(uint64_t) : 0) + 2 * 2 * kRowBytes + kStagingBytes;
+  // 1024-byte boundary (up to 1008 bytes of slack); the staging tile needs only b2 rows, and the
+  // slots' three mbarriers follow them. 55.5 KB for b2 = 52 and D = 128: 4 CTAs per SM (228 KB, 1
+  // KB reserved per CTA: 56 KB at most), as 128 registers per thread allow.
+  static constexpr size_t smem1_wg(int b2) { return 1008 + kBufBytes + size_t(b2) * 128 + 3 * sizeof(uint64_t); }
+  static constexpr size_t kSmem1 = Wg ? smem1_wg(kB2Max) : kBufBytes + kStagingBytes;
   // Stage 2: kCols columns x kChunk virtual keys of aL and Y, plus cL, double-buffered.
   static constexpr int kCols = 2;
   static constexpr int kChunk = 32;
@@ -77,23 +85,28 @@ __device__ __forceinline__ int64_t ws_row(const MonarchFwdParams& p, int bh, int
 }
 
 // The Hopper stage 1's TMA descriptors of K and V: row tiles of b2 tokens (common/tma.cuh).
+// And the workspace planes as stores see them: [B*H*A][b2][F*b1][D] (ws_row's order), boxes of
+// 64 features x 1 row (n, k) x min(b2, 64) columns j.
 struct Stage1Tma {
-  CUtensorMap k, v;
+  CUtensorMap k, v, al, y;
 };
 
 template <typename T, int D, int B2Max, bool Wg = false>
-__global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1)
+__global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
     monarch_stage1_kernel(const MonarchFwdParams p, const __grid_constant__ Stage1Tma tma) {
   using C = TwoPassConfig<T, D, B2Max, Wg>;
   using MM = Mma<T>;
   constexpr float kLn2 = 0.6931471805599453f;
   constexpr int kNT = C::kB2Max / 8;  // 8-key MMA tiles of a row
-  const int k = blockIdx.x, m = blockIdx.y, bh = blockIdx.z;
+  // The A query tiles of a key row are neighbours in launch order: they read the same K / V rows
+  // at about the same time, from L2.
+  const int m = blockIdx.x, k = blockIdx.y, bh = blockIdx.z;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + (Wg ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u);
-  T* bufs = reinterpret_cast<T*>(smem);  // [stage][K, V][kB2Max][kLd] (Wg: [stage][K, V][D / 64][64][64], swizzled)
-  T* staging = reinterpret_cast<T*>(smem + 2 * 2 * C::kRowBytes) + (threadIdx.x / 32) * 16 * C::kStageLd;
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + 2 * 2 * C::kRowBytes + C::kStagingBytes);  // Wg: per stage
+  T* bufs = reinterpret_cast<T*>(smem);  // [stage][K, V][kB2Max][kLd] (Wg: [slot][D / 64][64][64], swizzled)
+  // Staging: per warp 16 x kStageCols (padded pitch); Wg: one swizzled tile of b2 x 64 for the CTA.
+  T* staging = reinterpret_cast<T*>(smem + C::kBufBytes) + (Wg ? 0 : (threadIdx.x / 32) * 16 * C::kStageLd);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + C::kBufBytes + size_t(p.b2) * 128);  // Wg: per slot
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
   const int b = bh / p.H, h = bh % p.H;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
@@ -103,7 +116,7 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1)
   T* y_ws = static_cast<T*>(p.ws_y);
 
   // Pad key rows (i >= b2) must be zeros, never garbage: 0 * NaN is NaN.
-  for (int i = tid; i < int(2 * 2 * C::kRowBytes / 16); i += blockDim.x) {
+  for (int i = tid; i < int(C::kBufBytes / 16); i += blockDim.x) {
     reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
   }
   const int k_off = row_offset(p, k);
@@ -129,31 +142,34 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1)
     }
   };
   // Hopper: thread 0 copies each K / V row by TMA (D / 64 swizzled 64-feature tiles of b2 rows
-  // each; the pad rows b2..63 stay zero) and the stage's mbarrier counts the bytes; row r + 2
-  // goes into the stage of row r once every thread has finished row r.
-  auto issue = [&](int n, int stage) {
-    T* Kd = bufs + (stage * 2) * kRowElems;
+  // each; the pad rows b2..63 stay zero) and the slot's mbarrier counts the bytes. Copy i of the
+  // CTA (the K row of its it-th key row for i = 2 it, the V row for i = 2 it + 1) goes into slot
+  // i % 3 and completes that slot's phase i / 3.
+  auto issue = [&](const CUtensorMap* map, int n, int i) {
+    const int slot = i % 3;
     const int tok = key_tile_base(p, n) + k_off;
-    mbar_expect(&full[stage], 2 * (D / 64) * uint32_t(p.b2) * 128);
+    mbar_expect(&full[slot], (D / 64) * uint32_t(p.b2) * 128);
 #pragma unroll
     for (int hf = 0; hf < D / 64; ++hf) {
-      tma_load_tile(Kd + hf * 64 * 64, &tma.k, hf * 64, tok, h, b, &full[stage]);
-      tma_load_tile(Kd + kRowElems + hf * 64 * 64, &tma.v, hf * 64, tok, h, b, &full[stage]);
+      tma_load_tile(bufs + slot * kRowElems + hf * 64 * 64, map, hf * 64, tok, h, b, &full[slot]);
     }
   };
+  auto wait_copy = [&](int i) { mbar_wait(&full[i % 3], (i / 3) & 1); };
 
   int n = next_allowed(p, m, 0);
   int n1 = n < p.F ? next_allowed(p, m, n + 1) : p.F;  // the row after n
   if constexpr (Wg) {
     fence_proxy_async_smem();  // the zeroed pad rows are read by wgmma
     if (tid == 0) {
-      mbar_init(&full[0], 1);
-      mbar_init(&full[1], 1);
+      for (int i = 0; i < 3; ++i) mbar_init(&full[i], 1);
       fence_mbar_init();
     }
     __syncthreads();
-    if (tid == 0 && n < p.F) issue(n, 0);
-    if (tid == 0 && n1 < p.F) issue(n1, 1);
+    if (tid == 0 && n < p.F) {
+      issue(&tma.k, n, 0);
+      issue(&tma.v, n, 1);
+    }
+    if (tid == 0 && n1 < p.F) issue(&tma.k, n1, 2);
   } else {
     __syncthreads();  // zeroing done before the first copies land
     if (n < p.F) load(n, 0);
@@ -163,15 +179,15 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1)
     const int n_next = n1;
     const int n2 = n_next < p.F ? next_allowed(p, m, n_next + 1) : p.F;
     if constexpr (Wg) {
-      mbar_wait(&full[it % 2], (it / 2) & 1);
+      wait_copy(2 * it);  // the K row; the V row is waited for before the first Y product
     } else {
       if (n_next < p.F) load(n_next, (it + 1) % 2);
       cp_async_commit();
       cp_async_wait_group<1>();  // row (n, k) has landed; (n_next, k) may still be in flight
       __syncthreads();
     }
-    const T* Kr = bufs + ((it % 2) * 2) * kRowElems;
-    const T* Vr = Kr + kRowElems;
+    const T* Kr = bufs + (Wg ? (2 * it) % 3 : (it % 2) * 2) * kRowElems;
+    const T* Vr = Wg ? bufs + ((2 * it + 1) % 3) * kRowElems : Kr + kRowElems;
     if (p.ws_proxy != nullptr) {
       const T* pr = static_cast<const T*>(p.ws_proxy);
       load_a_rows<T, D>(qa, j_row[0] < p.b2 ? pr + ws_row(p, bh, m, j_row[0], n, k) * D : nullptr,
@@ -225,7 +241,7 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float z = s[t][e];
-        const float pr = z == -INFINITY ? 0.f : exp2f(z - M[e / 2]);
+        const float pr = ex2_ftz(z - M[e / 2]);  // 0 for masked keys (z = -inf)
         Z[e / 2] += pr;
         if (pr > 0.f) PZ[e / 2] += pr * z;
         s[t][e] = pr;
@@ -266,18 +282,16 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1)
     if constexpr (Wg) {
       // Four (D = 128) products of 64 features each (aL, then Y), one at a time (a second
       // accumulator, product q + 1 on the tensor cores while q is stored, gained nothing
-      // measurable and costs 32 registers).
+      // measurable and costs 32 registers). Each goes through one swizzled staging tile of 64
+      // columns x 64 features and leaves by one TMA store (tma.al / tma.y: columns past b2 are
+      // outside the map and not written), which runs while the next product is computed.
       constexpr int kHalves = D / 64, kProducts = 2 * kHalves;
-      int64_t rows[4];  // workspace rows this lane stores: j = warp * 16 + lane / 8 + 4 * i
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int j = warp * 16 + lane / 8 + 4 * i;
-        rows[i] = j < p.b2 ? ws_row(p, bh, m, j, n, k) : -1;
-      }
+      const int nk = n * p.b1 + k, slab = bh * p.A + m;
 #pragma unroll
       for (int q = 0; q < kProducts; ++q) {
         float a[8][4];  // overwritten by the first wgmma (accumulate == false)
         const T* src = (q / kHalves == 0 ? Kr : Vr) + (q % kHalves) * 64 * 64;
+        if (q == kHalves) wait_copy(2 * it + 1);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kNT / 2; ++kk) {  // all 64 keys: rows past b2 are zeros
@@ -285,21 +299,25 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1)
         }
         wgmma_commit();
         wgmma_wait<0>();
+        if (tid == 0) bulk_wait_read<0>();  // the previous store has read the staging tile
+        __syncthreads();
+        // Every warp is done with the K row (the aL products): the next V row takes its slot.
+        if (q == kHalves && tid == 0 && n_next < p.F) issue(&tma.v, n_next, 2 * it + 3);
 #pragma unroll
-        for (int t = 0; t < 8; ++t) {
-          *reinterpret_cast<uint32_t*>(staging + r * C::kStageLd + t * 8 + c) = MM::pack(a[t][0], a[t][1]);
-          *reinterpret_cast<uint32_t*>(staging + (r + 8) * C::kStageLd + t * 8 + c) = MM::pack(a[t][2], a[t][3]);
-        }
-        __syncwarp();
-        T* ws = q / kHalves == 0 ? al_ws : y_ws;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if (rows[i] >= 0) {
-            *reinterpret_cast<uint4*>(ws + rows[i] * D + (q % kHalves) * 64 + (lane % 8) * 8) =
-                *reinterpret_cast<const uint4*>(staging + (lane / 8 + 4 * i) * C::kStageLd + (lane % 8) * 8);
+        for (int t = 0; t < 8; ++t) {  // rows = columns j (this lane's warp * 16 + r, + 8), chunk t
+          if (j_row[0] < p.b2) {
+            *reinterpret_cast<uint32_t*>(staging + sw128_offset(j_row[0], t, 64) + c) = MM::pack(a[t][0], a[t][1]);
+          }
+          if (j_row[1] < p.b2) {
+            *reinterpret_cast<uint32_t*>(staging + sw128_offset(j_row[1], t, 64) + c) = MM::pack(a[t][2], a[t][3]);
           }
         }
-        __syncwarp();
+        fence_proxy_async_smem();  // the tile, written by ordinary stores, is read by the copy engine
+        __syncthreads();
+        if (tid == 0) {
+          tma_store_tile(q / kHalves == 0 ? &tma.al : &tma.y, (q % kHalves) * 64, nk, 0, slab, staging);
+          bulk_commit();
+        }
       }
     }
 #pragma unroll
@@ -331,11 +349,12 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 3 : 1)
         __syncwarp();
       }
     }
-    __syncthreads();  // this stage's buffers are refilled next
-    if (Wg && tid == 0 && n2 < p.F) issue(n2, it % 2);
+    __syncthreads();  // this stage's buffers (Wg: the V row's slot) are refilled next
+    if (Wg && tid == 0 && n2 < p.F) issue(&tma.k, n2, 2 * it + 4);
     n = n_next;
     n1 = n2;
   }
+  if (Wg && tid == 0) bulk_wait<0>();  // the staging tile stays until the last store is done
 }
 
 // Stage 2's input for one pipeline stage: the aL and Y rows (padded pitch kLd) and cL of key

@@ -47,14 +47,14 @@ __device__ __forceinline__ void online_softmax_p(float (&u)[NT][4], float (&row_
     mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
     mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
     const float new_max = fmaxf(row_max[hr], mx[hr]);
-    corr[hr] = exp2f(row_max[hr] - new_max);  // 0 on the first step (row_max = -inf)
+    corr[hr] = ex2_ftz(row_max[hr] - new_max);  // 0 on the first step (row_max = -inf)
     row_max[hr] = new_max;
   }
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      u[t][e] = exp2f(u[t][e] - row_max[e / 2]);
+      u[t][e] = ex2_ftz(u[t][e] - row_max[e / 2]);
       local[e / 2] += u[t][e];
     }
   }

@@ -123,6 +123,7 @@ Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream
   using C = TwoPassConfig<T, D>;
   MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<T, D>()));
   const dim3 grid2((p.b2 + C::kCols - 1) / C::kCols, p.A * ((p.b1 + 31) / 32), B * p.H);
+  const dim3 grid2_tma((p.b2 + C::kColsTma - 1) / C::kColsTma, grid2.y, grid2.z);
   const dim3 grid_proxy((p.b2 + C::kCols - 1) / C::kCols, p.A, B * p.H);
   void* proxies = p.ws_proxy;
   float* lse = p.ws_lse;
@@ -133,7 +134,7 @@ Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream
     MONARCHRT_RETURN_IF_ERROR((launch_stage1_typed<T, D>(p, B, stream)));
     p.ws_lse = it < iters ? lse : nullptr;  // stage 2 of an inner iteration: its log-sum-exp
     if (stage2_tma) {
-      monarch_stage2_kernel<T, D, true><<<grid2, 128, C::kSmem2Tma, stream>>>(p, tma2);
+      monarch_stage2_kernel<T, D, true><<<grid2_tma, 128, C::kSmem2Tma, stream>>>(p, tma2);
     } else {
       monarch_stage2_kernel<T, D><<<grid2, 128, C::kSmem2, stream>>>(p, tma2);
     }

@@ -15,11 +15,14 @@
 //   Hopper variant (Wg, rows of up to 64 keys, chosen by use_wgmma()): the 4 warps are one
 //   warpgroup and the three products are wgmma (M = 64 columns); the K and V rows come by TMA
 //   (common/tma.cuh) in the 128-byte swizzled layout that serves both as K-major B (S = Q K^T) and
-//   as MN-major B (aL = R K, Y = R V); same softmax, same workspace.
+//   as MN-major B (aL = R K, Y = R V), through a ring of three row slots; same softmax, same
+//   workspace, written by TMA stores from a swizzled staging tile.
 // Stage 2 (monarch_stage2_kernel): one warp per (column j, 16 query rows l), FlashAttention over
 //   the F * b1 "virtual keys" (n, k) of column j: u = s q[m,l,j] . aL - cL, O = softmax(u) Y.
-//   Hopper variant (Tma, chosen by use_wgmma()): the same warps and math, the workspace chunks
-//   copied by TMA (swizzled aL / Y tiles, cL by a plain bulk copy) across the key tiles of a run.
+//   Hopper variant (Tma, chosen by use_wgmma()): the same math for one column per CTA, each warp
+//   16 query rows x half of the output features (the scores computed by both halves), the
+//   workspace chunks copied by TMA (swizzled aL / Y tiles, cL by a plain bulk copy) across the
+//   key tiles of a run.
 // Several iterations: stage 1, then per further iteration stage 2 (for its log-sum-exp), the
 //   proxy kernel (aR / cR per workspace row, below) and stage 1 on those proxies; stage 2 last.
 #pragma once
@@ -68,13 +71,15 @@ struct TwoPassConfig {
   static constexpr size_t kTileBytes = size_t(kCols) * kChunk * kLd * sizeof(T);
   static constexpr size_t kStage2 = 2 * kTileBytes + kCols * kChunk * sizeof(float);
   static constexpr size_t kSmem2 = 2 * kStage2 + kMaxB1 * sizeof(int);
-  // Its Hopper variant (TMA): per stage and column, aL and Y as D / 64 swizzled tiles of kChunk
-  // rows (common/tma.cuh), then cL of both columns, kClCopy floats each (a chunk's kChunk values
-  // from the 16-byte boundary at or before its first row); stages 1024-byte aligned; then the
-  // mbarriers.
+  // Its Hopper variant (TMA): one column per CTA, each warp 16 query rows x half of the output
+  // features (so 128 registers and 4 CTAs per SM); per stage, aL and Y as D / 64 swizzled tiles
+  // of kChunk rows (common/tma.cuh), then cL, kClCopy floats (a chunk's kChunk values from the
+  // 16-byte boundary at or before its first row); stages 1024-byte aligned; then the mbarriers.
+  static constexpr int kColsTma = 1;
   static constexpr int kClCopy = kChunk + 4;
   static constexpr size_t kPlane = size_t(D / 64) * kChunk * 128;
-  static constexpr size_t kStage2Tma = (kCols * 2 * kPlane + kCols * kClCopy * sizeof(float) + 1023) / 1024 * 1024;
+  static constexpr size_t kStage2Tma =
+      (kColsTma * 2 * kPlane + kColsTma * kClCopy * sizeof(float) + 1023) / 1024 * 1024;
   static constexpr size_t kSmem2Tma = 1008 + 2 * kStage2Tma + 2 * sizeof(uint64_t) + kMaxB1 * sizeof(int);
   // Proxy kernel (iterations >= 2): 32 query rows of kCols columns, and their log-sum-exp.
   static constexpr size_t kSmemProxy = size_t(kCols) * 32 * kLd * sizeof(T) + kCols * 32 * sizeof(float);
@@ -282,7 +287,7 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
     if constexpr (Wg) {
       // Four (D = 128) products of 64 features each (aL, then Y), one at a time (a second
       // accumulator, product q + 1 on the tensor cores while q is stored, gained nothing
-      // measurable and costs 32 registers). Each goes through one swizzled staging tile of 64
+      // measurable and costs 32 registers). Each goes through one swizzled staging tile of b2
       // columns x 64 features and leaves by one TMA store (tma.al / tma.y: columns past b2 are
       // outside the map and not written), which runs while the next product is computed.
       constexpr int kHalves = D / 64, kProducts = 2 * kHalves;
@@ -395,12 +400,14 @@ struct Stage2Tma {
 // padded rows. Hopper (Tma): chunks of kChunk consecutive workspace rows of the column across the
 // key tiles of each run of allowed tiles (a column's rows (n, k) are contiguous), by TMA.
 template <typename T, int D, bool Tma = false>
-__global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registers, 3 CTAs per SM
+__global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registers, 4 CTAs per SM
     monarch_stage2_kernel(const MonarchFwdParams p, const __grid_constant__ Stage2Tma tma) {
   using C = TwoPassConfig<T, D>;
   using MM = Mma<T>;
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr int kCh = C::kChunk;
+  constexpr int kCols = Tma ? C::kColsTma : C::kCols;
+  constexpr int DO = Tma ? D / 2 : D;  // output features per warp
   constexpr size_t kStage = Tma ? C::kStage2Tma : C::kStage2;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + (Tma ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u);
@@ -410,7 +417,7 @@ __global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registe
   int* row_off = reinterpret_cast<int*>(smem + 2 * kStage + (Tma ? 2 * sizeof(uint64_t) : 0));
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
   const int row_groups = (p.b1 + 31) / 32;
-  const int j0 = blockIdx.x * C::kCols, m = blockIdx.y / row_groups, rg = blockIdx.y % row_groups;
+  const int j0 = blockIdx.x * kCols, m = blockIdx.y / row_groups, rg = blockIdx.y % row_groups;
   const int bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
   T* og = static_cast<T*>(p.out) + b * p.o_stride[0] + h * p.o_stride[2];
@@ -429,7 +436,8 @@ __global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registe
   if (Tma) fence_proxy_async_smem();  // zeroed columns past b2 are never copied into
   __syncthreads();
   const int q_base = tile_base(p, m);
-  const int jl = warp / 2, mt = warp % 2, jq = j0 + jl;
+  // Warp: column j0 + jl, query rows 16 mt.., output features dh * DO.. (portable: all D).
+  const int jl = Tma ? 0 : warp / 2, dh = Tma ? warp / 2 : 0, mt = warp % 2, jq = j0 + jl;
   uint32_t qa[D / 16][4];
   {
     const T* rows[2];
@@ -440,9 +448,9 @@ __global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registe
     }
     load_a_rows<T, D>(qa, rows[0], rows[1], lane);
   }
-  float o[D / 8][4];
+  float o[DO / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  for (int i = 0; i < DO / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 
   // A chunk: virtual keys (n, k) = column rows [row, row + nrows), row = n * b1 + k. Portable:
@@ -465,7 +473,7 @@ __global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registe
     unsigned char* st = smem + stage * kStage;
     if constexpr (Tma) {  // by thread 0
       const int64_t col0 = (int64_t(bh) * p.A + m) * p.b2 + j0;
-      const int cols = min(C::kCols, p.b2 - j0);
+      const int cols = min(kCols, p.b2 - j0);
       mbar_expect(&full[stage], uint32_t(cols) * (2 * C::kPlane + C::kClCopy * sizeof(float)));
       for (int col = 0; col < cols; ++col) {
         const int row = int((col0 + col) * col_rows + ch.row);
@@ -476,7 +484,7 @@ __global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registe
           tma_load_tile_2d(al_dst + C::kPlane / sizeof(T) + hf * kCh * 64, &tma.y, hf * 64, row, &full[stage]);
         }
         // cL from the 16-byte boundary at or before `row` (the workspace has slack after cL).
-        bulk_load(st + C::kCols * 2 * C::kPlane + col * C::kClCopy * sizeof(float), p.ws_cl + (row & ~3),
+        bulk_load(st + kCols * 2 * C::kPlane + col * C::kClCopy * sizeof(float), p.ws_cl + (row & ~3),
                   C::kClCopy * sizeof(float), &full[stage]);
       }
     } else {
@@ -498,7 +506,7 @@ __global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registe
     if constexpr (Tma) {
       mbar_wait(&full[it % 2], (it / 2) & 1);
       if (nrows < kCh) {  // the copy ran past the run: those Y rows may hold anything (0 * NaN)
-        const int cols = min(C::kCols, p.b2 - j0);
+        const int cols = min(kCols, p.b2 - j0);
         for (int i = tid; i < cols * (kCh - nrows) * (D / 8); i += blockDim.x) {
           const int col = i / ((kCh - nrows) * (D / 8)), rem = i % ((kCh - nrows) * (D / 8));
           T* y = reinterpret_cast<T*>(base + (col * 2 + 1) * C::kPlane);
@@ -515,7 +523,7 @@ __global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registe
     {
       const T* aLj = reinterpret_cast<const T*>(base + (Tma ? jl * 2 * C::kPlane : jl * kCh * C::kLd * sizeof(T)));
       const T* Yj = Tma ? aLj + C::kPlane / sizeof(T) : aLj + C::kTileBytes / sizeof(T);
-      const float* cLs = reinterpret_cast<const float*>(base + (Tma ? C::kCols * 2 * C::kPlane : 2 * C::kTileBytes)) +
+      const float* cLs = reinterpret_cast<const float*>(base + (Tma ? kCols * 2 * C::kPlane : 2 * C::kTileBytes)) +
                          (Tma ? jl * C::kClCopy + int(((int64_t(bh) * p.A + m) * p.b2 + jq) * col_rows + cur.row) % 4
                               : jl * kCh);
       float u[kCh / 8][4];
@@ -540,7 +548,7 @@ __global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registe
           u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLs[kc] * kLog2e : -INFINITY;
         }
       }
-      online_softmax_pv<T, D, kCh / 8, Tma>(u, row_max, row_sum, o, Yj, C::kLd, lane);
+      online_softmax_pv<T, DO, kCh / 8, Tma>(u, row_max, row_sum, o, Yj, C::kLd, lane, dh * (DO / 8));
     }
     __syncthreads();  // this stage is refilled next
     const Chunk after = nxt.row < col_rows ? next(nxt) : nxt;
@@ -553,7 +561,7 @@ __global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registe
     row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 1);
     row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 2);
     const int l = rg * 32 + mt * 16 + r + hr * 8;
-    if (p.ws_lse != nullptr && lane % 4 == 0 && l < p.b1 && jq < p.b2) {
+    if (p.ws_lse != nullptr && dh == 0 && lane % 4 == 0 && l < p.b1 && jq < p.b2) {
       p.ws_lse[((int64_t(bh) * p.A + m) * p.b1 + l) * p.b2 + jq] = row_max[hr] + log2f(row_sum[hr]);
     }
   }
@@ -561,9 +569,9 @@ __global__ void __launch_bounds__(128, Tma ? 3 : 1)  // Tma: at most 168 registe
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const int l = rg * 32 + mt * 16 + r + hr * 8;
-    orow[hr] = (l < p.b1 && jq < p.b2) ? og + int64_t(q_base + row_off[l] + jq) * p.o_stride[1] : nullptr;
+    orow[hr] = (l < p.b1 && jq < p.b2) ? og + int64_t(q_base + row_off[l] + jq) * p.o_stride[1] + dh * DO : nullptr;
   }
-  store_rows<T, D>(o, row_sum, orow[0], orow[1], lane);
+  store_rows<T, DO>(o, row_sum, orow[0], orow[1], lane);
 }
 
 // Proxies for the next iteration (spec section 3): for every workspace row (m, j, n, k),

@@ -81,12 +81,14 @@ __device__ __forceinline__ void scale_rows(float (&o)[D / 8][4], const float (&c
   }
 }
 
-// online_softmax_p, then o = o * corr + P V with mma.sync, where V's NT * 8 rows (keys) of D
-// features start at v with row pitch ld (elements) in shared memory, or (Swizzled) lie in the
-// 128-byte-swizzled tiles of common/tma.cuh (D / 64 tiles of NT * 8 rows; ld unused).
+// online_softmax_p, then o = o * corr + P V with mma.sync, where V's NT * 8 rows (keys) start at
+// v with row pitch ld (elements) in shared memory, or (Swizzled) lie in the 128-byte-swizzled
+// tiles of common/tma.cuh (tiles of NT * 8 rows x 64 features; ld unused); o holds the D features
+// from 16-byte chunk chunk0 (feature 8 * chunk0) on.
 template <typename T, int D, int NT, bool Swizzled = false>
 __device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row_max)[2], float (&row_sum)[2],
-                                                  float (&o)[D / 8][4], const T* v, int ld, int lane) {
+                                                  float (&o)[D / 8][4], const T* v, int ld, int lane,
+                                                  int chunk0 = 0) {
   float corr[2];
   uint32_t pa[NT / 2][4];
   online_softmax_p<T, NT>(u, row_max, row_sum, corr, pa);
@@ -96,7 +98,7 @@ __device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row
 #pragma unroll
     for (int dt2 = 0; dt2 < D / 16; ++dt2) {
       uint32_t bv[4];
-      const int row = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, chunk = dt2 * 2 + lane / 16;
+      const int row = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, chunk = chunk0 + dt2 * 2 + lane / 16;
       ldmatrix_x4_trans(bv, v + (Swizzled ? sw128_offset(row, chunk, NT * 8) : row * ld + chunk * 8));
       Mma<T>::run(o[2 * dt2], pa[kk], bv[0], bv[1]);
       Mma<T>::run(o[2 * dt2 + 1], pa[kk], bv[2], bv[3]);

@@ -424,7 +424,9 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
   const T* al_ws = static_cast<const T*>(p.ws_al);
   const T* y_ws = static_cast<const T*>(p.ws_y);
 
-  for (int i = tid; i < int(2 * kStage / 16); i += blockDim.x) {
+  // Portable: columns past b2 must read as zeros (a CTA's second column may not exist). Tma has
+  // one column per CTA, and every copy writes its whole box.
+  for (int i = tid; i < (Tma ? 0 : int(2 * kStage / 16)); i += blockDim.x) {
     reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
   }
   for (int i = tid; i < p.b1; i += blockDim.x) row_off[i] = row_offset(p, i);
@@ -433,7 +435,6 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
     mbar_init(&full[1], 1);
     fence_mbar_init();
   }
-  if (Tma) fence_proxy_async_smem();  // zeroed columns past b2 are never copied into
   __syncthreads();
   const int q_base = tile_base(p, m);
   // Warp: column j0 + jl, query rows 16 mt.., output features dh * DO.. (portable: all D).

@@ -66,11 +66,16 @@ Status dispatch_groups(const MonarchFwdParams& p, int B, int G, cudaStream_t str
   return G == 4 ? launch<T, D, 4>(p, B, stream) : launch<T, D, 2>(p, B, stream);
 }
 
+// The tensor-map element type of T (bf16 or fp16).
+template <typename T>
+CUtensorMapDataType map_type() {
+  return std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+}
+
 // The Hopper stage 1's store maps over the workspace planes (two_pass.cuh, Stage1Tma).
 template <typename T, int D>
 bool stage1_store_maps(const MonarchFwdParams& p, int B, Stage1Tma* tma) {
-  const CUtensorMapDataType type =
-      std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapDataType type = map_type<T>();
   const cuuint64_t row = cuuint64_t(D) * sizeof(T), rows_per_j = cuuint64_t(p.F) * p.b1;
   const cuuint64_t dims[4] = {cuuint64_t(D), rows_per_j, cuuint64_t(p.b2), cuuint64_t(B) * p.H * p.A};
   const cuuint64_t strides[3] = {row, rows_per_j * row, cuuint64_t(p.b2) * rows_per_j * row};
@@ -110,8 +115,7 @@ bool stage2_maps(const MonarchFwdParams& p, int B, Stage2Tma* tma) {
   constexpr int kCh = TwoPassConfig<T, D>::kChunk;
   const int64_t rows = int64_t(B) * p.H * p.A * p.b2 * p.F * p.b1;
   if (rows + kCh >= (int64_t(1) << 31)) return false;
-  const CUtensorMapDataType type =
-      std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapDataType type = map_type<T>();
   const cuuint64_t dims[2] = {cuuint64_t(D), cuuint64_t(rows)}, pitch[1] = {cuuint64_t(D) * sizeof(T)};
   const cuuint32_t box[2] = {64, kCh};
   return encode_tensor_map(&tma->al, p.ws_al, type, 2, dims, pitch, box, CU_TENSOR_MAP_SWIZZLE_128B).ok() &&

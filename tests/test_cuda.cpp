@@ -497,6 +497,12 @@ TEST(CudaBackward, MatchesReferenceEveryModeDtypeAndHeadDim) {
       }
     }
   }
+  // Tiles taller than 128 rows (the stage-2 kernel's largest configuration, 16 warps).
+  const Case tall{{2, 150, 3}, {1, 1, 1}, 1, 1, 0, 0, 0, 0};
+  for (int64_t D : {64, 128}) {
+    std::printf("backward tall 150x3 D=%lld: max rel L2 %.2e\n", (long long)D,
+                run_backward_case(tall, DType::kBF16, D, rng, 0));
+  }
   // Tiles wider than 64 columns: head dim 64, and head dim 128 (the wide configuration, 720p's
   // 45 x 80 among them).
   const Case wide{{2, 2, 100}, {1, 1, 1}, 1, 2, 1, 0, 0, 0};

@@ -1,5 +1,5 @@
 // Host side of the CUDA Monarch backward (kernels and design: bwd.cuh): checks, workspace
-// layout and the five launches.
+// layout and the four launches.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -19,18 +19,16 @@ namespace {
 size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
 
 // Workspace layout: aL and Y planes (rows x D, input dtype), then per row cL, lse1 and D1
-// (floats), then per query the stage-2 log-sum-exp and Delta (floats) and dq's stage-2 part
-// (D floats). Every part starts 16-byte aligned.
+// (floats), then per query dq's stage-2 part (D floats). Every part starts 16-byte aligned.
 struct BwdLayout {
-  size_t plane = 0, rows_f = 0, queries_f = 0, total = 0;
+  size_t plane = 0, rows_f = 0, total = 0;
 };
 BwdLayout bwd_layout(const AttentionPlan& plan, DType dtype) {
   BwdLayout l;
   const size_t rows = size_t(workspace_rows(plan)), queries = size_t(plan.B * plan.H * plan.Sq);
   l.plane = rows * size_t(plan.D) * size_t(dtype_size(dtype));
   l.rows_f = round16(rows * sizeof(float));
-  l.queries_f = round16(queries * sizeof(float));
-  l.total = 2 * l.plane + 3 * l.rows_f + 2 * l.queries_f + queries * size_t(plan.D) * sizeof(float);
+  l.total = 2 * l.plane + 3 * l.rows_f + queries * size_t(plan.D) * sizeof(float);
   return l;
 }
 
@@ -71,6 +69,13 @@ Status check_backward(const TensorView& q, const TensorView& k, const TensorView
     return Status::unsupported("layout: tile height b1 = " + std::to_string(plan->qg.b1) +
                                " exceeds the CUDA path's 256");
   }
+  const size_t stage2 = plan->D == 128 ? Bwd2Config<__nv_bfloat16, 128>::smem(int(plan->qg.b1))
+                                       : Bwd2Config<__nv_bfloat16, 64>::smem(int(plan->qg.b1));
+  if (size_t(optin) < stage2) {
+    return Status::unsupported("layout: tile height b1 = " + std::to_string(plan->qg.b1) + " needs " +
+                               std::to_string(stage2) + " bytes of shared memory per block in the CUDA backward; "
+                               "the device has " + std::to_string(optin));
+  }
   for (int i = 0; i < 7; ++i) {
     const TensorView& t = *views[i];
     if (t.stride[3] != 1) {
@@ -82,9 +87,7 @@ Status check_backward(const TensorView& q, const TensorView& k, const TensorView
                                  ": data and strides must be 16-byte aligned (multiples of 8 elements)");
     }
   }
-  const int64_t rblocks = (plan->kg.tiles * plan->qg.b1 + 63) / 64;
-  if (plan->qg.tiles * rblocks > 65535 || plan->kg.tiles > 65535 || plan->B * plan->H > 65535 ||
-      plan->qg.tiles * ((plan->qg.b1 + 31) / 32) > 65535) {
+  if (plan->qg.tiles > 65535 || plan->kg.tiles > 65535 || plan->B * plan->H > 65535) {
     return Status::unsupported("q: too many tiles or batch*heads for one launch");
   }
   const size_t need = plan->D == 128 ? DkvConfig<__nv_bfloat16, 128>::kSmem : DkvConfig<__nv_bfloat16, 64>::kSmem;
@@ -97,16 +100,20 @@ Status check_backward(const TensorView& q, const TensorView& k, const TensorView
 
 template <typename T, int D>
 Status prepare_backward_typed() {
-  static std::atomic<uint64_t> d1{0}, d2{0}, d3{0}, d4{0}, d5{0}, d6{0};
+  static std::atomic<uint64_t> d1{0}, d2{0}, d3{0}, d4{0}, d5{0}, d6{0}, d7{0};
   constexpr int kNarrow = D == 128 ? 64 : 128;
-  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq2_kernel<T, D>, TwoPassConfig<T, D>::kSmem2, d1));
-  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dl_kernel<T, D>, DlConfig<T, D>::kSmem, d2));
+  int device = 0, optin = 0;
+  MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
+  MONARCHRT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  // The stage-2 kernel for up to 32, 128 and 256 query rows (as much shared memory as the device
+  // has: taller tiles than it serves are rejected by check_backward).
+  using C2 = Bwd2Config<T, D>;
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 2>, std::min<size_t>(C2::smem(32), optin), d1));
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 8>, std::min<size_t>(C2::smem(128), optin), d2));
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 16>, std::min<size_t>(C2::smem(256), optin), d7));
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq1_kernel<T, D, kNarrow>, Dq1Config<T, D, kNarrow>::kSmem, d3));
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dkv_kernel<T, D, kNarrow>, DkvConfig<T, D, kNarrow>::kSmem, d4));
   if (D == 128) {  // the wide configuration, where the device has the shared memory for it
-    int device = 0, optin = 0;
-    MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
-    MONARCHRT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     if (size_t(optin) >= Dq1Config<T, D, 128>::kSmem && size_t(optin) >= DkvConfig<T, D, 128>::kSmem) {
       MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq1_kernel<T, D, 128>, Dq1Config<T, D, 128>::kSmem, d5));
       MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dkv_kernel<T, D, 128>, DkvConfig<T, D, 128>::kSmem, d6));
@@ -121,13 +128,17 @@ Status launch_backward(const MonarchBwdParams& bp, int B, bool zero_dkv, int64_t
   MONARCHRT_RETURN_IF_ERROR((prepare_backward_typed<T, D>()));
   const DType dtype = std::is_same<T, __half>::value ? DType::kF16 : DType::kBF16;
   MONARCHRT_RETURN_IF_ERROR(launch_stage1(p, B, dtype, D, s));
-  using C2 = TwoPassConfig<T, D>;
   const int BH = B * p.H;
-  monarch_bwd_dq2_kernel<T, D><<<dim3((p.b2 + C2::kCols - 1) / C2::kCols, p.A * ((p.b1 + 31) / 32), BH), 128,
-                                 C2::kSmem2, s>>>(bp);
-  MONARCHRT_CUDA_CHECK(cudaGetLastError());
-  const int rblocks = (p.F * p.b1 + DlConfig<T, D>::kRows - 1) / DlConfig<T, D>::kRows;
-  monarch_bwd_dl_kernel<T, D><<<dim3(p.b2, p.A * rblocks, BH), 128, DlConfig<T, D>::kSmem, s>>>(bp);
+  const dim3 grid2(p.b2, p.A, BH);
+  const int warps2 = (p.b1 + 15) / 16;
+  const size_t smem2 = Bwd2Config<T, D>::smem(p.b1);
+  if (warps2 <= 2) {
+    monarch_bwd_stage2_kernel<T, D, 2><<<grid2, 32 * warps2, smem2, s>>>(bp);
+  } else if (warps2 <= 8) {
+    monarch_bwd_stage2_kernel<T, D, 8><<<grid2, 32 * warps2, smem2, s>>>(bp);
+  } else {
+    monarch_bwd_stage2_kernel<T, D, 16><<<grid2, 32 * warps2, smem2, s>>>(bp);
+  }
   MONARCHRT_CUDA_CHECK(cudaGetLastError());
   if (zero_dkv) {
     zero_rows_kernel<D><<<1024, 256, 0, s>>>(bp.dk, bp.dk_stride[0], bp.dk_stride[1], bp.dk_stride[2], B, k_rows,
@@ -195,9 +206,7 @@ Status monarch_attention_backward(const TensorView& q, const TensorView& k, cons
   bp.f.ws_lse1 = reinterpret_cast<float*>(ws + layout.rows_f);
   bp.ws_d1 = reinterpret_cast<float*>(ws + 2 * layout.rows_f);
   ws += 3 * layout.rows_f;
-  bp.q_lse = reinterpret_cast<float*>(ws);
-  bp.q_delta = reinterpret_cast<float*>(ws + layout.queries_f);
-  bp.dq_acc = reinterpret_cast<float*>(ws + 2 * layout.queries_f);
+  bp.dq_acc = reinterpret_cast<float*>(ws);
   bp.dout = dout.data;
   bp.dq = dq.data;
   bp.dk = dk.data;

@@ -1,22 +1,19 @@
 // CUDA backward of one-iteration Monarch attention (specification sections 2 and 4; the
-// gradients are derived in src/ref/backward.cpp). Five launches on one stream, every reduction
+// gradients are derived in src/ref/backward.cpp). Four launches on one stream, every reduction
 // inside one CTA (no atomics, results independent of scheduling):
 //
 //  0. stage 1 of the forward (two_pass.cuh) recomputes aL, Y, cL into the workspace, plus the
 //     stage-1 log-sum-exp lse1 per workspace row;
-//  1. monarch_bwd_dq2_kernel, query orientation (like the forward's stage 2): per query
-//     (m, l, j), a first sweep over the virtual keys (n, k) of column j gives the stage-2
-//     log-sum-exp and Delta = dO . out; a second sweep gives the stage-2 part of dq,
-//     s * sum du aL with du = L (dO . Y - Delta). Both per-query scalars and dq (fp32) go to the
-//     workspace;
-//  2. monarch_bwd_dl_kernel, virtual-key orientation: per workspace row (m, j, n, k), over the b1
-//     queries of column j: daL = s sum_l du q, dY = sum_l L dO, dcL = -sum_l du, written over
-//     aL, Y, cL in place (each row is read and written by one warp only);
-//  3. monarch_bwd_dq1_kernel, query orientation (like the forward's stage 1): per (m, k) and
+//  1. monarch_bwd_stage2_kernel, one CTA per query column (m, j): a first sweep over the column's
+//     virtual keys (n, k) gives each query's stage-2 log-sum-exp and Delta = dO . out; the second
+//     forms du = L (dO . Y - Delta) and from it the stage-2 part of dq, s * sum du aL (fp32, to
+//     the workspace), and per virtual key daL = s sum_l du q, dY = sum_l L dO, dcL = -sum_l du,
+//     written over aL, Y, cL in place;
+//  2. monarch_bwd_dq1_kernel, query orientation (like the forward's stage 1): per (m, k) and
 //     column j, over the allowed key tiles: dR_i = daL . K_i + dY . V_i + dcL log R_i,
-//     D1 = sum_i R_i dR_i (kept per workspace row for step 4, so that both use the same fp32 R),
+//     D1 = sum_i R_i dR_i (kept per workspace row for step 3, so that both use the same fp32 R),
 //     dz = R (dR - D1), dq[m,k,j] = (stage-2 part) + s sum_i dz K_i, written in the input dtype;
-//  4. monarch_bwd_dkv_kernel, key orientation: per key row (n, k), one warp per 16 keys i, over
+//  3. monarch_bwd_dkv_kernel, key orientation: per key row (n, k), one warp per 16 keys i, over
 //     every query tile m that may attend n and every column j: R rebuilt from lse1,
 //     dK_i = sum R daL + s dz q[m,k,j], dV_i = sum R dY, written in the input dtype. (In KV-cache
 //     mode dk and dv are zeroed first: keys nobody attends get exactly zero.)
@@ -42,9 +39,7 @@ struct MonarchBwdParams {
   int64_t do_stride[3], dq_stride[3], dk_stride[3], dv_stride[3];  // batch, token, head
   float scale;      // softmax scale (natural units)
   float* ws_d1;     // per workspace row: D1 = sum_i R_i dR_i (written by the dq1 kernel)
-  float* q_lse;     // per query ((bh * A + m) * b1 + l) * b2 + j: stage-2 log-sum-exp (log2 units)
-  float* q_delta;   // per query: dO . out
-  float* dq_acc;    // per query: D floats, the stage-2 part of dq
+  float* dq_acc;    // per query ((bh * A + m) * b1 + l) * b2 + j: D floats, the stage-2 part of dq
 };
 
 __device__ __forceinline__ int64_t query_index(const MonarchFwdParams& p, int bh, int m, int l, int j) {
@@ -56,56 +51,85 @@ __device__ __forceinline__ void ldmatrix_a(uint32_t (&a)[4], const void* block, 
   ldmatrix_x4(a, static_cast<const char*>(block) + (lane % 16) * ld_bytes + (ks * 16 + (lane / 16) * 8) * 2);
 }
 
-// ---- 1. stage-2 backward, query orientation ------------------------------------------------
+// ---- 1. stage-2 backward: one CTA per query column (m, j) ----------------------------------
 
+// The column's b1 queries against its F * b1 virtual keys (n, k), in chunks of kChunk keys of
+// one key tile. Warp w owns queries 16 w .. 16 w + 15 (MMA rows). A first sweep gives each
+// query's stage-2 log-sum-exp and Delta = sum L (dO . Y) = dO . out; the second recomputes
+// L and du = L (dO . Y - Delta) per chunk, adds s du aL to dq (registers), and writes L and s du
+// to shared memory, from which the CTA forms the chunk's daL = s du^T q, dY = L^T dO (the sums
+// over the column's queries run along the MMA's K) and dcL = -sum du, written over the chunk's
+// aL, Y, cL rows: every workspace row belongs to one column, so one CTA reads and writes it.
 template <typename T, int D>
-__global__ void __launch_bounds__(128) monarch_bwd_dq2_kernel(const MonarchBwdParams bp) {
+struct Bwd2Config {
+  static constexpr int kLd = D + 8;        // row pitch of q, dO, aL, Y: ldmatrix rows hit distinct banks
+  static constexpr int kChunk = 32;        // virtual keys per step
+  static constexpr int kPLd = kChunk + 8;  // row pitch of the L and s du tiles
+  static constexpr size_t kStage = size_t(2 * kChunk) * kLd * sizeof(T) + kChunk * sizeof(float);
+  // q and dO of the column (b1 rows rounded up to 16), two stages of aL / Y / cL, L and s du,
+  // and the per-warp column sums of du.
+  static constexpr size_t smem(int b1) {
+    return size_t(2 * ((b1 + 15) / 16 * 16)) * (kLd + kPLd) * sizeof(T) + 2 * kStage +
+           size_t((b1 + 15) / 16) * kChunk * sizeof(float);
+  }
+};
+
+template <typename T, int D, int MaxWarps>
+__global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const MonarchBwdParams bp) {
   const MonarchFwdParams& p = bp.f;
-  using C = TwoPassConfig<T, D>;
+  using C = Bwd2Config<T, D>;
   using MM = Mma<T>;
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr int kCh = C::kChunk;
   extern __shared__ __align__(128) unsigned char smem[];
-  int* row_off = reinterpret_cast<int*>(smem + 2 * C::kStage2);
+  const int qp = (p.b1 + 15) / 16 * 16, warps = qp / 16;
+  T* Qs = reinterpret_cast<T*>(smem);  // [qp][kLd]
+  T* dOs = Qs + qp * C::kLd;
+  unsigned char* stages = reinterpret_cast<unsigned char*>(dOs + qp * C::kLd);  // 2 x [aL, Y][kCh][kLd], cL[kCh]
+  T* Ls = reinterpret_cast<T*>(stages + 2 * C::kStage);  // [qp][kPLd]
+  T* dUs = Ls + qp * C::kPLd;
+  float* dcl_part = reinterpret_cast<float*>(dUs + qp * C::kPLd);  // [warps][kCh]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
-  const int row_groups = (p.b1 + 31) / 32;
-  const int j0 = blockIdx.x * C::kCols, m = blockIdx.y / row_groups, rg = blockIdx.y % row_groups;
-  const int bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const int j = blockIdx.x, m = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
   const T* dog = static_cast<const T*>(bp.dout) + b * bp.do_stride[0] + h * bp.do_stride[2];
-  const T* al_ws = static_cast<const T*>(p.ws_al);
-  const T* y_ws = static_cast<const T*>(p.ws_y);
+  T* al_ws = static_cast<T*>(p.ws_al);
+  T* y_ws = static_cast<T*>(p.ws_y);
 
-  for (int i = tid; i < int(2 * C::kStage2 / 16); i += blockDim.x) {
-    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
+  // Stage rows past a chunk's end are read by the MMAs (and masked): zero them once.
+  for (int i = tid; i < int(2 * C::kStage / 16); i += blockDim.x) {
+    reinterpret_cast<uint4*>(stages)[i] = make_uint4(0, 0, 0, 0);
   }
-  for (int i = tid; i < p.b1; i += blockDim.x) row_off[i] = row_offset(p, i);
   __syncthreads();
   const int q_base = tile_base(p, m);
-  const int jl = warp / 2, mt = warp % 2, jq = j0 + jl;
-  int lrow[2];
-  uint32_t qa[D / 16][4], da[D / 16][4];
-  {
-    const T* qrows[2];
-    const T* drows[2];
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      lrow[hr] = rg * 32 + mt * 16 + r + hr * 8;
-      const bool ok = lrow[hr] < p.b1 && jq < p.b2;
-      const int64_t tok = ok ? q_base + row_off[lrow[hr]] + jq : 0;
-      qrows[hr] = ok ? qg + tok * p.q_stride[1] : nullptr;
-      drows[hr] = ok ? dog + tok * bp.do_stride[1] : nullptr;
-    }
-    load_a_rows<T, D>(qa, qrows[0], qrows[1], lane);
-    load_a_rows<T, D>(da, drows[0], drows[1], lane);
+  for (int idx = tid; idx < qp * (D / 8); idx += blockDim.x) {
+    const int l = idx / (D / 8), dc = idx % (D / 8);
+    const bool valid = l < p.b1;
+    const int64_t tok = valid ? q_base + row_offset(p, l) + j : 0;
+    cp_async_16(Qs + l * C::kLd + dc * 8, qg + tok * p.q_stride[1] + dc * 8, valid);
+    cp_async_16(dOs + l * C::kLd + dc * 8, dog + tok * bp.do_stride[1] + dc * 8, valid);
   }
+  cp_async_commit();
   auto load = [&](int n, int k0, int stage) {
-    load_stage2_chunk<T, D>(p, al_ws, y_ws, smem + stage * TwoPassConfig<T, D>::kStage2, bh, m, j0, n, k0);
+    T* aLd = reinterpret_cast<T*>(stages + stage * C::kStage);
+    T* Yd = aLd + kCh * C::kLd;
+    float* cLd = reinterpret_cast<float*>(Yd + kCh * C::kLd);
+    const int nrows = min(kCh, p.b1 - k0);
+    const int64_t row0 = ws_row(p, bh, m, j, n, k0);
+    for (int idx = tid; idx < nrows * (D / 8); idx += blockDim.x) {
+      const int kc = idx / (D / 8), dc = idx % (D / 8);
+      cp_async_16(aLd + kc * C::kLd + dc * 8, al_ws + (row0 + kc) * D + dc * 8, true);
+      cp_async_16(Yd + kc * C::kLd + dc * 8, y_ws + (row0 + kc) * D + dc * 8, true);
+    }
+    for (int kc = tid; kc < nrows; kc += blockDim.x) cp_async_4(cLd + kc, p.ws_cl + row0 + kc, true);
   };
 
+  const bool row_ok[2] = {warp * 16 + r < p.b1, warp * 16 + r + 8 < p.b1};
+  const T* Qw = Qs + warp * 16 * C::kLd;
+  const T* dOw = dOs + warp * 16 * C::kLd;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, dsum[2] = {0.f, 0.f};
   float lse[2] = {0.f, 0.f}, delta[2] = {0.f, 0.f};
-  float acc[D / 8][4];
+  float acc[D / 8][4];  // s sum du aL: the stage-2 part of dq
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
@@ -122,12 +146,12 @@ __global__ void __launch_bounds__(128) monarch_bwd_dq2_kernel(const MonarchBwdPa
       if (n_next < p.F) load(n_next, k_next, (it + 1) % 2);
       cp_async_commit();
       cp_async_wait_group<1>();
-      __syncthreads();
+      __syncthreads();  // this chunk landed; the previous chunk's L / du tiles are no longer read
       const int nrows = min(kCh, p.b1 - k0);
-      unsigned char* base = smem + (it % 2) * C::kStage2;
-      const T* aLj = reinterpret_cast<const T*>(base) + jl * kCh * C::kLd;
-      const T* Yj = reinterpret_cast<const T*>(base + C::kTileBytes) + jl * kCh * C::kLd;
-      const float* cLs = reinterpret_cast<const float*>(base + 2 * C::kTileBytes) + jl * kCh;
+      const T* aLc = reinterpret_cast<const T*>(stages + (it % 2) * C::kStage);
+      const T* Yc = aLc + kCh * C::kLd;
+      const float* cLc = reinterpret_cast<const float*>(Yc + kCh * C::kLd);
+      // u = q . aL, g = dO . Y for the warp's 16 queries x kCh virtual keys
       float u[kCh / 8][4], g[kCh / 8][4];
 #pragma unroll
       for (int t = 0; t < kCh / 8; ++t) {
@@ -136,16 +160,19 @@ __global__ void __launch_bounds__(128) monarch_bwd_dq2_kernel(const MonarchBwdPa
       }
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
+        uint32_t qa[4], da[4];
+        ldmatrix_a(qa, Qw, C::kLd * sizeof(T), ks, lane);
+        ldmatrix_a(da, dOw, C::kLd * sizeof(T), ks, lane);
 #pragma unroll
         for (int tp = 0; tp < kCh / 16; ++tp) {
           const int off = (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8;
           uint32_t bk[4];
-          ldmatrix_x4(bk, aLj + off);
-          MM::run(u[2 * tp], qa[ks], bk[0], bk[1]);
-          MM::run(u[2 * tp + 1], qa[ks], bk[2], bk[3]);
-          ldmatrix_x4(bk, Yj + off);
-          MM::run(g[2 * tp], da[ks], bk[0], bk[1]);
-          MM::run(g[2 * tp + 1], da[ks], bk[2], bk[3]);
+          ldmatrix_x4(bk, aLc + off);
+          MM::run(u[2 * tp], qa, bk[0], bk[1]);
+          MM::run(u[2 * tp + 1], qa, bk[2], bk[3]);
+          ldmatrix_x4(bk, Yc + off);
+          MM::run(g[2 * tp], da, bk[0], bk[1]);
+          MM::run(g[2 * tp + 1], da, bk[2], bk[3]);
         }
       }
 #pragma unroll
@@ -153,7 +180,7 @@ __global__ void __launch_bounds__(128) monarch_bwd_dq2_kernel(const MonarchBwdPa
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int kc = t * 8 + c + e % 2;
-          u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLs[kc] * kLog2e : -INFINITY;
+          u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLc[kc] * kLog2e : -INFINITY;
         }
       }
       if (pass == 0) {  // online log-sum-exp and sum L g
@@ -182,13 +209,20 @@ __global__ void __launch_bounds__(128) monarch_bwd_dq2_kernel(const MonarchBwdPa
             dsum[e / 2] += pr * g[t][e];
           }
         }
-      } else {  // du = L (g - Delta); acc += du aL
+      } else {
+        // L and du (0 for queries past b1 and keys past the chunk); dq += s du aL
+        float colsum[kCh / 8][2];
 #pragma unroll
         for (int t = 0; t < kCh / 8; ++t) {
+          colsum[t][0] = colsum[t][1] = 0.f;
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float L = exp2f(u[t][e] - lse[e / 2]);
-            u[t][e] = L * (g[t][e] - delta[e / 2]);
+            const bool ok = row_ok[e / 2] && u[t][e] != -INFINITY;
+            const float L = ok ? exp2f(u[t][e] - lse[e / 2]) : 0.f;
+            const float du = L * (g[t][e] - delta[e / 2]);
+            colsum[t][e % 2] += du;
+            g[t][e] = L;
+            u[t][e] = bp.scale * du;
           }
         }
 #pragma unroll
@@ -199,16 +233,76 @@ __global__ void __launch_bounds__(128) monarch_bwd_dq2_kernel(const MonarchBwdPa
 #pragma unroll
           for (int dt2 = 0; dt2 < D / 16; ++dt2) {
             uint32_t bv[4];
-            ldmatrix_x4_trans(bv, aLj + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kLd + dt2 * 16 + (lane / 16) * 8);
+            ldmatrix_x4_trans(bv, aLc + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kLd + dt2 * 16 + (lane / 16) * 8);
             MM::run(acc[2 * dt2], pa, bv[0], bv[1]);
             MM::run(acc[2 * dt2 + 1], pa, bv[2], bv[3]);
           }
         }
+#pragma unroll
+        for (int t = 0; t < kCh / 8; ++t) {
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int l = warp * 16 + r + hr * 8, kc = t * 8 + c;
+            *reinterpret_cast<uint32_t*>(Ls + l * C::kPLd + kc) = MM::pack(g[t][2 * hr], g[t][2 * hr + 1]);
+            *reinterpret_cast<uint32_t*>(dUs + l * C::kPLd + kc) = MM::pack(u[t][2 * hr], u[t][2 * hr + 1]);
+          }
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float s = colsum[t][e];
+            s += __shfl_xor_sync(0xffffffffu, s, 4);
+            s += __shfl_xor_sync(0xffffffffu, s, 8);
+            s += __shfl_xor_sync(0xffffffffu, s, 16);
+            if (r == 0) dcl_part[warp * kCh + t * 8 + c + e] = s;
+          }
+        }
+        __syncthreads();  // L, s du and the column sums of every warp are in shared memory
+        // daL = (s du)^T q and dY = L^T dO, tiles of 16 keys x 64 features spread over the warps
+        const int64_t row0 = ws_row(p, bh, m, j, n, k0);
+        constexpr int kFt = D / 64, kTiles = 2 * (kCh / 16) * kFt;
+        for (int tile = warp; tile < kTiles; tile += warps) {
+          const int prod = tile / ((kCh / 16) * kFt), vt = (tile / kFt) % (kCh / 16), ft = tile % kFt;
+          if (vt * 16 >= nrows) continue;
+          const T* P = prod == 0 ? dUs : Ls;
+          const T* X = prod == 0 ? Qs : dOs;
+          float o[8][4];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+          for (int kq = 0; kq < warps; ++kq) {
+            uint32_t pa[4];  // (P^T) rows = keys vt*16.., columns = queries kq*16.. (P is [query][key])
+            ldmatrix_x4_trans(pa, P + (kq * 16 + (lane / 16) * 8 + lane % 8) * C::kPLd + vt * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+            for (int f2 = 0; f2 < 4; ++f2) {
+              uint32_t bx[4];
+              ldmatrix_x4_trans(bx, X + (kq * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kLd + ft * 64 + f2 * 16 +
+                                        (lane / 16) * 8);
+              MM::run(o[2 * f2], pa, bx[0], bx[1]);
+              MM::run(o[2 * f2 + 1], pa, bx[2], bx[3]);
+            }
+          }
+          T* dst = prod == 0 ? al_ws : y_ws;
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const int kc = vt * 16 + r + hr * 8;
+            if (kc >= nrows) continue;
+            T* row = dst + (row0 + kc) * D + ft * 64;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              *reinterpret_cast<uint32_t*>(row + i * 8 + c) = MM::pack(o[i][2 * hr], o[i][2 * hr + 1]);
+            }
+          }
+        }
+        for (int kc = tid; kc < nrows; kc += blockDim.x) {
+          float s = 0.f;
+          for (int w = 0; w < warps; ++w) s += dcl_part[w * kCh + kc];
+          p.ws_cl[row0 + kc] = -s;
+        }
       }
-      __syncthreads();  // this stage is refilled by the next iteration's copies
+      if (pass == 0) __syncthreads();  // this stage is refilled by the next iteration's copies
       n = n_next;
       k0 = k_next;
     }
+    cp_async_wait_group<0>();
+    __syncthreads();  // the next pass refills both stages
     if (pass == 0) {
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
@@ -223,178 +317,14 @@ __global__ void __launch_bounds__(128) monarch_bwd_dq2_kernel(const MonarchBwdPa
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    if (lrow[hr] >= p.b1 || jq >= p.b2) continue;
-    const int64_t qi = query_index(p, bh, m, lrow[hr], jq);
-    if (lane % 4 == 0) {
-      bp.q_lse[qi] = lse[hr];
-      bp.q_delta[qi] = delta[hr];
-    }
-    float* dst = bp.dq_acc + qi * D;
+    if (!row_ok[hr]) continue;
+    float* dst = bp.dq_acc + query_index(p, bh, m, warp * 16 + r + hr * 8, j) * D;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      *reinterpret_cast<float2*>(dst + i * 8 + c) = make_float2(bp.scale * acc[i][2 * hr], bp.scale * acc[i][2 * hr + 1]);
-    }
+    for (int i = 0; i < D / 8; ++i) *reinterpret_cast<float2*>(dst + i * 8 + c) = make_float2(acc[i][2 * hr], acc[i][2 * hr + 1]);
   }
 }
 
-// ---- 2. stage-2 backward, virtual-key orientation ------------------------------------------
-
-template <typename T, int D>
-struct DlConfig {
-  static constexpr int kLd = D + 8;
-  static constexpr int kRows = 64;  // workspace rows per CTA (4 warps x 16)
-  static constexpr int kQ = 32;     // queries per step
-  static constexpr size_t kSmem = size_t(2 * kRows + 2 * kQ) * kLd * sizeof(T) + (kRows + 2 * kQ) * sizeof(float) +
-                                  kRows * sizeof(int64_t);
-};
-
-template <typename T, int D>
-__global__ void __launch_bounds__(128) monarch_bwd_dl_kernel(const MonarchBwdParams bp) {
-  const MonarchFwdParams& p = bp.f;
-  using C = DlConfig<T, D>;
-  using MM = Mma<T>;
-  constexpr float kLog2e = 1.4426950408889634f;
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* aLs = reinterpret_cast<T*>(smem);       // [kRows][kLd]
-  T* Ys = aLs + C::kRows * C::kLd;           // [kRows][kLd]
-  T* Qs = Ys + C::kRows * C::kLd;            // [kQ][kLd]
-  T* dOs = Qs + C::kQ * C::kLd;              // [kQ][kLd]
-  float* cls = reinterpret_cast<float*>(dOs + C::kQ * C::kLd);  // [kRows]
-  float* lses = cls + C::kRows;              // [kQ]
-  float* deltas = lses + C::kQ;              // [kQ]
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
-  const int rblocks = (p.F * p.b1 + C::kRows - 1) / C::kRows;
-  const int j = blockIdx.x, m = blockIdx.y / rblocks, rb = blockIdx.y % rblocks;
-  const int bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-  const T* dog = static_cast<const T*>(bp.dout) + b * bp.do_stride[0] + h * bp.do_stride[2];
-  T* al_ws = static_cast<T*>(p.ws_al);
-  T* y_ws = static_cast<T*>(p.ws_y);
-  const int q_base = tile_base(p, m);
-  // Workspace row of CTA row i (-1: past the end or a key tile m may not attend), once per row.
-  int64_t* rows_s = reinterpret_cast<int64_t*>(deltas + C::kQ);  // [kRows]
-  int found = 0;
-  if (tid < C::kRows) {
-    const int vr = rb * C::kRows + tid, n = vr / p.b1;
-    rows_s[tid] = (vr < p.F * p.b1 && tile_allowed(p, m, n)) ? ws_row(p, bh, m, j, n, vr % p.b1) : -1;
-    found = rows_s[tid] >= 0;
-  }
-  if (!__syncthreads_or(found)) return;  // no allowed row: nothing to do (uniform exit)
-  for (int idx = tid; idx < C::kRows * (D / 8); idx += blockDim.x) {
-    const int i = idx / (D / 8), dc = idx % (D / 8);
-    const int64_t row = rows_s[i];
-    cp_async_16(aLs + i * C::kLd + dc * 8, al_ws + (row < 0 ? 0 : row) * D + dc * 8, row >= 0);
-    cp_async_16(Ys + i * C::kLd + dc * 8, y_ws + (row < 0 ? 0 : row) * D + dc * 8, row >= 0);
-  }
-  for (int i = tid; i < C::kRows; i += blockDim.x) cls[i] = rows_s[i] >= 0 ? p.ws_cl[rows_s[i]] : 0.f;
-  cp_async_commit();
-
-  int64_t wrow[2];
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) wrow[hr] = rows_s[warp * 16 + r + hr * 8];
-  const T* aLw = aLs + warp * 16 * C::kLd;
-  const T* Yw = Ys + warp * 16 * C::kLd;
-  float dal[D / 8][4], dy[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dal[i][e] = dy[i][e] = 0.f;
-  }
-  float dcl[2] = {0.f, 0.f};
-  for (int l0 = 0; l0 < p.b1; l0 += C::kQ) {
-    __syncthreads();  // the previous block of queries is no longer read
-    for (int idx = tid; idx < C::kQ * (D / 8); idx += blockDim.x) {
-      const int l = idx / (D / 8), dc = idx % (D / 8);
-      const bool valid = l0 + l < p.b1;
-      const int64_t tok = valid ? q_base + row_offset(p, l0 + l) + j : 0;
-      cp_async_16(Qs + l * C::kLd + dc * 8, qg + tok * p.q_stride[1] + dc * 8, valid);
-      cp_async_16(dOs + l * C::kLd + dc * 8, dog + tok * bp.do_stride[1] + dc * 8, valid);
-    }
-    for (int l = tid; l < C::kQ; l += blockDim.x) {
-      const bool valid = l0 + l < p.b1;
-      const int64_t qi = valid ? query_index(p, bh, m, l0 + l, j) : 0;
-      lses[l] = valid ? bp.q_lse[qi] : 0.f;
-      deltas[l] = valid ? bp.q_delta[qi] : 0.f;
-    }
-    cp_async_commit();
-    cp_async_wait_all();
-    __syncthreads();
-    float u[C::kQ / 8][4], g[C::kQ / 8][4];
-#pragma unroll
-    for (int t = 0; t < C::kQ / 8; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) u[t][e] = g[t][e] = 0.f;
-    }
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      uint32_t aa[4], ya[4];
-      ldmatrix_a(aa, aLw, C::kLd * sizeof(T), ks, lane);
-      ldmatrix_a(ya, Yw, C::kLd * sizeof(T), ks, lane);
-#pragma unroll
-      for (int tp = 0; tp < C::kQ / 16; ++tp) {
-        const int off = (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8;
-        uint32_t bq[4];
-        ldmatrix_x4(bq, Qs + off);
-        MM::run(u[2 * tp], aa, bq[0], bq[1]);
-        MM::run(u[2 * tp + 1], aa, bq[2], bq[3]);
-        ldmatrix_x4(bq, dOs + off);
-        MM::run(g[2 * tp], ya, bq[0], bq[1]);
-        MM::run(g[2 * tp + 1], ya, bq[2], bq[3]);
-      }
-    }
-    float lm[C::kQ / 8][4];  // L, then u becomes s * du
-#pragma unroll
-    for (int t = 0; t < C::kQ / 8; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int l = t * 8 + c + e % 2, hr = e / 2;
-        float L = 0.f, du = 0.f;
-        if (l0 + l < p.b1 && wrow[hr] >= 0) {
-          L = exp2f(u[t][e] * p.scale_log2 - cls[warp * 16 + r + hr * 8] * kLog2e - lses[l]);
-          du = L * (g[t][e] - deltas[l]);
-        }
-        lm[t][e] = L;
-        u[t][e] = bp.scale * du;
-        dcl[hr] -= du;
-      }
-    }
-#pragma unroll
-    for (int kk = 0; kk < C::kQ / 16; ++kk) {
-      const uint32_t pu[4] = {MM::pack(u[2 * kk][0], u[2 * kk][1]), MM::pack(u[2 * kk][2], u[2 * kk][3]),
-                              MM::pack(u[2 * kk + 1][0], u[2 * kk + 1][1]),
-                              MM::pack(u[2 * kk + 1][2], u[2 * kk + 1][3])};
-      const uint32_t pl[4] = {MM::pack(lm[2 * kk][0], lm[2 * kk][1]), MM::pack(lm[2 * kk][2], lm[2 * kk][3]),
-                              MM::pack(lm[2 * kk + 1][0], lm[2 * kk + 1][1]),
-                              MM::pack(lm[2 * kk + 1][2], lm[2 * kk + 1][3])};
-#pragma unroll
-      for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-        const int off = (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kLd + dt2 * 16 + (lane / 16) * 8;
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, Qs + off);
-        MM::run(dal[2 * dt2], pu, bv[0], bv[1]);
-        MM::run(dal[2 * dt2 + 1], pu, bv[2], bv[3]);
-        ldmatrix_x4_trans(bv, dOs + off);
-        MM::run(dy[2 * dt2], pl, bv[0], bv[1]);
-        MM::run(dy[2 * dt2 + 1], pl, bv[2], bv[3]);
-      }
-    }
-  }
-  // daL, dY, dcL replace aL, Y, cL.
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    dcl[hr] += __shfl_xor_sync(0xffffffffu, dcl[hr], 1);
-    dcl[hr] += __shfl_xor_sync(0xffffffffu, dcl[hr], 2);
-    if (wrow[hr] < 0) continue;
-    if (lane % 4 == 0) p.ws_cl[wrow[hr]] = dcl[hr];
-#pragma unroll
-    for (int t = 0; t < D / 8; ++t) {
-      *reinterpret_cast<uint32_t*>(al_ws + wrow[hr] * D + t * 8 + c) = MM::pack(dal[t][2 * hr], dal[t][2 * hr + 1]);
-      *reinterpret_cast<uint32_t*>(y_ws + wrow[hr] * D + t * 8 + c) = MM::pack(dy[t][2 * hr], dy[t][2 * hr + 1]);
-    }
-  }
-}
-
-// ---- 3. stage-1 backward, query orientation: dq -------------------------------------------
+// ---- 2. stage-1 backward, query orientation: dq -------------------------------------------
 
 // B2Max: the widest key row held (64 at head dim 128 keeps 2 CTAs per SM; 128 serves 720p's
 // 45 x 80 tiles at the price of register spills and one CTA per SM, Hopper's shared memory only).
@@ -601,7 +531,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
   }
 }
 
-// ---- 4. stage-1 backward, key orientation: dK, dV ------------------------------------------
+// ---- 3. stage-1 backward, key orientation: dK, dV ------------------------------------------
 
 template <typename T, int D, int B2Max = (D == 128 ? 64 : 128)>
 struct DkvConfig {

@@ -364,8 +364,7 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
 
 // Stage 2's input for one pipeline stage: the aL and Y rows (padded pitch kLd) and cL of key
 // tile n, rows k0 .. k0 + min(kChunk, b1 - k0), for the kCols query columns j0.. of query tile m,
-// by cp.async into `stage` (columns past b2 are zero-filled). Stage 2 and the backward's dq2
-// kernel read the workspace this way.
+// by cp.async into `stage` (columns past b2 are zero-filled): the portable stage 2's copies.
 template <typename T, int D>
 __device__ __forceinline__ void load_stage2_chunk(const MonarchFwdParams& p, const T* al_ws, const T* y_ws,
                                                   unsigned char* stage, int bh, int m, int j0, int n, int k0) {

@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
           mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
           mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
           const float new_max = fmaxf(row_max[hr], mx[hr]);
-          const float corr = exp2f(row_max[hr] - new_max);
+          const float corr = ex2_ftz(row_max[hr] - new_max);
           row_max[hr] = new_max;
           row_sum[hr] *= corr;
           dsum[hr] *= corr;
@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
         for (int t = 0; t < kCh / 8; ++t) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float pr = exp2f(u[t][e] - row_max[e / 2]);
+            const float pr = ex2_ftz(u[t][e] - row_max[e / 2]);
             row_sum[e / 2] += pr;
             dsum[e / 2] += pr * g[t][e];
           }
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const bool ok = row_ok[e / 2] && u[t][e] != -INFINITY;
-            const float L = ok ? exp2f(u[t][e] - lse[e / 2]) : 0.f;
+            const float L = ok ? ex2_ftz(u[t][e] - lse[e / 2]) : 0.f;
             const float du = L * (g[t][e] - delta[e / 2]);
             colsum[t][e % 2] += du;
             g[t][e] = L;
@@ -467,7 +467,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
 #pragma unroll
     for (int t = 0; t < kNT; ++t) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) Z[e / 2] += s[t][e] == -INFINITY ? 0.f : exp2f(s[t][e] - M[e / 2]);
+      for (int e = 0; e < 4; ++e) Z[e / 2] += ex2_ftz(s[t][e] - M[e / 2]);  // masked keys: ex2(-inf) = 0
     }
     float lse[2], dcl[2], d1[2] = {0.f, 0.f};
 #pragma unroll
@@ -483,7 +483,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float z = s[t][e] - lse[e / 2];  // log2 R
-        const float R = s[t][e] == -INFINITY ? 0.f : exp2f(z);
+        const float R = ex2_ftz(z);
         dr[t][e] = R == 0.f ? 0.f : dr[t][e] + dcl[e / 2] * kLn2 * z;
         s[t][e] = R;
         d1[e / 2] += R * dr[t][e];
@@ -637,7 +637,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dkv_kernel(const MonarchBwdPa
           float pr = 0.f, dz = 0.f;
           if (j < p.b2) {
             const float z = s[t][e] * p.scale_log2 - lse1s[j];  // log2 R
-            pr = exp2f(z);
+            pr = ex2_ftz(z);
             dz = pr * (dr[t][e] + dcls[j] * kLn2 * z - d1s[j]);
           }
           R[t][e] = pr;

@@ -4,7 +4,8 @@
 // h_reduce = 2 layouts, and our dense kernel (cuda::dense_attention) on the untiled shapes. Prints the first call's time, the median of many timed calls (device
 // events, inputs rotated so L2 does not hold them, random data; cuda::prepare() first, so the
 // first call measures the call, not the module load), and achieved TFLOP/s of real
-// work. Not a test: it prints and exits 0 unless a call fails. The dense anchors (cuDNN and
+// work. The backward table has two rows per shape: "backward" (the call alone) and "bwd+lse"
+// (given the forward's output and log-sum-exp, as the PyTorch op's training path). Not a test: it prints and exits 0 unless a call fails. The dense anchors (cuDNN and
 // FlashAttention-2 through PyTorch, same card, same run) come from bench/anchors.py.
 #include <cuda_runtime.h>
 
@@ -195,8 +196,12 @@ int main(int argc, char** argv) {
       {"bwd full 32760 causal 3", 21, 21, {1, 1, 1}, 3, false, 0},
       {"bwd SF chunk, KV 21", 3, 21, {1, 1, 1}, 0, true, 0},
   };
-  std::vector<void*> grads(3);
+  std::vector<void*> grads(3), fwd_out(sets), lse(sets);
   for (void*& g : grads) CHECK_CUDA(cudaMalloc(&g, elems * 2));
+  for (int i = 0; i < sets; ++i) {  // the forward's output and log-sum-exp for the "bwd+lse" rows
+    CHECK_CUDA(cudaMalloc(&fwd_out[i], elems * 2));
+    CHECK_CUDA(cudaMalloc(&lse[i], elems / D * sizeof(float)));
+  }
   std::printf("%-28s %-9s %10s %10s %10s %9s %9s\n", "shape", "path", "first ms", "median ms", "TFLOP/s",
               "target", "status");
   for (const Shape& s : bwd_shapes) {
@@ -220,18 +225,38 @@ int main(int argc, char** argv) {
     };
     const std::vector<TensorView> a0 = args(0);
     const size_t ws_bytes = cuda::backward_workspace_size(a0[0], a0[1], a0[2], a0[3], a0[4], a0[5], a0[6], p);
-    if (ws_bytes > ws_capacity) {
+    const size_t fwd_bytes = cuda::workspace_size(a0[0], a0[1], a0[2], a0[3], p);
+    if (std::max(ws_bytes, fwd_bytes) > ws_capacity) {
       cudaFree(ws);
-      CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
-      ws_capacity = ws_bytes;
+      CHECK_CUDA(cudaMalloc(&ws, std::max(ws_bytes, fwd_bytes)));
+      ws_capacity = std::max(ws_bytes, fwd_bytes);
     }
     time_row(s.name, "backward", std::max(5, reps / 5), sets, flops, s.target_ms, e0, e1, [&](int i) {
       const std::vector<TensorView> a = args(i);
       check_status(cuda::monarch_attention_backward(a[0], a[1], a[2], a[3], a[4], a[5], a[6], p, ws, ws_bytes, nullptr),
                    s.name);
     });
+    // The same with the forward's output and log-sum-exp (what the PyTorch op's training path
+    // passes): no first sweep in the stage-2 backward.
+    for (int i = 0; i < sets; ++i) {
+      const std::vector<TensorView> a = args(i);
+      check_status(cuda::monarch_attention_with_lse(a[0], a[1], a[2], view(fwd_out[i], s.q_frames),
+                                                    static_cast<float*>(lse[i]), p, ws, fwd_bytes, nullptr),
+                   s.name);
+    }
+    time_row(s.name, "bwd+lse", std::max(5, reps / 5), sets, flops, s.target_ms, e0, e1, [&](int i) {
+      const std::vector<TensorView> a = args(i);
+      check_status(cuda::monarch_attention_backward(a[0], a[1], a[2], view(fwd_out[i], s.q_frames),
+                                                    static_cast<const float*>(lse[i]), a[3], a[4], a[5], a[6], p, ws,
+                                                    ws_bytes, nullptr),
+                   s.name);
+    });
   }
   for (void* g : grads) cudaFree(g);
+  for (int i = 0; i < sets; ++i) {
+    cudaFree(fwd_out[i]);
+    cudaFree(lse[i]);
+  }
   cudaFree(ws);
   for (int i = 0; i < sets; ++i)
     for (void* p : {q[i], k[i], v[i], o[i]}) cudaFree(p);

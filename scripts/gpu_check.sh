@@ -26,7 +26,7 @@ if [ "$what" = all ] || [ "$what" = test ]; then
   echo "== GPU tests"
   ./build-gpu/tests/test_cuda >"$OUT/test_cuda.log" 2>&1; rc=$?
   grep -E "OK|FAILED|PASSED|Failure|Expected|Which" "$OUT/test_cuda.log" | head -40
-  grep -E "rel L2" "$OUT/test_cuda.log" | awk "{print \$NF}" | sort -g | tail -1 | sed "s/^/largest rel L2 error: /"
+  grep -E "rel L2" "$OUT/test_cuda.log" | grep -oE "[0-9.]+e[-+][0-9]+" | sort -g | tail -1 | sed "s/^/largest rel L2 error: /"
   [ "$rc" -eq 0 ] || status=1
   if [ "$arch" = 90a ]; then  # the portable kernels too, on this card
     MONARCHRT_NO_WGMMA=1 ./build-gpu/tests/test_cuda --gtest_filter='CudaForward.*:CudaBackward.*:CudaDense.*' \

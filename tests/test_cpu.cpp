@@ -226,6 +226,84 @@ TEST(CpuPath, LargeLogitsStayFiniteAndAccurate) {
   }
 }
 
+// monarch_attention_with_lse: the same output as monarch_attention, and each query's stage-2
+// log-sum-exp. With one-row tiles (b1 = 1) the proxy of every key row is the query itself, so
+// u[n] is exactly the log-sum-exp over key tile n and the stage-2 log-sum-exp is the dense one
+// over every allowed key: the reference's is checked against that in fp64 (block-causal), then
+// the fast path's against the reference's on tiled, block-causal and KV-cache cases.
+TEST(CpuPath, MonarchLogSumExp) {
+  Rng rng(18);
+  {
+    const Case c{{3, 2, 5}, {1, 2, 1}, 2, 3, 8, 1};  // b1 = 1, b2 = 5, chunks of one frame
+    Tensor q(DType::kF32, 1, 1, 1, 1), k = q, v = q;
+    fill_qkv(rng, DType::kF32, c, c.grid.tokens(), &q, &k, &v);
+    AttentionParams p;
+    p.grid = c.grid;
+    p.layout = c.layout;
+    p.causal_chunk_frames = c.causal_chunk;
+    const int64_t S = c.grid.tokens(), per_frame = c.grid.tokens_per_frame();
+    Tensor out(DType::kF64, c.B, S, c.H, c.D);
+    std::vector<float> lse(c.B * c.H * S, std::nanf(""));
+    const Status s = ref::monarch_attention_with_lse(q.view, k.view, v.view, out.view, lse.data(), p);
+    ASSERT_TRUE(s.ok()) << s.to_string();
+    const double scale = 1.0 / std::sqrt(double(c.D));
+    double worst = 0.0;
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t h = 0; h < c.H; ++h)
+        for (int64_t t = 0; t < S; ++t) {
+          const int64_t keys = (t / per_frame + 1) * per_frame;  // frames up to the query's own
+          std::vector<double> z(keys);
+          double mx = -INFINITY, sum = 0.0;
+          for (int64_t i = 0; i < keys; ++i) {
+            z[i] = 0.0;
+            for (int64_t d = 0; d < c.D; ++d) z[i] += scale * q.at(b, t, h, d) * k.at(b, i, h, d);
+            mx = std::max(mx, z[i]);
+          }
+          for (int64_t i = 0; i < keys; ++i) sum += std::exp(z[i] - mx);
+          const double got = lse[(b * c.H + h) * S + t];
+          ASSERT_TRUE(std::isfinite(got)) << "query " << t << " head " << h << ": not written";
+          worst = std::max(worst, std::abs(got - (mx + std::log(sum))));
+        }
+    EXPECT_LT(worst, 1e-5);
+  }
+  for (int64_t cache : {0, 6}) {
+    for (const Case& c : {kCases[1], kCases[5], kCases[9], kCases[10]}) {
+      AttentionParams p;
+      p.grid = c.grid;
+      p.layout = c.layout;
+      p.num_iters = 2;
+      p.causal_chunk_frames = cache ? 0 : c.causal_chunk;
+      p.kv_cache = cache > 0;
+      const int64_t kv_tokens = cache ? cache * c.grid.tokens_per_frame() : c.grid.tokens();
+      Tensor q(DType::kF32, 1, 1, 1, 1), k = q, v = q;
+      fill_qkv(rng, DType::kBF16, c, kv_tokens, &q, &k, &v);
+      const int64_t n = c.B * c.H * c.grid.tokens();
+      Tensor plain(DType::kF32, c.B, c.grid.tokens(), c.H, c.D), out = plain;
+      Tensor want(DType::kF64, c.B, c.grid.tokens(), c.H, c.D);
+      test::poison(out);
+      std::vector<float> lse(n, std::nanf("")), lse_ref(n, std::nanf(""));
+      ASSERT_TRUE(cpu::monarch_attention(q.view, k.view, v.view, plain.view, p).ok());
+      const Status s = cpu::monarch_attention_with_lse(q.view, k.view, v.view, out.view, lse.data(), p);
+      ASSERT_TRUE(s.ok()) << s.to_string();
+      ASSERT_TRUE(ref::monarch_attention_with_lse(q.view, k.view, v.view, want.view, lse_ref.data(), p).ok());
+      EXPECT_EQ(out.values(), plain.values());
+      const std::vector<double> got(lse.begin(), lse.end()), ref_lse(lse_ref.begin(), lse_ref.end());
+      ASSERT_TRUE(test::all_finite(got)) << "lse: unwritten element";
+      EXPECT_LT(test::relative_l2(got, ref_lse), kFp32Tolerance)
+          << "grid " << c.grid.to_string() << " layout " << c.layout.to_string() << " cache " << cache;
+    }
+  }
+  Tensor t(DType::kF32, 1, 4, 1, 4);
+  AttentionParams p;
+  p.grid = {1, 2, 2};
+  for (bool reference : {false, true}) {
+    const Status bad = reference ? ref::monarch_attention_with_lse(t.view, t.view, t.view, t.view, nullptr, p)
+                                 : cpu::monarch_attention_with_lse(t.view, t.view, t.view, t.view, nullptr, p);
+    EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(bad.message().find("lse"), std::string::npos);
+  }
+}
+
 TEST(CpuPath, ThreadCountDoesNotChangeResults) {
   Rng rng(17);
   const Case c{{3, 30, 52}, {1, 2, 1}, 1, 2, 8, 1};

@@ -58,6 +58,11 @@ Status dense_attention(const TensorView& q, const TensorView& k, const TensorVie
                        const TensorView& out, const AttentionParams& params);
 Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
                          const TensorView& out, const AttentionParams& params);
+// monarch_attention() that also writes each query's stage-2 log-sum-exp of the last iteration,
+// log sum_{n,k} exp(u[n,k]) in natural-log units, to lse[(b * H + h) * q.tokens() + token] (the
+// statistic the backward needs; cpu:: and cuda:: have the same entry point).
+Status monarch_attention_with_lse(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, float* lse, const AttentionParams& params);
 // Each query keeps its ceil(density * n) highest-scoring allowed keys (n = allowed keys, at least
 // one kept) and renormalizes softmax over them. density in (0, 1].
 Status topk_attention(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -90,6 +95,8 @@ Status dense_attention(const TensorView& q, const TensorView& k, const TensorVie
                        const TensorView& out, const AttentionParams& params);
 Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
                          const TensorView& out, const AttentionParams& params);
+Status monarch_attention_with_lse(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, float* lse, const AttentionParams& params);
 Status topk_attention(const TensorView& q, const TensorView& k, const TensorView& v,
                       const TensorView& out, const AttentionParams& params, double density);
 // Backward passes in fp32 (flash-style recomputation of the forward intermediates, nothing of

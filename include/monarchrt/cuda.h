@@ -45,6 +45,14 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
                          const TensorView& out, const AttentionParams& params, void* workspace,
                          size_t workspace_bytes, void* stream);
 
+// The forward for training: monarch_attention() on the two-pass path (a workspace is required)
+// that also writes each query's stage-2 log-sum-exp of the last iteration, natural log, to
+// lse[(b * H + h) * q.tokens() + token] (B * H * q.tokens() floats, device memory). Passing out
+// and lse to monarch_attention_backward() spares the backward a sweep over the workspace.
+Status monarch_attention_with_lse(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, float* lse, const AttentionParams& params,
+                                  void* workspace, size_t workspace_bytes, void* stream);
+
 // KV cache: writes the chunk's keys and values into their (ring-buffer) slots of cache_k /
 // cache_v on `stream`, like cpu::kv_cache_write (bf16/fp16, one dtype, 16-byte aligned rows).
 Status kv_cache_write(const TensorView& new_k, const TensorView& new_v, const TensorView& cache_k,
@@ -81,6 +89,15 @@ Status monarch_attention_backward(const TensorView& q, const TensorView& k, cons
                                   const TensorView& dout, const TensorView& dq, const TensorView& dk,
                                   const TensorView& dv, const AttentionParams& params, void* workspace,
                                   size_t workspace_bytes, void* stream);
+// The same with the forward's output and log-sum-exp from monarch_attention_with_lse() (same
+// q, k, v, params; out in q's shape and dtype, 16-byte aligned rows): the stage-2 backward then
+// takes each query's log-sum-exp and Delta = dout . out from them instead of a first sweep over
+// the recomputed intermediates (docs/cuda-backward.md). Same workspace size.
+Status monarch_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, const float* lse, const TensorView& dout,
+                                  const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                  const AttentionParams& params, void* workspace, size_t workspace_bytes,
+                                  void* stream);
 
 }  // namespace cuda
 }  // namespace monarchrt

@@ -1,5 +1,6 @@
 // The PyTorch binding of monarchrt (TORCH_LIBRARY namespace "monarchrt"): Monarch attention
-// forward, its backward and the in-place KV-cache write, on CPU tensors (float64: the fp64
+// forward (also with each query's stage-2 log-sum-exp, for training), its backward and the
+// in-place KV-cache write, on CPU tensors (float64: the fp64
 // reference, so that gradcheck is exact; float32 / float16 / bfloat16: the fast fp32 CPU path)
 // and, when built with CUDA, on CUDA tensors (bfloat16 / float16, the kernels of src/cuda).
 // Autograd, fake kernels and the Python API live in python/monarchrt/__init__.py. Errors from the
@@ -7,7 +8,9 @@
 // ValueError, unsupported problems NotImplementedError.
 #include <Python.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -120,13 +123,48 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out;
 }
 
+// The forward for training: out and each query's stage-2 log-sum-exp (float32 [B, H, S]), which
+// the CUDA backward takes instead of recomputing it.
+std::tuple<at::Tensor, at::Tensor> attention_lse_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     at::IntArrayRef grid, at::IntArrayRef tiling, int64_t num_iters,
+                                                     double scale, int64_t causal_chunk_frames, bool kv_cache,
+                                                     int64_t sink_frames, int64_t window_frames,
+                                                     int64_t cache_capacity_frames, int64_t cache_frames) {
+  const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
+                                        window_frames, cache_capacity_frames, cache_frames);
+  check_inputs(q, {{k, "k"}, {v, "v"}});
+  const TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v");
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  const TensorView ov = view_of(out, "out");
+  float* l = lse.data_ptr<float>();
+  check(q.scalar_type() == at::kDouble ? monarchrt::ref::monarch_attention_with_lse(qv, kv, vv, ov, l, p)
+                                       : monarchrt::cpu::monarch_attention_with_lse(qv, kv, vv, ov, l, p));
+  return {out, lse};
+}
+
+// out / lse (optional, from monarch_attention_lse): checked here; the CPU backward recomputes
+// what it needs and does not read them.
+void check_stats(const at::Tensor& q, const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse) {
+  TORCH_CHECK_VALUE(out.has_value() == lse.has_value(), "monarchrt: out and lse must be given together");
+  if (!out.has_value()) return;
+  TORCH_CHECK_VALUE(out->sizes() == q.sizes() && out->scalar_type() == q.scalar_type() &&
+                        out->device() == q.device(),
+                    "monarchrt: out must have q's shape, dtype and device");
+  TORCH_CHECK_VALUE(lse->dim() == 3 && lse->size(0) == q.size(0) && lse->size(1) == q.size(2) &&
+                        lse->size(2) == q.size(1) && lse->scalar_type() == at::kFloat && lse->device() == q.device(),
+                    "monarchrt: lse must be float32 [B, H, S] on q's device");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef grid,
     at::IntArrayRef tiling, int64_t num_iters, double scale, int64_t causal_chunk_frames, bool kv_cache,
-    int64_t sink_frames, int64_t window_frames, int64_t cache_capacity_frames, int64_t cache_frames) {
+    int64_t sink_frames, int64_t window_frames, int64_t cache_capacity_frames, int64_t cache_frames,
+    const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse) {
   const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
                                         window_frames, cache_capacity_frames, cache_frames);
   check_inputs(q, {{k, "k"}, {v, "v"}, {grad_out, "grad_out"}});
+  check_stats(q, out, lse);
   const TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v"), gv = view_of(grad_out, "grad_out");
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
@@ -175,13 +213,37 @@ at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const 
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_lse_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& v_in, at::IntArrayRef grid,
+                                                      at::IntArrayRef tiling, int64_t num_iters, double scale,
+                                                      int64_t causal_chunk_frames, bool kv_cache, int64_t sink_frames,
+                                                      int64_t window_frames, int64_t cache_capacity_frames,
+                                                      int64_t cache_frames) {
+  const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
+                                        window_frames, cache_capacity_frames, cache_frames);
+  check_inputs(q_in, {{k_in, "k"}, {v_in, "v"}});
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  const TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v"), ov = view_of(out, "out");
+  check(monarchrt::cuda::can_implement(qv, kv, vv, ov, p));
+  const size_t bytes = monarchrt::cuda::workspace_size(qv, kv, vv, ov, p);
+  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
+  check(monarchrt::cuda::monarch_attention_with_lse(qv, kv, vv, ov, lse.data_ptr<float>(), p, ws.data_ptr(), bytes,
+                                                    at::cuda::getCurrentCUDAStream().stream()));
+  return {out, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& g_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     at::IntArrayRef grid, at::IntArrayRef tiling, int64_t num_iters, double scale, int64_t causal_chunk_frames,
-    bool kv_cache, int64_t sink_frames, int64_t window_frames, int64_t cache_capacity_frames, int64_t cache_frames) {
+    bool kv_cache, int64_t sink_frames, int64_t window_frames, int64_t cache_capacity_frames, int64_t cache_frames,
+    const std::optional<at::Tensor>& out_in, const std::optional<at::Tensor>& lse_in) {
   const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
                                         window_frames, cache_capacity_frames, cache_frames);
   check_inputs(q_in, {{k_in, "k"}, {v_in, "v"}, {g_in, "grad_out"}});
+  check_stats(q_in, out_in, lse_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor g = kernel_ready(g_in), q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
@@ -191,8 +253,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const size_t bytes = monarchrt::cuda::backward_workspace_size(a[0], a[1], a[2], a[3], a[4], a[5], a[6], p);
   at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 16))}, q.options().dtype(at::kByte));
   // With bytes == 0 (unsupported problem) the call reports why.
-  check(monarchrt::cuda::monarch_attention_backward(a[0], a[1], a[2], a[3], a[4], a[5], a[6], p, ws.data_ptr(),
-                                                    bytes, at::cuda::getCurrentCUDAStream().stream()));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  if (out_in.has_value()) {
+    const at::Tensor out = kernel_ready(*out_in), lse = lse_in->contiguous();
+    check(monarchrt::cuda::monarch_attention_backward(a[0], a[1], a[2], view_of(out, "out"), lse.data_ptr<float>(),
+                                                      a[3], a[4], a[5], a[6], p, ws.data_ptr(), bytes, stream));
+  } else {
+    check(monarchrt::cuda::monarch_attention_backward(a[0], a[1], a[2], a[3], a[4], a[5], a[6], p, ws.data_ptr(),
+                                                      bytes, stream));
+  }
   return {dq, dk, dv};
 }
 
@@ -218,14 +287,16 @@ void kv_cache_write_cuda(const at::Tensor& cache_k, const at::Tensor& cache_v, c
 
 TORCH_LIBRARY(monarchrt, m) {
   m.def("monarch_attention(Tensor q, Tensor k, Tensor v, " MONARCHRT_PARAMS ") -> Tensor");
+  m.def("monarch_attention_lse(Tensor q, Tensor k, Tensor v, " MONARCHRT_PARAMS ") -> (Tensor, Tensor)");
   m.def("monarch_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, " MONARCHRT_PARAMS
-        ") -> (Tensor, Tensor, Tensor)");
+        ", Tensor? out=None, Tensor? lse=None) -> (Tensor, Tensor, Tensor)");
   m.def("kv_cache_write_(Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor new_k, Tensor new_v, int[] grid, "
         "int[] tiling, int sink_frames, int window_frames, int cache_capacity_frames, int cache_frames) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(monarchrt, CPU, m) {
   m.impl("monarch_attention", &attention_cpu);
+  m.impl("monarch_attention_lse", &attention_lse_cpu);
   m.impl("monarch_attention_backward", &backward_cpu);
   m.impl("kv_cache_write_", &kv_cache_write_cpu);
 }
@@ -233,6 +304,7 @@ TORCH_LIBRARY_IMPL(monarchrt, CPU, m) {
 #ifdef MONARCHRT_WITH_CUDA
 TORCH_LIBRARY_IMPL(monarchrt, CUDA, m) {
   m.impl("monarch_attention", &attention_cuda);
+  m.impl("monarch_attention_lse", &attention_lse_cuda);
   m.impl("monarch_attention_backward", &backward_cuda);
   m.impl("kv_cache_write_", &kv_cache_write_cuda);
 }

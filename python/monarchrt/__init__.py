@@ -53,9 +53,13 @@ def monarch_attention(q, k, v, grid, tiling=(1, 1, 1), num_iters=1, causal_chunk
     ``cache_capacity_frames`` > 0, k and v are a ring buffer of that many frames holding
     ``cache_frames`` written frames. Differentiable in q, k and v.
     """
-    return _ops.monarch_attention(q, k, v, *_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache,
-                                                    sink_frames, window_frames, cache_capacity_frames,
-                                                    cache_frames))
+    params = _params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames, window_frames,
+                     cache_capacity_frames, cache_frames)
+    if num_iters == 1 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # Training: the forward also keeps each query's stage-2 log-sum-exp, which (with the
+        # output) spares the CUDA backward a sweep over the recomputed intermediates.
+        return _ops.monarch_attention_lse(q, k, v, *params)[0]
+    return _ops.monarch_attention(q, k, v, *params)
 
 
 def cache_rows(grid, cache_frames, sink_frames=0, cache_capacity_frames=0, device=None):
@@ -112,8 +116,13 @@ def _attention_fake(q, k, v, *params):
     return q.new_empty(q.shape)
 
 
+@torch.library.register_fake("monarchrt::monarch_attention_lse")
+def _attention_lse_fake(q, k, v, *params):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
 @torch.library.register_fake("monarchrt::monarch_attention_backward")
-def _backward_fake(grad_out, q, k, v, *params):
+def _backward_fake(grad_out, q, k, v, *params, out=None, lse=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -135,3 +144,21 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("monarchrt::monarch_attention", _backward, setup_context=_setup_context)
+
+
+def _setup_context_lse(ctx, inputs, output):
+    q, k, v = inputs[:3]
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.params = inputs[3:]
+
+
+def _backward_lse(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _ops.monarch_attention_backward(grad_out, q, k, v, *ctx.params, out=out, lse=lse)
+    return (dq, dk, dv) + (None,) * len(ctx.params)
+
+
+torch.library.register_autograd("monarchrt::monarch_attention_lse", _backward_lse,
+                                setup_context=_setup_context_lse)

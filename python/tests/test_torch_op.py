@@ -49,6 +49,40 @@ def test_gradcheck_float64(grid, tiling, B, H, D, kw, kf):
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grid,tiling,B,H,D,kw,kf", [MODES[1], MODES[5]])
+def test_gradcheck_float64_plain_op(grid, tiling, B, H, D, kw, kf):
+    # The op without the log-sum-exp output has its own autograd registration (the backward
+    # then recomputes every statistic); monarch_attention() uses it when no gradient is needed.
+    torch.manual_seed(0)
+    S = tokens(grid)
+    Skv = S if kf is None else kf * grid[1] * grid[2]
+    q, k, v = rand(B, S, H, D), rand(B, Skv, H, D), rand(B, Skv, H, D)
+    params = monarchrt._params(grid, tiling, 1, None, kw.get("causal_chunk_frames", 0), kw.get("kv_cache", False),
+                               kw.get("sink_frames", 0), kw.get("window_frames", 0))
+
+    def f(q, k, v):
+        return torch.ops.monarchrt.monarch_attention(q, k, v, *params)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_log_sum_exp_output():
+    # One-row tiles: the stage-2 log-sum-exp is the dense one over all allowed keys (block-causal).
+    torch.manual_seed(9)
+    grid, D = (3, 2, 5), 8
+    q, k, v = (rand(2, tokens(grid), 3, D, requires_grad=False) for _ in range(3))
+    params = monarchrt._params(grid, (1, 2, 1), 1, None, 1)
+    for dtype in (torch.float64, torch.float32):
+        out, lse = torch.ops.monarchrt.monarch_attention_lse(q.to(dtype), k.to(dtype), v.to(dtype), *params)
+        assert lse.dtype == torch.float32 and lse.shape == (2, 3, tokens(grid))
+        assert torch.equal(out, torch.ops.monarchrt.monarch_attention(q.to(dtype), k.to(dtype), v.to(dtype), *params))
+        z = torch.einsum("bshd,bthd->bhst", q, k) / D ** 0.5
+        per = grid[1] * grid[2]
+        allowed = torch.arange(tokens(grid))[None, :] // per <= torch.arange(tokens(grid))[:, None] // per
+        want = z.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+        assert (lse.double() - want).abs().max() < 1e-4
+
+
 def test_float32_path_matches_float64_reference():
     torch.manual_seed(1)
     grid = (3, 5, 7)
@@ -72,9 +106,13 @@ def test_opcheck():
     q, k, v = (rand(1, tokens(grid), 2, 8, dtype=torch.float32) for _ in range(3))
     params = ([2, 3, 4], [1, 1, 1], 1, 0.0, 1, False, 0, 0, 0, 0)
     torch.library.opcheck(torch.ops.monarchrt.monarch_attention.default, (q, k, v) + params)
+    torch.library.opcheck(torch.ops.monarchrt.monarch_attention_lse.default, (q, k, v) + params)
     g = torch.randn_like(q)
     torch.library.opcheck(torch.ops.monarchrt.monarch_attention_backward.default,
                           (g, q.detach(), k.detach(), v.detach()) + params)
+    out, lse = torch.ops.monarchrt.monarch_attention_lse(q.detach(), k.detach(), v.detach(), *params)
+    torch.library.opcheck(torch.ops.monarchrt.monarch_attention_backward.default,
+                          (g, q.detach(), k.detach(), v.detach()) + params, {"out": out, "lse": lse})
     cache_k, cache_v = torch.zeros(1, 3 * 12, 2, 8), torch.zeros(1, 3 * 12, 2, 8)
     new = torch.randn(1, 12, 2, 8)
     torch.library.opcheck(torch.ops.monarchrt.kv_cache_write_.default,
@@ -282,11 +320,19 @@ def test_cuda_forward_and_gradients_match_fp64_reference(grid, tiling, B, H, D, 
     ref = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
     want = monarchrt.monarch_attention(*ref, grid, tiling, **kw)
     want.backward(g.double().cpu())
-    for name, got, exp in [("out", out, want)] + list(zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad),
-                                                          (r.grad for r in ref))):
+    # The plain op's autograd (the backward recomputes the statistics) and the forward's log-sum-exp.
+    params = monarchrt._params(grid, tiling, 1, None, kw.get("causal_chunk_frames", 0), kw.get("kv_cache", False),
+                               kw.get("sink_frames", 0), kw.get("window_frames", 0))
+    plain = torch.autograd.grad(torch.ops.monarchrt.monarch_attention(q, k, v, *params), (q, k, v), g)
+    lse = torch.ops.monarchrt.monarch_attention_lse(q.detach(), k.detach(), v.detach(), *params)[1]
+    want_lse = torch.ops.monarchrt.monarch_attention_lse(*(r.detach() for r in ref), *params)[1]
+    checks = [("out", out, want), ("lse", lse, want_lse)]
+    checks += list(zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), (r.grad for r in ref)))
+    checks += list(zip(("dq plain op", "dk plain op", "dv plain op"), plain, (r.grad for r in ref)))
+    for name, got, exp in checks:
         got = got.detach().double().cpu()
         assert torch.isfinite(got).all(), name
-        err = ((got - exp.detach()).norm() / exp.detach().norm()).item()
+        err = ((got - exp.detach().double()).norm() / exp.detach().double().norm()).item()
         assert err < 1e-2, f"{name}: relative L2 {err:.2e}"
 
 

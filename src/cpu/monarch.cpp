@@ -25,8 +25,9 @@ struct TileBuffers {
 // (b2 x b2, the query columns j contiguous), the softmax of each column j in place (R^T), then
 // aL = R K and Y = R V (b2 x D). Stage 2, per query column j: U^T = aL_j Q_j^T (rows x b1, the
 // queries l contiguous), the softmax of each query's column, then O_j = softmax(U) Y_j.
+// Lt (optional): each query's stage-2 log-sum-exp of the last iteration, in tile order like Ot.
 void monarch_tile(const AttentionPlan& p, const float* Qt, const float* Kt, const float* Vt,
-                  float* Ot, int64_t m, TileBuffers& tb) {
+                  float* Ot, float* Lt, int64_t m, TileBuffers& tb) {
   const int64_t D = p.D, b1 = p.qg.b1, b2 = p.qg.b2;
   const float s = static_cast<float>(p.scale);
   std::vector<int64_t> keys;
@@ -95,6 +96,9 @@ void monarch_tile(const AttentionPlan& p, const float* Qt, const float* Kt, cons
           for (int64_t l = 0; l < b1; ++l) tb.L[(j * rows + r) * b1 + l] = tb.UT[r * b1p + l];
       } else {  // output rows l of column j: pitch b2 * D; P[l][r] = U^T[r][l]
         gemm(b1, D, rows, tb.UT.data(), 1, b1p, &tb.Y[j * rows * D], D, Ot + (m * b1 * b2 + j) * D, b2 * D, false);
+        if (Lt != nullptr) {
+          for (int64_t l = 0; l < b1; ++l) Lt[(m * b1 + l) * b2 + j] = lse[l];
+        }
       }
     }
   }
@@ -102,14 +106,16 @@ void monarch_tile(const AttentionPlan& p, const float* Qt, const float* Kt, cons
 
 }  // namespace
 
-Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                         const TensorView& out, const AttentionParams& params) {
+namespace {
+
+Status forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, float* lse,
+               const AttentionParams& params) {
   AttentionPlan p;
   MONARCHRT_RETURN_IF_ERROR(make_plan(q, k, v, out, params, true, Device::kCPU, &p));
   return guard_allocation([&]() {
     const std::vector<int64_t> qperm = tile_order_permutation(p.qg);
     const std::vector<int64_t> kperm = tile_order_permutation(p.kg);
-    std::vector<float> Q(p.Sq * p.D), K(p.Skv * p.D), V(p.Skv * p.D), O(p.Sq * p.D);
+    std::vector<float> Q(p.Sq * p.D), K(p.Skv * p.D), V(p.Skv * p.D), O(p.Sq * p.D), Lse(lse ? p.Sq : 0);
     const std::vector<int64_t> krows = key_rows(p, &kperm);
     for (int64_t b = 0; b < p.B; ++b) {
       for (int64_t h = 0; h < p.H; ++h) {
@@ -118,13 +124,30 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
         gather_rows(v, b, h, krows.data(), p.Skv, V.data());
         parallel_for(p.qg.tiles, [&](int64_t m) {
           TileBuffers tb;
-          monarch_tile(p, Q.data(), K.data(), V.data(), O.data(), m, tb);
+          monarch_tile(p, Q.data(), K.data(), V.data(), O.data(), lse ? Lse.data() : nullptr, m, tb);
         });
         scatter_head(out, b, h, qperm.data(), O.data());
+        if (lse != nullptr) {
+          float* dst = lse + (b * p.H + h) * p.Sq;
+          for (int64_t i = 0; i < p.Sq; ++i) dst[qperm[i]] = Lse[i];
+        }
       }
     }
     return Status();
   });
+}
+
+}  // namespace
+
+Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const TensorView& out, const AttentionParams& params) {
+  return forward(q, k, v, out, nullptr, params);
+}
+
+Status monarch_attention_with_lse(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, float* lse, const AttentionParams& params) {
+  if (lse == nullptr) return Status::invalid("lse: must point to B * H * q.tokens() floats");
+  return forward(q, k, v, out, lse, params);
 }
 
 }  // namespace cpu

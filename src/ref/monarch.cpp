@@ -19,10 +19,11 @@ namespace ref {
 namespace {
 
 // Inputs in tile order (Qt: query grid, Kt/Vt: key grid), [tokens, D] each. Writes Ot (tile
-// order) when Vt is given, and P (natural token order, [Sq, Skv]) when P is given.
+// order) when Vt is given, P (natural token order, [Sq, Skv]) when P is given, and each query's
+// stage-2 log-sum-exp of the last iteration (tile order) when Lt is given.
 void monarch_head(const AttentionPlan& p, const double* Qt, const double* Kt, const double* Vt,
                   double* Ot, const std::vector<int64_t>& qperm, const std::vector<int64_t>& kperm,
-                  double* P) {
+                  double* P, double* Lt = nullptr) {
   const int64_t D = p.D, b1 = p.qg.b1, b2 = p.qg.b2, A = p.qg.tiles, F = p.kg.tiles;
   const double s = p.scale;
   for (int64_t m = 0; m < A; ++m) {
@@ -103,6 +104,7 @@ void monarch_head(const AttentionPlan& p, const double* Qt, const double* Kt, co
           }
           double sum = 0.0;
           for (int64_t r = 0; r < N * b1; ++r) sum += std::exp(u[r] - umax);
+          if (Lt != nullptr) Lt[(m * b1 + l) * b2 + j] = umax + std::log(sum);  // the last iteration's stays
           for (int64_t ni = 0; ni < N; ++ni)
             for (int64_t k = 0; k < b1; ++k)
               L[((ni * b2 + j) * b1 + k) * b1 + l] = std::exp(u[ni * b1 + k] - umax) / sum;
@@ -139,24 +141,42 @@ void monarch_head(const AttentionPlan& p, const double* Qt, const double* Kt, co
 
 }  // namespace
 
-Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                         const TensorView& out, const AttentionParams& params) {
+namespace {
+
+Status forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, float* lse,
+               const AttentionParams& params) {
   AttentionPlan p;
   MONARCHRT_RETURN_IF_ERROR(make_plan(q, k, v, out, params, true, Device::kCPU, &p));
   const std::vector<int64_t> qperm = tile_order_permutation(p.qg);
   const std::vector<int64_t> kperm = tile_order_permutation(p.kg);
-  std::vector<double> Q(p.Sq * p.D), K(p.Skv * p.D), V(p.Skv * p.D), O(p.Sq * p.D);
+  std::vector<double> Q(p.Sq * p.D), K(p.Skv * p.D), V(p.Skv * p.D), O(p.Sq * p.D), Lse(lse ? p.Sq : 0);
   const std::vector<int64_t> krows = key_rows(p, &kperm);
   for (int64_t b = 0; b < p.B; ++b) {
     for (int64_t h = 0; h < p.H; ++h) {
       gather_head(q, b, h, qperm.data(), Q.data());
       gather_rows(k, b, h, krows.data(), p.Skv, K.data());
       gather_rows(v, b, h, krows.data(), p.Skv, V.data());
-      monarch_head(p, Q.data(), K.data(), V.data(), O.data(), qperm, kperm, nullptr);
+      monarch_head(p, Q.data(), K.data(), V.data(), O.data(), qperm, kperm, nullptr, lse ? Lse.data() : nullptr);
       scatter_head(out, b, h, qperm.data(), O.data());
+      if (lse != nullptr) {
+        for (int64_t i = 0; i < p.Sq; ++i) lse[(b * p.H + h) * p.Sq + qperm[i]] = static_cast<float>(Lse[i]);
+      }
     }
   }
   return Status();
+}
+
+}  // namespace
+
+Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const TensorView& out, const AttentionParams& params) {
+  return forward(q, k, v, out, nullptr, params);
+}
+
+Status monarch_attention_with_lse(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, float* lse, const AttentionParams& params) {
+  if (lse == nullptr) return Status::invalid("lse: must point to B * H * q.tokens() floats");
+  return forward(q, k, v, out, lse, params);
 }
 
 Status monarch_effective_matrix(const TensorView& q, const TensorView& k,

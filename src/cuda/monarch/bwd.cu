@@ -183,13 +183,33 @@ size_t backward_workspace_size(const TensorView& q, const TensorView& k, const T
   return cuda_detail::bwd_layout(plan, q.dtype).total;
 }
 
-Status monarch_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
-                                  const TensorView& dout, const TensorView& dq, const TensorView& dk,
-                                  const TensorView& dv, const AttentionParams& params, void* workspace,
-                                  size_t workspace_bytes, void* stream) {
+namespace {
+
+// out / lse: the forward's output and log-sum-exp (out == nullptr: the stage-2 kernel forms both itself).
+Status backward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* out,
+                const float* lse, const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                const TensorView& dv, const AttentionParams& params, void* workspace, size_t workspace_bytes,
+                void* stream) {
   using namespace cuda_detail;
   AttentionPlan plan;
   MONARCHRT_RETURN_IF_ERROR(check_backward(q, k, v, dout, dq, dk, dv, params, &plan));
+  if (out != nullptr) {
+    MONARCHRT_RETURN_IF_ERROR(validate_view(*out, "out", false));
+    for (int i = 0; i < 4; ++i) {
+      if (out->shape[i] != q.shape[i]) {
+        return Status::invalid("out: shape " + out->shape_string() + " must equal q's " + q.shape_string());
+      }
+    }
+    if (out->dtype != q.dtype || out->device != Device::kCUDA) {
+      return Status::invalid(std::string("out: must be a CUDA tensor of q's dtype ") + dtype_name(q.dtype));
+    }
+    if (out->stride[3] != 1 || reinterpret_cast<uintptr_t>(out->data) % 16 != 0) {
+      return Status::unsupported("out: the head dim must be contiguous and the data 16-byte aligned");
+    }
+    if (lse == nullptr || reinterpret_cast<uintptr_t>(lse) % alignof(float) != 0) {
+      return Status::invalid("lse: must point to B * H * q.tokens() floats (4-byte aligned device memory)");
+    }
+  }
   const BwdLayout layout = bwd_layout(plan, q.dtype);
   if (workspace == nullptr || workspace_bytes < layout.total) {
     return Status::invalid("workspace: " + std::to_string(workspace_bytes) + " bytes given, the backward needs "
@@ -218,6 +238,11 @@ Status monarch_attention_backward(const TensorView& q, const TensorView& k, cons
     bp.dv_stride[i] = dv.stride[i];
   }
   bp.scale = float(plan.scale);
+  if (out != nullptr) {
+    bp.fwd_out = out->data;
+    for (int i = 0; i < 3; ++i) bp.fo_stride[i] = out->stride[i];
+    bp.lse_in = lse;
+  }
   // Keys nobody attends (outside the KV window, ring slots of no attended frame) get zero.
   const bool zero_dkv = params.kv_cache;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -228,6 +253,23 @@ Status monarch_attention_backward(const TensorView& q, const TensorView& k, cons
   }
   return plan.D == 128 ? launch_backward<__half, 128>(bp, B, zero_dkv, k.tokens(), s)
                        : launch_backward<__half, 64>(bp, B, zero_dkv, k.tokens(), s);
+}
+
+}  // namespace
+
+Status monarch_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& dout, const TensorView& dq, const TensorView& dk,
+                                  const TensorView& dv, const AttentionParams& params, void* workspace,
+                                  size_t workspace_bytes, void* stream) {
+  return backward(q, k, v, nullptr, nullptr, dout, dq, dk, dv, params, workspace, workspace_bytes, stream);
+}
+
+Status monarch_attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, const float* lse, const TensorView& dout,
+                                  const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                                  const AttentionParams& params, void* workspace, size_t workspace_bytes,
+                                  void* stream) {
+  return backward(q, k, v, &out, lse, dout, dq, dk, dv, params, workspace, workspace_bytes, stream);
 }
 
 }  // namespace cuda

@@ -5,7 +5,8 @@
 //  0. stage 1 of the forward (two_pass.cuh) recomputes aL, Y, cL into the workspace, plus the
 //     stage-1 log-sum-exp lse1 per workspace row;
 //  1. monarch_bwd_stage2_kernel, one CTA per query column (m, j): a first sweep over the column's
-//     virtual keys (n, k) gives each query's stage-2 log-sum-exp and Delta = dO . out; the second
+//     virtual keys (n, k) gives each query's stage-2 log-sum-exp and Delta = dO . out (or both
+//     come from the forward's log-sum-exp and output, when the caller kept them); the second
 //     forms du = L (dO . Y - Delta) and from it the stage-2 part of dq, s * sum du aL (fp32, to
 //     the workspace), and per virtual key daL = s sum_l du q, dY = sum_l L dO, dcL = -sum_l du,
 //     written over aL, Y, cL in place;
@@ -40,6 +41,11 @@ struct MonarchBwdParams {
   float scale;      // softmax scale (natural units)
   float* ws_d1;     // per workspace row: D1 = sum_i R_i dR_i (written by the dq1 kernel)
   float* dq_acc;    // per query ((bh * A + m) * b1 + l) * b2 + j: D floats, the stage-2 part of dq
+  // Optional, from cuda::monarch_attention_with_lse (both or neither): the forward's output
+  // (strides batch, token, head) and each query's stage-2 log-sum-exp, natural log, [B*H][Sq].
+  const void* fwd_out;
+  int64_t fo_stride[3];
+  const float* lse_in;
 };
 
 __device__ __forceinline__ int64_t query_index(const MonarchFwdParams& p, int bh, int m, int l, int j) {
@@ -133,7 +139,32 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
-  for (int pass = 0; pass < 2; ++pass) {
+  if (bp.lse_in != nullptr) {  // the forward's statistics: no first sweep
+    float* lse_s = dcl_part;  // [qp] each, in the column-sum buffer, first written after a barrier
+    float* delta_s = dcl_part + qp;
+    const T* og = static_cast<const T*>(bp.fwd_out) + b * bp.fo_stride[0] + h * bp.fo_stride[2];
+    for (int l = warp; l < p.b1; l += warps) {
+      const int64_t tok = q_base + row_offset(p, l) + j;
+      float dot = 0.f;
+      for (int d = lane; d < D; d += 32) {
+        dot += MM::to_float(dog[tok * bp.do_stride[1] + d]) * MM::to_float(og[tok * bp.fo_stride[1] + d]);
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      if (lane == 0) {
+        delta_s[l] = dot;
+        lse_s[l] = bp.lse_in[int64_t(bh) * p.A * p.b1 * p.b2 + tok] * kLog2e;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      if (!row_ok[hr]) continue;
+      lse[hr] = lse_s[warp * 16 + r + hr * 8];
+      delta[hr] = delta_s[warp * 16 + r + hr * 8];
+    }
+  }
+  for (int pass = bp.lse_in != nullptr ? 1 : 0; pass < 2; ++pass) {
     int n = next_allowed(p, m, 0), k0 = 0;
     if (n < p.F) load(n, k0, 0);
     cp_async_commit();

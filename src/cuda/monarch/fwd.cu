@@ -131,12 +131,14 @@ Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream
   const dim3 grid_proxy((p.b2 + C::kCols - 1) / C::kCols, p.A, B * p.H);
   void* proxies = p.ws_proxy;
   float* lse = p.ws_lse;
+  float* const lse_out = p.lse_out;
   p.ws_proxy = nullptr;  // iteration 1: the queries are the proxies
   Stage2Tma tma2{};
   const bool stage2_tma = use_wgmma() && stage2_maps<T, D>(p, B, &tma2);
   for (int it = 1; it <= iters; ++it) {
     MONARCHRT_RETURN_IF_ERROR((launch_stage1_typed<T, D>(p, B, stream)));
     p.ws_lse = it < iters ? lse : nullptr;  // stage 2 of an inner iteration: its log-sum-exp
+    p.lse_out = it < iters ? nullptr : lse_out;  // the caller's, from the last stage 2
     if (stage2_tma) {
       monarch_stage2_kernel<T, D, true><<<grid2_tma, 128, C::kSmem2Tma, stream>>>(p, tma2);
     } else {
@@ -375,14 +377,16 @@ size_t workspace_size(const TensorView& q, const TensorView& k, const TensorView
   return cuda_detail::two_pass_workspace(plan, q.dtype);
 }
 
-Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
-                         const TensorView& out, const AttentionParams& params, void* workspace,
-                         size_t workspace_bytes, void* stream) {
+namespace {
+
+Status forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out, float* lse,
+               const AttentionParams& params, void* workspace, size_t workspace_bytes, void* stream) {
   using namespace cuda_detail;
   AttentionPlan plan;
   Choice choice;
   MONARCHRT_RETURN_IF_ERROR(check_call(q, k, v, out, params, workspace, workspace_bytes, &plan, &choice));
   MonarchFwdParams p = make_fwd_params(q, k, v, out, params, plan);
+  p.lse_out = lse;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int B = int(plan.B);
   if (workspace_bytes > 0) {
@@ -411,6 +415,27 @@ Status monarch_attention(const TensorView& q, const TensorView& k, const TensorV
   }
   return plan.D == 128 ? dispatch_groups<__half, 128>(p, B, choice.G, s)
                        : dispatch_groups<__half, 64>(p, B, choice.G, s);
+}
+
+}  // namespace
+
+Status monarch_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const TensorView& out, const AttentionParams& params, void* workspace,
+                         size_t workspace_bytes, void* stream) {
+  return forward(q, k, v, out, nullptr, params, workspace, workspace_bytes, stream);
+}
+
+Status monarch_attention_with_lse(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const TensorView& out, float* lse, const AttentionParams& params,
+                                  void* workspace, size_t workspace_bytes, void* stream) {
+  if (lse == nullptr || reinterpret_cast<uintptr_t>(lse) % alignof(float) != 0) {
+    return Status::invalid("lse: must point to B * H * q.tokens() floats (4-byte aligned device memory)");
+  }
+  if (workspace_bytes == 0) {
+    return Status::unsupported("lse: the log-sum-exp is written by the two-pass path only (pass a workspace of "
+                               "workspace_size() bytes)");
+  }
+  return forward(q, k, v, out, lse, params, workspace, workspace_bytes, stream);
 }
 
 }  // namespace cuda

@@ -47,6 +47,9 @@ struct MonarchFwdParams {
   // Backward only (bwd.cu): stage 1 also writes its log-sum-exp per workspace row (log2 units of
   // the scaled scores), so that the key-oriented backward can rebuild R without a softmax.
   float* ws_lse1;
+  // Optional (cuda::monarch_attention_with_lse): each query's stage-2 log-sum-exp of the last
+  // iteration, natural log, [B*H][Sq] in token order (null: not written).
+  float* lse_out;
 };
 
 // The kernels' parameters of a problem that make_plan() accepted (no workspace pointers set).

@@ -564,6 +564,10 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
     if (p.ws_lse != nullptr && dh == 0 && lane % 4 == 0 && l < p.b1 && jq < p.b2) {
       p.ws_lse[((int64_t(bh) * p.A + m) * p.b1 + l) * p.b2 + jq] = row_max[hr] + log2f(row_sum[hr]);
     }
+    if (p.lse_out != nullptr && dh == 0 && lane % 4 == 0 && l < p.b1 && jq < p.b2) {
+      const int64_t sq = int64_t(p.A) * p.b1 * p.b2;
+      p.lse_out[bh * sq + q_base + row_off[l] + jq] = (row_max[hr] + log2f(row_sum[hr])) * 0.6931471805599453f;
+    }
   }
   T* orow[2];
 #pragma unroll

@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -106,41 +107,54 @@ void check_inputs(const at::Tensor& q, std::initializer_list<Named> others) {
   }
 }
 
+// Each query's stage-2 log-sum-exp: float32 [B, H, S] (empty when not asked for).
+std::vector<int64_t> lse_shape(const at::Tensor& q, bool with_lse) {
+  return with_lse ? std::vector<int64_t>{q.size(0), q.size(2), q.size(1)} : std::vector<int64_t>{0};
+}
+
 // ---- CPU ------------------------------------------------------------------------------------
+
+// The forward on CPU tensors (float64: the fp64 reference); with `with_lse` also each query's
+// stage-2 log-sum-exp (float32 [B, H, S]), which the CUDA backward takes instead of recomputing
+// it, else an empty lse.
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const AttentionParams& p, bool with_lse) {
+  check_inputs(q, {{k, "k"}, {v, "v"}});
+  const TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v");
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty(lse_shape(q, with_lse), q.options().dtype(at::kFloat));
+  const TensorView ov = view_of(out, "out");
+  const bool exact = q.scalar_type() == at::kDouble;
+  if (with_lse) {
+    float* l = lse.data_ptr<float>();
+    check(exact ? monarchrt::ref::monarch_attention_with_lse(qv, kv, vv, ov, l, p)
+                : monarchrt::cpu::monarch_attention_with_lse(qv, kv, vv, ov, l, p));
+  } else {
+    check(exact ? monarchrt::ref::monarch_attention(qv, kv, vv, ov, p)
+                : monarchrt::cpu::monarch_attention(qv, kv, vv, ov, p));
+  }
+  return {out, lse};
+}
 
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef grid,
                          at::IntArrayRef tiling, int64_t num_iters, double scale, int64_t causal_chunk_frames,
                          bool kv_cache, int64_t sink_frames, int64_t window_frames, int64_t cache_capacity_frames,
                          int64_t cache_frames) {
-  const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
-                                        window_frames, cache_capacity_frames, cache_frames);
-  check_inputs(q, {{k, "k"}, {v, "v"}});
-  const TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v");
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  const TensorView ov = view_of(out, "out");
-  check(q.scalar_type() == at::kDouble ? monarchrt::ref::monarch_attention(qv, kv, vv, ov, p)
-                                       : monarchrt::cpu::monarch_attention(qv, kv, vv, ov, p));
-  return out;
+  return std::get<0>(forward_cpu(q, k, v,
+                                 make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
+                                             window_frames, cache_capacity_frames, cache_frames),
+                                 false));
 }
 
-// The forward for training: out and each query's stage-2 log-sum-exp (float32 [B, H, S]), which
-// the CUDA backward takes instead of recomputing it.
 std::tuple<at::Tensor, at::Tensor> attention_lse_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      at::IntArrayRef grid, at::IntArrayRef tiling, int64_t num_iters,
                                                      double scale, int64_t causal_chunk_frames, bool kv_cache,
                                                      int64_t sink_frames, int64_t window_frames,
                                                      int64_t cache_capacity_frames, int64_t cache_frames) {
-  const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
-                                        window_frames, cache_capacity_frames, cache_frames);
-  check_inputs(q, {{k, "k"}, {v, "v"}});
-  const TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v");
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
-  const TensorView ov = view_of(out, "out");
-  float* l = lse.data_ptr<float>();
-  check(q.scalar_type() == at::kDouble ? monarchrt::ref::monarch_attention_with_lse(qv, kv, vv, ov, l, p)
-                                       : monarchrt::cpu::monarch_attention_with_lse(qv, kv, vv, ov, l, p));
-  return {out, lse};
+  return forward_cpu(q, k, v,
+                     make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
+                                 window_frames, cache_capacity_frames, cache_frames),
+                     true);
 }
 
 // out / lse (optional, from monarch_attention_lse): checked here; the CPU backward recomputes
@@ -194,45 +208,45 @@ at::Tensor kernel_ready(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
-at::Tensor attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                          at::IntArrayRef grid, at::IntArrayRef tiling, int64_t num_iters, double scale,
-                          int64_t causal_chunk_frames, bool kv_cache, int64_t sink_frames, int64_t window_frames,
-                          int64_t cache_capacity_frames, int64_t cache_frames) {
-  const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
-                                        window_frames, cache_capacity_frames, cache_frames);
+// The forward on CUDA tensors; with `with_lse` also each query's stage-2 log-sum-exp (float32
+// [B, H, S]), else an empty lse.
+std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                                const AttentionParams& p, bool with_lse) {
   check_inputs(q_in, {{k_in, "k"}, {v_in, "v"}});
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty(lse_shape(q, with_lse), q.options().dtype(at::kFloat));
   const TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v"), ov = view_of(out, "out");
   check(monarchrt::cuda::can_implement(qv, kv, vv, ov, p));
   const size_t bytes = monarchrt::cuda::workspace_size(qv, kv, vv, ov, p);
   at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
-  check(monarchrt::cuda::monarch_attention(qv, kv, vv, ov, p, ws.data_ptr(), bytes,
-                                           at::cuda::getCurrentCUDAStream().stream()));
-  return out;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  check(with_lse ? monarchrt::cuda::monarch_attention_with_lse(qv, kv, vv, ov, lse.data_ptr<float>(), p, ws.data_ptr(),
+                                                               bytes, stream)
+                 : monarchrt::cuda::monarch_attention(qv, kv, vv, ov, p, ws.data_ptr(), bytes, stream));
+  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_lse_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                      const at::Tensor& v_in, at::IntArrayRef grid,
-                                                      at::IntArrayRef tiling, int64_t num_iters, double scale,
-                                                      int64_t causal_chunk_frames, bool kv_cache, int64_t sink_frames,
-                                                      int64_t window_frames, int64_t cache_capacity_frames,
-                                                      int64_t cache_frames) {
-  const AttentionParams p = make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
-                                        window_frames, cache_capacity_frames, cache_frames);
-  check_inputs(q_in, {{k_in, "k"}, {v_in, "v"}});
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
-  const TensorView qv = view_of(q, "q"), kv = view_of(k, "k"), vv = view_of(v, "v"), ov = view_of(out, "out");
-  check(monarchrt::cuda::can_implement(qv, kv, vv, ov, p));
-  const size_t bytes = monarchrt::cuda::workspace_size(qv, kv, vv, ov, p);
-  at::Tensor ws = at::empty({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte));
-  check(monarchrt::cuda::monarch_attention_with_lse(qv, kv, vv, ov, lse.data_ptr<float>(), p, ws.data_ptr(), bytes,
-                                                    at::cuda::getCurrentCUDAStream().stream()));
-  return {out, lse};
+at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef grid,
+                          at::IntArrayRef tiling, int64_t num_iters, double scale, int64_t causal_chunk_frames,
+                          bool kv_cache, int64_t sink_frames, int64_t window_frames, int64_t cache_capacity_frames,
+                          int64_t cache_frames) {
+  return std::get<0>(forward_cuda(q, k, v,
+                                  make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache,
+                                              sink_frames, window_frames, cache_capacity_frames, cache_frames),
+                                  false));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_lse_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      at::IntArrayRef grid, at::IntArrayRef tiling, int64_t num_iters,
+                                                      double scale, int64_t causal_chunk_frames, bool kv_cache,
+                                                      int64_t sink_frames, int64_t window_frames,
+                                                      int64_t cache_capacity_frames, int64_t cache_frames) {
+  return forward_cuda(q, k, v,
+                      make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
+                                  window_frames, cache_capacity_frames, cache_frames),
+                      true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(

@@ -105,10 +105,10 @@ Status prepare_backward_typed() {
   int device = 0, optin = 0;
   MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
   MONARCHRT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  // The stage-2 kernel for up to 32, 128 and 256 query rows (as much shared memory as the device
+  // The stage-2 kernel for up to 64, 128 and 256 query rows (as much shared memory as the device
   // has: taller tiles than it serves are rejected by check_backward).
   using C2 = Bwd2Config<T, D>;
-  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 2>, std::min<size_t>(C2::smem(32), optin), d1));
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 4>, std::min<size_t>(C2::smem(64), optin), d1));
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 8>, std::min<size_t>(C2::smem(128), optin), d2));
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 16>, std::min<size_t>(C2::smem(256), optin), d7));
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq1_kernel<T, D, kNarrow>, Dq1Config<T, D, kNarrow>::kSmem, d3));
@@ -130,10 +130,11 @@ Status launch_backward(const MonarchBwdParams& bp, int B, bool zero_dkv, int64_t
   MONARCHRT_RETURN_IF_ERROR(launch_stage1(p, B, dtype, D, s));
   const int BH = B * p.H;
   const dim3 grid2(p.b2, p.A, BH);
-  const int warps2 = (p.b1 + 15) / 16;
+  // One warp per 16 query rows, at least four (the others only help with daL / dY).
+  const int warps2 = std::max(4, (p.b1 + 15) / 16);
   const size_t smem2 = Bwd2Config<T, D>::smem(p.b1);
-  if (warps2 <= 2) {
-    monarch_bwd_stage2_kernel<T, D, 2><<<grid2, 32 * warps2, smem2, s>>>(bp);
+  if (warps2 <= 4) {
+    monarch_bwd_stage2_kernel<T, D, 4><<<grid2, 32 * warps2, smem2, s>>>(bp);
   } else if (warps2 <= 8) {
     monarch_bwd_stage2_kernel<T, D, 8><<<grid2, 32 * warps2, smem2, s>>>(bp);
   } else {

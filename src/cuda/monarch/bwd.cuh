@@ -88,7 +88,9 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr int kCh = C::kChunk;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int qp = (p.b1 + 15) / 16 * 16, warps = qp / 16;
+  // warps: one per 16 query rows; any further warps of the CTA (nwarps) join the daL / dY
+  // products and the copies only.
+  const int qp = (p.b1 + 15) / 16 * 16, warps = qp / 16, nwarps = int(blockDim.x) / 32;
   T* Qs = reinterpret_cast<T*>(smem);  // [qp][kLd]
   T* dOs = Qs + qp * C::kLd;
   unsigned char* stages = reinterpret_cast<unsigned char*>(dOs + qp * C::kLd);  // 2 x [aL, Y][kCh][kLd], cL[kCh]
@@ -143,7 +145,7 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
     float* lse_s = dcl_part;  // [qp] each, in the column-sum buffer, first written after a barrier
     float* delta_s = dcl_part + qp;
     const T* og = static_cast<const T*>(bp.fwd_out) + b * bp.fo_stride[0] + h * bp.fo_stride[2];
-    for (int l = warp; l < p.b1; l += warps) {
+    for (int l = warp; l < p.b1; l += nwarps) {
       const int64_t tok = q_base + row_offset(p, l) + j;
       float dot = 0.f;
       for (int d = lane; d < D; d += 32) {
@@ -189,6 +191,8 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
 #pragma unroll
         for (int e = 0; e < 4; ++e) u[t][e] = g[t][e] = 0.f;
       }
+      const bool row_warp = warp < warps;
+      if (row_warp) {
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
         uint32_t qa[4], da[4];
@@ -214,7 +218,8 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
           u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLc[kc] * kLog2e : -INFINITY;
         }
       }
-      if (pass == 0) {  // online log-sum-exp and sum L g
+      }
+      if (pass == 0) {  // online log-sum-exp and sum L g (helper warps: unused values)
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int t = 0; t < kCh / 8; ++t) {
@@ -241,6 +246,7 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
           }
         }
       } else {
+        if (row_warp) {
         // L and du (0 for queries past b1 and keys past the chunk); dq += s du aL
         float colsum[kCh / 8][2];
 #pragma unroll
@@ -286,11 +292,12 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
             if (r == 0) dcl_part[warp * kCh + t * 8 + c + e] = s;
           }
         }
+        }
         __syncthreads();  // L, s du and the column sums of every warp are in shared memory
         // daL = (s du)^T q and dY = L^T dO, tiles of 16 keys x 64 features spread over the warps
         const int64_t row0 = ws_row(p, bh, m, j, n, k0);
         constexpr int kFt = D / 64, kTiles = 2 * (kCh / 16) * kFt;
-        for (int tile = warp; tile < kTiles; tile += warps) {
+        for (int tile = warp; tile < kTiles; tile += nwarps) {
           const int prod = tile / ((kCh / 16) * kFt), vt = (tile / kFt) % (kCh / 16), ft = tile % kFt;
           if (vt * 16 >= nrows) continue;
           const T* P = prod == 0 ? dUs : Ls;

@@ -194,30 +194,30 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
       const bool row_warp = warp < warps;
       if (row_warp) {
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        uint32_t qa[4], da[4];
-        ldmatrix_a(qa, Qw, C::kLd * sizeof(T), ks, lane);
-        ldmatrix_a(da, dOw, C::kLd * sizeof(T), ks, lane);
+        for (int ks = 0; ks < D / 16; ++ks) {
+          uint32_t qa[4], da[4];
+          ldmatrix_a(qa, Qw, C::kLd * sizeof(T), ks, lane);
+          ldmatrix_a(da, dOw, C::kLd * sizeof(T), ks, lane);
 #pragma unroll
-        for (int tp = 0; tp < kCh / 16; ++tp) {
-          const int off = (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8;
-          uint32_t bk[4];
-          ldmatrix_x4(bk, aLc + off);
-          MM::run(u[2 * tp], qa, bk[0], bk[1]);
-          MM::run(u[2 * tp + 1], qa, bk[2], bk[3]);
-          ldmatrix_x4(bk, Yc + off);
-          MM::run(g[2 * tp], da, bk[0], bk[1]);
-          MM::run(g[2 * tp + 1], da, bk[2], bk[3]);
+          for (int tp = 0; tp < kCh / 16; ++tp) {
+            const int off = (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8;
+            uint32_t bk[4];
+            ldmatrix_x4(bk, aLc + off);
+            MM::run(u[2 * tp], qa, bk[0], bk[1]);
+            MM::run(u[2 * tp + 1], qa, bk[2], bk[3]);
+            ldmatrix_x4(bk, Yc + off);
+            MM::run(g[2 * tp], da, bk[0], bk[1]);
+            MM::run(g[2 * tp + 1], da, bk[2], bk[3]);
+          }
         }
-      }
 #pragma unroll
-      for (int t = 0; t < kCh / 8; ++t) {
+        for (int t = 0; t < kCh / 8; ++t) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int kc = t * 8 + c + e % 2;
-          u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLc[kc] * kLog2e : -INFINITY;
+          for (int e = 0; e < 4; ++e) {
+            const int kc = t * 8 + c + e % 2;
+            u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLc[kc] * kLog2e : -INFINITY;
+          }
         }
-      }
       }
       if (pass == 0) {  // online log-sum-exp and sum L g (helper warps: unused values)
         float mx[2] = {-INFINITY, -INFINITY};
@@ -247,51 +247,52 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
         }
       } else {
         if (row_warp) {
-        // L and du (0 for queries past b1 and keys past the chunk); dq += s du aL
-        float colsum[kCh / 8][2];
+          // L and du (0 for queries past b1 and keys past the chunk); dq += s du aL
+          float colsum[kCh / 8][2];
 #pragma unroll
-        for (int t = 0; t < kCh / 8; ++t) {
-          colsum[t][0] = colsum[t][1] = 0.f;
+          for (int t = 0; t < kCh / 8; ++t) {
+            colsum[t][0] = colsum[t][1] = 0.f;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const bool ok = row_ok[e / 2] && u[t][e] != -INFINITY;
-            const float L = ok ? ex2_ftz(u[t][e] - lse[e / 2]) : 0.f;
-            const float du = L * (g[t][e] - delta[e / 2]);
-            colsum[t][e % 2] += du;
-            g[t][e] = L;
-            u[t][e] = bp.scale * du;
-          }
-        }
-#pragma unroll
-        for (int kk = 0; kk < kCh / 16; ++kk) {
-          const uint32_t pa[4] = {MM::pack(u[2 * kk][0], u[2 * kk][1]), MM::pack(u[2 * kk][2], u[2 * kk][3]),
-                                  MM::pack(u[2 * kk + 1][0], u[2 * kk + 1][1]),
-                                  MM::pack(u[2 * kk + 1][2], u[2 * kk + 1][3])};
-#pragma unroll
-          for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-            uint32_t bv[4];
-            ldmatrix_x4_trans(bv, aLc + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kLd + dt2 * 16 + (lane / 16) * 8);
-            MM::run(acc[2 * dt2], pa, bv[0], bv[1]);
-            MM::run(acc[2 * dt2 + 1], pa, bv[2], bv[3]);
-          }
-        }
-#pragma unroll
-        for (int t = 0; t < kCh / 8; ++t) {
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            const int l = warp * 16 + r + hr * 8, kc = t * 8 + c;
-            *reinterpret_cast<uint32_t*>(Ls + l * C::kPLd + kc) = MM::pack(g[t][2 * hr], g[t][2 * hr + 1]);
-            *reinterpret_cast<uint32_t*>(dUs + l * C::kPLd + kc) = MM::pack(u[t][2 * hr], u[t][2 * hr + 1]);
+            for (int e = 0; e < 4; ++e) {
+              const bool ok = row_ok[e / 2] && u[t][e] != -INFINITY;
+              const float L = ok ? ex2_ftz(u[t][e] - lse[e / 2]) : 0.f;
+              const float du = L * (g[t][e] - delta[e / 2]);
+              colsum[t][e % 2] += du;
+              g[t][e] = L;
+              u[t][e] = bp.scale * du;
+            }
           }
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float s = colsum[t][e];
-            s += __shfl_xor_sync(0xffffffffu, s, 4);
-            s += __shfl_xor_sync(0xffffffffu, s, 8);
-            s += __shfl_xor_sync(0xffffffffu, s, 16);
-            if (r == 0) dcl_part[warp * kCh + t * 8 + c + e] = s;
+          for (int kk = 0; kk < kCh / 16; ++kk) {
+            const uint32_t pa[4] = {MM::pack(u[2 * kk][0], u[2 * kk][1]), MM::pack(u[2 * kk][2], u[2 * kk][3]),
+                                    MM::pack(u[2 * kk + 1][0], u[2 * kk + 1][1]),
+                                    MM::pack(u[2 * kk + 1][2], u[2 * kk + 1][3])};
+#pragma unroll
+            for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+              uint32_t bv[4];
+              ldmatrix_x4_trans(bv, aLc + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kLd + dt2 * 16 +
+                                        (lane / 16) * 8);
+              MM::run(acc[2 * dt2], pa, bv[0], bv[1]);
+              MM::run(acc[2 * dt2 + 1], pa, bv[2], bv[3]);
+            }
           }
-        }
+#pragma unroll
+          for (int t = 0; t < kCh / 8; ++t) {
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+              const int l = warp * 16 + r + hr * 8, kc = t * 8 + c;
+              *reinterpret_cast<uint32_t*>(Ls + l * C::kPLd + kc) = MM::pack(g[t][2 * hr], g[t][2 * hr + 1]);
+              *reinterpret_cast<uint32_t*>(dUs + l * C::kPLd + kc) = MM::pack(u[t][2 * hr], u[t][2 * hr + 1]);
+            }
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float s = colsum[t][e];
+              s += __shfl_xor_sync(0xffffffffu, s, 4);
+              s += __shfl_xor_sync(0xffffffffu, s, 8);
+              s += __shfl_xor_sync(0xffffffffu, s, 16);
+              if (r == 0) dcl_part[warp * kCh + t * 8 + c + e] = s;
+            }
+          }
         }
         __syncthreads();  // L, s du and the column sums of every warp are in shared memory
         // daL = (s du)^T q and dY = L^T dO, tiles of 16 keys x 64 features spread over the warps

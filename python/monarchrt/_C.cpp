@@ -136,27 +136,6 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   return {out, lse};
 }
 
-at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef grid,
-                         at::IntArrayRef tiling, int64_t num_iters, double scale, int64_t causal_chunk_frames,
-                         bool kv_cache, int64_t sink_frames, int64_t window_frames, int64_t cache_capacity_frames,
-                         int64_t cache_frames) {
-  return std::get<0>(forward_cpu(q, k, v,
-                                 make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
-                                             window_frames, cache_capacity_frames, cache_frames),
-                                 false));
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_lse_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     at::IntArrayRef grid, at::IntArrayRef tiling, int64_t num_iters,
-                                                     double scale, int64_t causal_chunk_frames, bool kv_cache,
-                                                     int64_t sink_frames, int64_t window_frames,
-                                                     int64_t cache_capacity_frames, int64_t cache_frames) {
-  return forward_cpu(q, k, v,
-                     make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
-                                 window_frames, cache_capacity_frames, cache_frames),
-                     true);
-}
-
 // out / lse (optional, from monarch_attention_lse): checked here; the CPU backward recomputes
 // what it needs and does not read them.
 void check_stats(const at::Tensor& q, const std::optional<at::Tensor>& out, const std::optional<at::Tensor>& lse) {
@@ -228,27 +207,6 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
   return {out, lse};
 }
 
-at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef grid,
-                          at::IntArrayRef tiling, int64_t num_iters, double scale, int64_t causal_chunk_frames,
-                          bool kv_cache, int64_t sink_frames, int64_t window_frames, int64_t cache_capacity_frames,
-                          int64_t cache_frames) {
-  return std::get<0>(forward_cuda(q, k, v,
-                                  make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache,
-                                              sink_frames, window_frames, cache_capacity_frames, cache_frames),
-                                  false));
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_lse_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      at::IntArrayRef grid, at::IntArrayRef tiling, int64_t num_iters,
-                                                      double scale, int64_t causal_chunk_frames, bool kv_cache,
-                                                      int64_t sink_frames, int64_t window_frames,
-                                                      int64_t cache_capacity_frames, int64_t cache_frames) {
-  return forward_cuda(q, k, v,
-                      make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
-                                  window_frames, cache_capacity_frames, cache_frames),
-                      true);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& g_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     at::IntArrayRef grid, at::IntArrayRef tiling, int64_t num_iters, double scale, int64_t causal_chunk_frames,
@@ -293,6 +251,30 @@ void kv_cache_write_cuda(const at::Tensor& cache_k, const at::Tensor& cache_v, c
 }
 #endif
 
+// The forward ops of one device from its forward helper: the plain op keeps the output only.
+using ForwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                         const AttentionParams&, bool);
+template <ForwardFn Forward, bool WithLse>
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              at::IntArrayRef grid, at::IntArrayRef tiling, int64_t num_iters,
+                                              double scale, int64_t causal_chunk_frames, bool kv_cache,
+                                              int64_t sink_frames, int64_t window_frames,
+                                              int64_t cache_capacity_frames, int64_t cache_frames) {
+  return Forward(q, k, v,
+                 make_params(grid, tiling, num_iters, scale, causal_chunk_frames, kv_cache, sink_frames,
+                             window_frames, cache_capacity_frames, cache_frames),
+                 WithLse);
+}
+template <ForwardFn Forward>
+at::Tensor attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::IntArrayRef grid,
+                        at::IntArrayRef tiling, int64_t num_iters, double scale, int64_t causal_chunk_frames,
+                        bool kv_cache, int64_t sink_frames, int64_t window_frames, int64_t cache_capacity_frames,
+                        int64_t cache_frames) {
+  return std::get<0>(forward_op<Forward, false>(q, k, v, grid, tiling, num_iters, scale, causal_chunk_frames,
+                                                kv_cache, sink_frames, window_frames, cache_capacity_frames,
+                                                cache_frames));
+}
+
 }  // namespace
 
 #define MONARCHRT_PARAMS \
@@ -309,16 +291,16 @@ TORCH_LIBRARY(monarchrt, m) {
 }
 
 TORCH_LIBRARY_IMPL(monarchrt, CPU, m) {
-  m.impl("monarch_attention", &attention_cpu);
-  m.impl("monarch_attention_lse", &attention_lse_cpu);
+  m.impl("monarch_attention", &attention_op<forward_cpu>);
+  m.impl("monarch_attention_lse", &forward_op<forward_cpu, true>);
   m.impl("monarch_attention_backward", &backward_cpu);
   m.impl("kv_cache_write_", &kv_cache_write_cpu);
 }
 
 #ifdef MONARCHRT_WITH_CUDA
 TORCH_LIBRARY_IMPL(monarchrt, CUDA, m) {
-  m.impl("monarch_attention", &attention_cuda);
-  m.impl("monarch_attention_lse", &attention_lse_cuda);
+  m.impl("monarch_attention", &attention_op<forward_cuda>);
+  m.impl("monarch_attention_lse", &forward_op<forward_cuda, true>);
   m.impl("monarch_attention_backward", &backward_cuda);
   m.impl("kv_cache_write_", &kv_cache_write_cuda);
 }

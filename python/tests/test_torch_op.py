@@ -215,6 +215,15 @@ def test_errors_name_the_argument_and_leave_inputs_alone():
     with pytest.raises(NotImplementedError, match="num_iters"):
         x = q.clone().requires_grad_()
         monarchrt.monarch_attention(x, q, q, grid, num_iters=2).sum().backward()
+    # The backward op's optional forward statistics: both or neither, of the right shapes.
+    params = monarchrt._params(grid, (1, 1, 1), 1, None, 0)
+    out, lse = torch.ops.monarchrt.monarch_attention_lse(q, q, q, *params)
+    with pytest.raises(ValueError, match="together"):
+        torch.ops.monarchrt.monarch_attention_backward(q, q, q, q, *params, out=out)
+    with pytest.raises(ValueError, match="lse must be float32"):
+        torch.ops.monarchrt.monarch_attention_backward(q, q, q, q, *params, out=out, lse=lse[:, :1])
+    with pytest.raises(ValueError, match="out must have"):
+        torch.ops.monarchrt.monarch_attention_backward(q, q, q, q, *params, out=out.double(), lse=lse)
     assert torch.equal(q, before)
 
 

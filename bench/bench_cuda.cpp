@@ -1,7 +1,8 @@
 // CUDA benchmark of the Monarch forward (and backward) on the shapes of ../shared/docs/targets.md (B = 1,
 // H = 12, D = 128, bf16): Self-Forcing chunks (3 query frames against a KV cache of 3, 9, 15 and
 // 21 frames), full bidirectional and block-causal 32760 tokens, and the f_tied = 3 and
-// h_reduce = 2 layouts, and our dense kernel (cuda::dense_attention) on the untiled shapes. Prints the first call's time, the median of many timed calls (device
+// h_reduce = 2 layouts, and our dense kernel (cuda::dense_attention) on the untiled shapes and on the engine's
+// cross-attention (4680 queries x 512 text keys). Prints the first call's time, the median of many timed calls (device
 // events, inputs rotated so L2 does not hold them, random data; cuda::prepare() first, so the
 // first call measures the call, not the module load), and achieved TFLOP/s of real
 // work. The backward table has two rows per shape: "backward" (the call alone) and "bwd+lse"
@@ -10,11 +11,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "../src/cuda/attention/flash.h"  // the engine's cross-attention call
 #include "check_cuda.h"
 #include "monarchrt/cuda.h"
 #include "monarchrt/workload.h"
@@ -187,6 +190,34 @@ int main(int argc, char** argv) {
       });
     }
    }
+  }
+
+  // The engine's cross-attention: a chunk's 3 frames of queries against the 512 text keys, on our
+  // dense kernel as the engine calls it (TFLOP/s of dense work).
+  const char* cross_name = "cross-attention 4680 x 512";
+  if (!backward_only && std::string(cross_name).find(only) != std::string::npos) {
+    const int sq = int(3 * per_frame), skv = 512;
+    time_row(cross_name, "dense", reps, sets, 4.0 * sq * skv * H * D, 0, e0, e1, [&](int i) {
+      cuda_detail::FlashArgs a{};
+      a.q = q[i];
+      a.k = k[i];
+      a.v = v[i];
+      a.out = o[i];
+      const int64_t qs[3] = {sq * H * D, H * D, D}, ks[3] = {skv * H * D, H * D, D};
+      for (int j = 0; j < 3; ++j) {
+        a.q_stride[j] = a.o_stride[j] = qs[j];
+        a.k_stride[j] = a.v_stride[j] = ks[j];
+      }
+      a.B = 1;
+      a.H = int(H);
+      a.D = int(D);
+      a.Sq = sq;
+      a.segments = 1;
+      a.seg_len[0] = skv;
+      a.scale = 1.f / std::sqrt(float(D));
+      a.dtype = DType::kBF16;
+      check_status(cuda_detail::flash_attention(a, nullptr), cross_name);
+    });
   }
 
   // Backward (one iteration): dq, dk, dv for the upstream gradient o. TFLOP/s count 2.5x the

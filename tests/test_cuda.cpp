@@ -67,6 +67,8 @@ const Case kCases[] = {
     {{3, 6, 10}, {1, 1, 1}, 2, 2, 0, 9, 0, 0},    // KV cache, whole cache
     {{3, 6, 10}, {1, 1, 1}, 1, 2, 0, 12, 3, 6},   // KV cache, sink 3 + window 6
     {{2, 6, 10}, {2, 2, 1}, 1, 1, 0, 10, 2, 4},   // KV cache with f_tied 2
+    {{3, 4, 10}, {1, 1, 1}, 1, 2, 0, 12, 3, 6},   // 40-token frames: sink + window key ranges
+                                                  // (dense on Hopper: copied as 8-token boxes)
 };
 
 // Tiles wider than 64 columns (720p's 45 x 80): the two-pass path only at head dim 128.
@@ -212,34 +214,46 @@ TEST(CudaDense, MatchesReferenceEveryMode) {
 }
 
 // A ring-buffer cache whose attended frames sit in two runs of slots (sink, then a window that
-// wrapped), against the reference on the same ring.
+// wrapped), against the reference on the same ring; 21-token frames (cp.async copies) and
+// 40-token frames (on Hopper, TMA copies of 8-token boxes where a key tile spans both runs).
 TEST(CudaDense, RingBufferWindow) {
   SKIP_WITHOUT_GPU();
   Rng rng(112);
-  const VideoGrid g{1, 3, 7};
-  AttentionParams p;
-  p.grid = g;
-  p.kv_cache = true;
-  p.sink_frames = 1;
-  p.window_frames = 3;
-  p.cache_capacity_frames = 5;
-  p.cache_frames = 9;  // frames 0 (slot 0) and 6, 7, 8 (slots 2, 3, 4)
-  const int64_t D = 64, H = 2, per = g.tokens_per_frame();
-  Tensor q(DType::kBF16, 2, per, H, D), k(DType::kBF16, 2, 5 * per, H, D), v(DType::kBF16, 2, 5 * per, H, D);
-  q.fill_normal(rng, 1.5);
-  k.fill_normal(rng, 1.5);
-  v.fill_normal(rng);
-  Tensor out(DType::kBF16, 2, per, H, D), want(DType::kF64, 2, per, H, D);
-  test::poison(out);
-  ASSERT_TRUE(ref::dense_attention(q.view, k.view, v.view, want.view, p).ok());
-  DeviceTensor dq(q), dk(k), dv(v), dout(out);
-  const Status s = cuda::dense_attention(dq.view, dk.view, dv.view, dout.view, p, nullptr);
-  ASSERT_TRUE(s.ok()) << s.to_string();
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  dout.copy_to(out);
-  const std::vector<double> got = out.values();
-  EXPECT_TRUE(test::all_finite(got));
-  EXPECT_LT(test::relative_l2(got, want.values()), 1e-2);
+  for (const VideoGrid g : {VideoGrid{1, 3, 7}, VideoGrid{1, 4, 10}}) {
+    AttentionParams p;
+    p.grid = g;
+    p.kv_cache = true;
+    p.sink_frames = 1;
+    p.window_frames = 3;
+    p.cache_capacity_frames = 5;
+    p.cache_frames = 9;  // frames 0 (slot 0) and 6, 7, 8 (slots 2, 3, 4)
+    const int64_t D = 64, H = 2, per = g.tokens_per_frame();
+    Tensor q(DType::kBF16, 2, per, H, D), k(DType::kBF16, 2, 5 * per, H, D), v(DType::kBF16, 2, 5 * per, H, D);
+    q.fill_normal(rng, 1.5);
+    k.fill_normal(rng, 1.5);
+    v.fill_normal(rng);
+    // Slot 1 is outside the window: NaN there must not reach the output.
+    for (Tensor* t : {&k, &v}) {
+      for (int64_t b = 0; b < 2; ++b) {
+        for (int64_t tok = per; tok < 2 * per; ++tok) {
+          for (int64_t hh = 0; hh < H; ++hh) {
+            for (int64_t d = 0; d < D; ++d) t->set(b, tok, hh, d, NAN);
+          }
+        }
+      }
+    }
+    Tensor out(DType::kBF16, 2, per, H, D), want(DType::kF64, 2, per, H, D);
+    test::poison(out);
+    ASSERT_TRUE(ref::dense_attention(q.view, k.view, v.view, want.view, p).ok());
+    DeviceTensor dq(q), dk(k), dv(v), dout(out);
+    const Status s = cuda::dense_attention(dq.view, dk.view, dv.view, dout.view, p, nullptr);
+    ASSERT_TRUE(s.ok()) << s.to_string();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    dout.copy_to(out);
+    const std::vector<double> got = out.values();
+    EXPECT_TRUE(test::all_finite(got)) << g.to_string();
+    EXPECT_LT(test::relative_l2(got, want.values()), 1e-2) << g.to_string();
+  }
 }
 
 TEST(CudaDense, RejectsWhatItCannotRun) {

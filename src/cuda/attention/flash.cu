@@ -6,17 +6,22 @@
 // - flash_fwd_kernel (portable, sm_80+): K and V tiles double-buffered through cp.async, padded
 //   rows for conflict-free ldmatrix, mma.sync.
 // - flash_fwd_wg_kernel (Hopper, use_wgmma()): each group of 4 warps computes its 64 rows' products
-//   with wgmma (common/wgmma.cuh) on tiles in the blocked layout, 4 tiles in flight, and overlaps
-//   the tensor cores with the softmax: the scores of tile t + 1 are issued before the softmax of
-//   tile t, and P V of tile t runs while the next tile's scores are issued.
+//   with wgmma (common/wgmma.cuh), 4 tiles in flight, and overlaps the tensor cores with the
+//   softmax: the scores of tile t + 1 are issued before the softmax of tile t, and P V of tile t
+//   runs while the next tile's scores are issued. Where every key range boundary is a multiple of
+//   8 keys (video frames, the 512 text keys), thread 0 copies the tiles with TMA into the 128-byte
+//   swizzled layout; otherwise all threads copy with cp.async into the blocked layout.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "../../core/plan.h"
 #include "../common/host.h"
+#include "../common/tma.cuh"
 #include "../common/wgmma.cuh"
 #include "../monarch/warp_tiles.cuh"
 #include "flash.h"
@@ -161,27 +166,72 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_kernel(const FlashKernelPara
 template <typename T, int D>
 struct FlashWgConfig {
   static constexpr int kThreads = 256, kBr = 128, kBc = 64, kStages = 4;
-  static constexpr size_t kTile = size_t(kBc) * D;  // elements of one K or V tile, blocked layout
-  static constexpr size_t kSmem = size_t(kStages) * 2 * kTile * sizeof(T);
+  static constexpr size_t kTile = size_t(kBc) * D;  // elements of one K or V tile
+  static constexpr size_t kStageBytes = size_t(kStages) * 2 * kTile * sizeof(T);
+  // + up to 1 KB to align the tiles to 1024 bytes (the 128-byte swizzle) + one mbarrier per stage
+  static constexpr size_t kSmem = kStageBytes + 1024 + kStages * sizeof(uint64_t);
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(256, 1) flash_fwd_wg_kernel(const FlashKernelParams p) {
+// The TMA variant's tensor maps of K and V ([B, S, H, D] row tiles, common/tma.cuh): 64-token
+// boxes for tiles inside one key range, 8-token boxes for the others.
+struct FlashTma {
+  CUtensorMap k64, v64, k8, v8;
+};
+
+// Tma: thread 0 copies each K / V tile with the tensor copy engine into the 128-byte swizzled
+// layout (D / 64 tiles of 64 keys x 64 features; a tile inside one key range is one 64-token box
+// per 64 features, others 8-token boxes, which needs every range boundary and the key limit to be
+// multiples of 8), completing on the stage's mbarrier; keys past the limit are never copied and
+// their rows hold zeros or keys of an earlier tile (finite; their scores are masked). Otherwise
+// all threads copy with cp.async into the unswizzled blocked layout.
+template <typename T, int D, bool Tma>
+__global__ void __launch_bounds__(256, 1)
+    flash_fwd_wg_kernel(const FlashKernelParams p, const __grid_constant__ FlashTma tma) {
   using C = FlashWgConfig<T, D>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* smem = reinterpret_cast<T*>(smem_raw);
+  unsigned char* base = smem_raw + (Tma ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u);
+  T* smem = reinterpret_cast<T*>(base);
+  uint64_t* full = reinterpret_cast<uint64_t*>(base + C::kStageBytes);  // Tma: one per stage
   const int lane = int(threadIdx.x) % 32;
   const FlashCta<T, D> cta(p, C::kBr);
+  const int b = int(blockIdx.z) / p.a.H, h = int(blockIdx.z) % p.a.H;
   auto load_tile = [&](int tile, int stage) {
     T* Ks = smem + size_t(stage) * 2 * C::kTile;
-    cta.template load_tile<true>(p, Ks, Ks + C::kTile, tile, D);
+    T* Vs = Ks + C::kTile;
+    if constexpr (Tma) {
+      if (threadIdx.x != 0) return;
+      const int k0 = tile * C::kBc, k1 = min(k0 + C::kBc, cta.limit);
+      const int tok = cta.token(p, k0);
+      const bool whole = k1 - k0 == C::kBc && cta.token(p, k1 - 1) == tok + C::kBc - 1;
+      mbar_expect(&full[stage], uint32_t(2 * (D / 64) * (k1 - k0) * 128));
+      if (whole) {
+#pragma unroll
+        for (int hf = 0; hf < D / 64; ++hf) {
+          tma_load_tile(Ks + hf * 64 * 64, &tma.k64, hf * 64, tok, h, b, &full[stage]);
+          tma_load_tile(Vs + hf * 64 * 64, &tma.v64, hf * 64, tok, h, b, &full[stage]);
+        }
+      } else {
+        for (int g = 0; g < (k1 - k0) / 8; ++g) {
+          const int tg = cta.token(p, k0 + 8 * g);
+#pragma unroll
+          for (int hf = 0; hf < D / 64; ++hf) {
+            tma_load_tile(Ks + hf * 64 * 64 + g * 8 * 64, &tma.k8, hf * 64, tg, h, b, &full[stage]);
+            tma_load_tile(Vs + hf * 64 * 64 + g * 8 * 64, &tma.v8, hf * 64, tg, h, b, &full[stage]);
+          }
+        }
+      }
+    } else {
+      cta.template load_tile<true>(p, Ks, Vs, tile, D);
+    }
   };
   auto issue_scores = [&](float (&s)[8][4], int t) {  // S = Q K(t)^T for this warpgroup's 64 rows
     const T* Ks = smem + size_t(t % C::kStages) * 2 * C::kTile;
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      wgmma_m64n64k16<T, false>(s, cta.qa[ks], wgmma_desc(Ks + ks * 128, 128, D * 16), ks > 0);
+    for (int ks = 0; ks < D / 16; ++ks) {  // Tma: 16 features are 32 bytes into a 64-feature tile
+      const uint64_t desc = Tma ? wgmma_desc_sw128(Ks + (ks / 4) * 64 * 64 + (ks % 4) * 16, 1024)
+                                : wgmma_desc(Ks + ks * 128, 128, D * 16);
+      wgmma_m64n64k16<T, false>(s, cta.qa[ks], desc, ks > 0);
     }
     wgmma_commit();
   };
@@ -194,11 +244,15 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_wg_kernel(const FlashKernelP
   // Tile t: wait for its copies (two tiles ahead), then one barrier: everyone's copies of t are
   // visible and every warpgroup is done with tile t - 2, whose stage the copies of t + 2 reuse.
   auto next_tile = [&](int t) {
-    cp_async_wait_group<1>();
-    fence_proxy_async_smem();
+    if constexpr (Tma) {
+      mbar_wait(&full[t % C::kStages], (t / C::kStages) & 1);
+    } else {
+      cp_async_wait_group<1>();
+      fence_proxy_async_smem();
+    }
     __syncthreads();
     if (t + 2 < tiles) load_tile(t + 2, (t + 2) % C::kStages);
-    cp_async_commit();
+    if (!Tma) cp_async_commit();
   };
   // Scores of tile t: scaled and masked into a copy (the score registers, wgmma accumulators, are
   // only read while P V is in flight), then the online softmax: P as A fragments, and corr.
@@ -222,16 +276,29 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_wg_kernel(const FlashKernelP
       float(&oh)[8][4] = *reinterpret_cast<float(*)[8][4]>(&o[8 * half]);
 #pragma unroll
       for (int kk = 0; kk < C::kBc / 16; ++kk) {
-        wgmma_m64n64k16<T, true>(oh, pa[kk], wgmma_desc(Vs + kk * 16 * D + half * 64 * 8, D * 16, 128), true);
+        const uint64_t desc = Tma ? wgmma_desc_sw128(Vs + half * 64 * 64 + kk * 16 * 64, 1024)
+                                  : wgmma_desc(Vs + kk * 16 * D + half * 64 * 8, D * 16, 128);
+        wgmma_m64n64k16<T, true>(oh, pa[kk], desc, true);
       }
     }
     wgmma_commit();
   };
 
+  if constexpr (Tma) {
+    for (int i = int(threadIdx.x); i < int(C::kStageBytes / 16); i += C::kThreads) {
+      reinterpret_cast<uint4*>(base)[i] = make_uint4(0, 0, 0, 0);  // rows no copy writes stay finite
+    }
+    fence_proxy_async_smem();
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < C::kStages; ++i) mbar_init(&full[i], 1);
+      fence_mbar_init();
+    }
+    __syncthreads();
+  }
   load_tile(0, 0);
-  cp_async_commit();
+  if (!Tma) cp_async_commit();
   if (tiles > 1) load_tile(1, 1);
-  cp_async_commit();
+  if (!Tma) cp_async_commit();
   float s[8][4], corr[2];
   uint32_t pa[C::kBc / 16][4], pa_next[C::kBc / 16][4];
   next_tile(0);
@@ -267,10 +334,30 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_wg_kernel(const FlashKernelP
 
 template <typename T, int D>
 Status prepare_typed() {
-  static std::atomic<uint64_t> done{0}, done_wg{0};
+  static std::atomic<uint64_t> done{0}, done_wg{0}, done_tma{0};
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(flash_fwd_kernel<T, D>, FlashConfig<T, D>::kSmem, done));
   if (!use_wgmma()) return Status();
-  return ensure_smem(flash_fwd_wg_kernel<T, D>, FlashWgConfig<T, D>::kSmem, done_wg);
+  MONARCHRT_RETURN_IF_ERROR(ensure_smem(flash_fwd_wg_kernel<T, D, false>, FlashWgConfig<T, D>::kSmem, done_wg));
+  return ensure_smem(flash_fwd_wg_kernel<T, D, true>, FlashWgConfig<T, D>::kSmem, done_tma);
+}
+
+// The TMA variant's maps (false: it cannot run: a key range boundary or the block-causal limit
+// is not a multiple of 8 keys, or the encoder refused a view, e.g. a zero stride).
+template <typename T, int D>
+bool tma_maps(const FlashKernelParams& p, FlashTma* tma) {
+  const FlashArgs& a = p.a;
+  int tokens = 0;
+  for (int s = 0; s < a.segments; ++s) {
+    if (a.seg_len[s] % 8 != 0) return false;
+    tokens = std::max(tokens, a.seg_start[s] + a.seg_len[s]);
+  }
+  if (a.causal_tokens % 8 != 0) return false;
+  const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const int64_t shape[4] = {a.B, tokens, a.H, D};
+  return encode_row_tiles(&tma->k64, a.k, bf16, shape, a.k_stride, 64).ok() &&
+         encode_row_tiles(&tma->v64, a.v, bf16, shape, a.v_stride, 64).ok() &&
+         encode_row_tiles(&tma->k8, a.k, bf16, shape, a.k_stride, 8).ok() &&
+         encode_row_tiles(&tma->v8, a.v, bf16, shape, a.v_stride, 8).ok();
 }
 
 template <typename T, int D>
@@ -283,7 +370,12 @@ Status launch_typed(const FlashKernelParams& p, cudaStream_t stream) {
   MONARCHRT_RETURN_IF_ERROR((prepare_typed<T, D>()));
   const dim3 grid(unsigned((p.a.Sq + C::kBr - 1) / C::kBr), 1, unsigned(p.a.B * p.a.H));
   if (use_wgmma()) {
-    flash_fwd_wg_kernel<T, D><<<grid, Wg::kThreads, Wg::kSmem, stream>>>(p);
+    FlashTma tma{};
+    if (tma_maps<T, D>(p, &tma)) {
+      flash_fwd_wg_kernel<T, D, true><<<grid, Wg::kThreads, Wg::kSmem, stream>>>(p, tma);
+    } else {
+      flash_fwd_wg_kernel<T, D, false><<<grid, Wg::kThreads, Wg::kSmem, stream>>>(p, tma);
+    }
   } else {
     flash_fwd_kernel<T, D><<<grid, C::kThreads, C::kSmem, stream>>>(p);
   }

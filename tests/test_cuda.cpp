@@ -273,6 +273,32 @@ TEST(CudaDense, RejectsWhatItCannotRun) {
   }
 }
 
+// A KV-cache window's workspace holds rows for the attended key tiles only (sink and window), not
+// for the frames between them: a long rolling video needs no more than a cache of its window.
+TEST(CudaForward, WorkspaceCoversOnlyAttendedTiles) {
+  SKIP_WITHOUT_GPU();
+  const VideoGrid g{3, 6, 10};
+  const int64_t per = g.tokens_per_frame(), H = 2, D = 64;
+  auto bytes = [&](int64_t cache, int64_t sink, int64_t window) {
+    AttentionParams p;
+    p.grid = g;
+    p.kv_cache = true;
+    p.sink_frames = sink;
+    p.window_frames = window;
+    // Sizes only: no data is touched, so the views point at distinct addresses that hold nothing.
+    auto at = [](int i) { return reinterpret_cast<void*>(uintptr_t{1} << (32 + i)); };
+    const TensorView q = TensorView::contiguous(at(0), DType::kBF16, 1, g.tokens(), H, D, Device::kCUDA);
+    const TensorView k = TensorView::contiguous(at(1), DType::kBF16, 1, cache * per, H, D, Device::kCUDA);
+    const TensorView v = TensorView::contiguous(at(2), DType::kBF16, 1, cache * per, H, D, Device::kCUDA);
+    const TensorView out = TensorView::contiguous(at(3), DType::kBF16, 1, g.tokens(), H, D, Device::kCUDA);
+    return cuda::workspace_size(q, k, v, out, p);
+  };
+  const size_t window = bytes(60, 3, 6), whole = bytes(9, 0, 0);
+  EXPECT_GT(window, 0u);
+  EXPECT_EQ(window, whole);              // 3 sink + 6 window frames: as a 9-frame cache
+  EXPECT_LT(window * 6, bytes(60, 0, 0));  // every frame of a 60-frame cache: 60 / 9 times more
+}
+
 TEST(CudaForward, PrepareLoadsEverythingAndIsIdempotent) {
   SKIP_WITHOUT_GPU();
   const Status first = cuda::prepare();

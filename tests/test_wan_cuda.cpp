@@ -56,7 +56,8 @@ TEST(WanCuda, MatchesTheCpuEngineChunkByChunk) {
   SKIP_WITHOUT_GPU();
   const WanConfig c = small_config();
   const WanWeights w = wan_random_weights(c, 21);
-  const int64_t B = 2, frames = 6, chunk = 3, Hl = 8, Wl = 12;
+  // 9 frames: with sink 1 + window 3 the GPU cache is a ring of 4 frames that wraps twice.
+  const int64_t B = 2, frames = 9, chunk = 3, Hl = 8, Wl = 12;
   const int64_t frame = c.in_dim * Hl * Wl;
   Rng rng(22);
   std::vector<float> text(size_t(B * c.text_len * c.text_dim)), noise(size_t(B * frames * frame));
@@ -112,6 +113,31 @@ TEST(WanCuda, MatchesTheCpuEngineChunkByChunk) {
       }
     }
   }
+}
+
+// With a window smaller than the video the KV cache holds the sink and the window only (a ring),
+// so its memory does not grow with the number of frames.
+TEST(WanCuda, WindowedCacheHoldsOnlyTheWindow) {
+  SKIP_WITHOUT_GPU();
+  const WanConfig c = small_config();
+  const WanWeights w = wan_random_weights(c, 3);
+  auto bytes = [&](int64_t frames, int64_t sink, int64_t window) {
+    WanRunConfig run;
+    run.latent_h = 8;
+    run.latent_w = 12;
+    run.max_frames = frames;
+    run.sink_frames = sink;
+    run.window_frames = window;
+    WanDiTCuda gpu;
+    const Status s = gpu.init(w, run);
+    EXPECT_TRUE(s.ok()) << s.to_string();
+    return double(gpu.device_bytes());
+  };
+  // K and V per frame: layers x 2 x tokens per frame x dim x 2 bytes
+  const double per_frame = double(c.num_layers * 2 * (8 / c.patch_h) * (12 / c.patch_w) * c.dim * 2);
+  // (Other buffers, e.g. the RoPE tables, grow with the frames by a few KB.)
+  EXPECT_NEAR(bytes(60, 1, 6) - bytes(12, 1, 6), 0.0, 0.25 * per_frame);  // both: 7 frames of cache
+  EXPECT_NEAR(bytes(60, 0, 0) - bytes(12, 0, 0), 48 * per_frame, 0.25 * per_frame);
 }
 
 TEST(WanCuda, RejectsWhatItCannotRun) {

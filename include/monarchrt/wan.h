@@ -78,7 +78,9 @@ WanWeights wan_random_weights(const WanConfig& config, uint64_t seed);
 struct WanRunConfig {
   int64_t batch = 1;
   int64_t latent_h = 60, latent_w = 104;  // latent rows / columns (tokens: / patch_h, / patch_w)
-  int64_t max_frames = 21;                // KV-cache capacity in latent frames
+  int64_t max_frames = 21;                // latent frames of the video (the KV cache's logical size;
+                                          // the GPU engine keeps only sink + window frames when
+                                          // the window is smaller)
   bool monarch = false;                   // self-attention: Monarch (else dense)
   MonarchLayout layout;                   // Monarch tiling
   int num_iters = 1;

@@ -202,14 +202,15 @@ __global__ void rms_rows_kernel(bf16* x, int64_t ld, const float* gain, int D, f
 
 // Self-attention q/k: RMSNorm over all D channels (gains gq, gk), 3D RoPE at the token's
 // absolute (frame, row, column) from cos/sin tables, q written back in place into the q|k|v row,
-// k and v written into the layer's cache at row cache_row0 + token. One token per block; a
-// thread owns 8 channels (4 RoPE pairs of one head: head dims are multiples of 8).
+// k and v written into the layer's cache at the token's frame slot (frame f in slot f, or with a
+// ring of `ring` frames after `sink` fixed ones, slot sink + (f - sink) % ring for f >= sink). One
+// token per block; a thread owns 8 channels (4 RoPE pairs of one head: head dims are multiples of 8).
 struct QkRopeArgs {
   bf16* qkv;  // [B * S, 3 D]
   const float *gq, *gk;
   bf16 *cache_k, *cache_v;  // [B][cache_rows][D]
   int64_t cache_rows;
-  int cache_row0;
+  int sink, ring;  // ring = 0: no ring buffer
   const float2 *rope_f, *rope_r, *rope_c;  // [frame][frame pairs], [row][hw pairs], [col][hw pairs]
   int S, D, hd, th, tw, f0, pf, phw;
   float eps;
@@ -235,7 +236,8 @@ __global__ void qk_rope_kernel(const QkRopeArgs a) {
   const float ik = rsqrtf(block_sum(sk, red) / float(a.D) + a.eps);
   if (!mine) return;
   const int frame = a.f0 + n / (a.th * a.tw), row = (n / a.tw) % a.th, col = n % a.tw;
-  const int64_t crow = int64_t(b) * a.cache_rows + a.cache_row0 + n;
+  const int slot = a.ring > 0 && frame >= a.sink ? a.sink + (frame - a.sink) % a.ring : frame;
+  const int64_t crow = int64_t(b) * a.cache_rows + int64_t(slot) * (a.th * a.tw) + n % (a.th * a.tw);
   float gq[kVec], gk[kVec];
   load8(a.gq + d0, gq);
   load8(a.gk + d0, gk);
@@ -285,7 +287,11 @@ struct WanDiTCuda::Impl {
   WanConfig c;
   WanRunConfig run;
   WanCudaOptions opt;
-  int64_t th = 0, tw = 0, tpf = 0, P = 0, O = 0, max_tokens = 0, cache_rows = 0;
+  int64_t th = 0, tw = 0, tpf = 0, P = 0, O = 0, max_tokens = 0;
+  // Frames the KV cache holds: every frame of the video, or, when the attended window is smaller,
+  // the sink and the window as a ring buffer (memory independent of the video's length).
+  int64_t cache_frames = 0, cache_rows = 0;
+  bool ring() const { return cache_frames < run.max_frames; }
   cudaStream_t stream = nullptr;
   cublasLtHandle_t lt = nullptr;
   void* arena = nullptr;
@@ -376,7 +382,12 @@ struct WanDiTCuda::Impl {
     return t;
   }
 
-  AttentionParams attention_params(int64_t frames) const {
+  // k or v of the cache as the attention of the chunk [start, start + frames) sees it.
+  TensorView cache_view(void* data, int64_t start, int64_t frames) const {
+    return view(data, ring() ? cache_rows : (start + frames) * tpf, cache_rows * c.dim, c.dim);
+  }
+
+  AttentionParams attention_params(int64_t frames, int64_t start) const {
     AttentionParams ap;
     ap.grid = VideoGrid{frames, th, tw};
     ap.layout = run.layout;
@@ -385,16 +396,19 @@ struct WanDiTCuda::Impl {
     ap.kv_cache = true;
     ap.sink_frames = run.sink_frames;
     ap.window_frames = run.window_frames;
+    if (ring()) {
+      ap.cache_capacity_frames = cache_frames;
+      ap.cache_frames = start + frames;
+    }
     return ap;
   }
 
   Status self_attention(const Layer& L, int64_t frames, int64_t start) {
-    const int64_t S = frames * tpf, used = (start + frames) * tpf, D = c.dim;
+    const int64_t S = frames * tpf, D = c.dim;
     const TensorView q = view(qkv, S, S * 3 * D, 3 * D);
-    const TensorView k = view(L.kc, used, cache_rows * D, D);
-    const TensorView v = view(L.vc, used, cache_rows * D, D);
+    const TensorView k = cache_view(L.kc, start, frames), v = cache_view(L.vc, start, frames);
     const TensorView o = view(att, S, S * D, D);
-    const AttentionParams ap = attention_params(frames);
+    const AttentionParams ap = attention_params(frames, start);
     if (run.monarch) return cuda::monarch_attention(q, k, v, o, ap, attn_ws, attn_ws_bytes, stream);
     return cuda::dense_attention(q, k, v, o, ap, stream);
   }
@@ -453,7 +467,8 @@ struct WanDiTCuda::Impl {
       MONARCHRT_RETURN_IF_ERROR(p.qkv.run(h, L.qkv_w, L.qkv_b, qkv, lt_ws, stream));
       mark(kQkvGemm);
       const auto pairs = wan_rope_pairs(c.head_dim());
-      QkRopeArgs qa{qkv, L.nq, L.nk, L.kc, L.vc, cache_rows, int(start * tpf), rope_f, rope_r, rope_c,
+      QkRopeArgs qa{qkv, L.nq, L.nk, L.kc, L.vc, cache_rows, int(run.sink_frames),
+                    int(ring() ? cache_frames - run.sink_frames : 0), rope_f, rope_r, rope_c,
                     int(S), int(D), int(c.head_dim()), int(th), int(tw), int(start), int(pairs.frame), int(pairs.hw),
                     float(c.eps)};
       qk_rope_kernel<<<unsigned(N), row_threads(D), 0, stream>>>(qa);
@@ -598,7 +613,10 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
   m.P = P;
   m.O = O;
   m.max_tokens = run.batch * options.max_chunk_frames * m.tpf;
-  m.cache_rows = run.max_frames * m.tpf;
+  m.cache_frames = run.window_frames > 0 && run.sink_frames + run.window_frames < run.max_frames
+                       ? run.sink_frames + run.window_frames
+                       : run.max_frames;
+  m.cache_rows = m.cache_frames * m.tpf;
   MONARCHRT_CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   if (cublasLtCreate(&m.lt) != CUBLAS_STATUS_SUCCESS) return Status::internal("cublasLtCreate failed");
 
@@ -750,10 +768,9 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
   // that is not whole tiles) fail at forward() with the same message. The first must work.
   const int64_t F = options.max_chunk_frames, S = F * m.tpf;
   for (int64_t start = 0; start + F <= run.max_frames; ++start) {
-    const int64_t used = (start + F) * m.tpf;
     const TensorView q = m.view(m.qkv, S, S * 3 * D, 3 * D), o = m.view(m.att, S, S * D, D);
-    const TensorView k = m.view(m.layers[0].kc, used, m.cache_rows * D, D);
-    const AttentionParams ap = m.attention_params(F);
+    const TensorView k = m.cache_view(m.layers[0].kc, start, F);
+    const AttentionParams ap = m.attention_params(F, start);
     const Status ok = run.monarch ? cuda::can_implement(q, k, k, o, ap) : check_attention(q, k, k, o, ap, false);
     if (!ok.ok() && start == 0) return ok;
     if (ok.ok() && run.monarch) m.attn_ws_bytes = std::max(m.attn_ws_bytes, cuda::workspace_size(q, k, k, o, ap));

@@ -259,7 +259,10 @@ MonarchFwdParams make_fwd_params(const TensorView& q, const TensorView& k, const
   p.b1 = int(plan.qg.b1);
   p.b2 = int(plan.qg.b2);
   p.A = int(plan.qg.tiles);
-  p.F = int(plan.kg.tiles);
+  const KeyTiles kt = key_tiles(plan);
+  p.F = int(kt.count);
+  p.sink_tiles = int(kt.sink);
+  p.skip_tiles = int(kt.skip);
   p.row_groups = int((plan.qg.b1 + 31) / 32);
   p.q_frame_offset = int(plan.q_frame_offset);
   p.causal_chunk = int(plan.causal_chunk_frames);
@@ -273,8 +276,21 @@ MonarchFwdParams make_fwd_params(const TensorView& q, const TensorView& k, const
   return p;
 }
 
+KeyTiles key_tiles(const AttentionPlan& plan) {
+  const int64_t F = plan.kg.tiles;
+  auto attended = [&](int64_t n) { return plan.frame_attended[size_t(plan.kg.first_frame_of_tile(n))] != 0; };
+  int64_t s = 0;
+  while (s < F && attended(s)) ++s;  // the sink (or every tile)
+  int64_t w = s;
+  while (w < F && !attended(w)) ++w;  // the frames between the sink and the window
+  for (int64_t n = w; n < F; ++n) {
+    if (!attended(n)) return {F, F, 0};  // not one gap: number every tile (does not occur today)
+  }
+  return {F - (w - s), s, w - s};
+}
+
 int64_t workspace_rows(const AttentionPlan& plan) {
-  return plan.B * plan.H * plan.qg.tiles * plan.qg.b2 * plan.kg.tiles * plan.qg.b1;
+  return plan.B * plan.H * plan.qg.tiles * plan.qg.b2 * key_tiles(plan).count * plan.qg.b1;
 }
 
 Status launch_stage1(const MonarchFwdParams& p, int B, DType dtype, int D, void* stream) {

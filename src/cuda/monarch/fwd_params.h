@@ -27,7 +27,11 @@ struct MonarchFwdParams {
   int rows_pf;                 // h / h_reduce: token rows of a frame inside one tile
   int tpg;                     // tiles per frame group: h_reduce * w_reduce
   int b1, b2;                  // tile rows and columns
-  int A, F;                    // query tiles, key tiles
+  int A, F;                    // query tiles, attended key tiles (the kernels' key tile numbers)
+  // A KV-cache window numbers only the attended key tiles, so that the workspace holds no rows for
+  // the frames between the sink and the window: kernel key tile n is tile n of the key grid for
+  // n < sink_tiles, tile n + skip_tiles otherwise (skip_tiles = 0 without a window).
+  int sink_tiles, skip_tiles;
   int row_groups;              // CTAs along the tile rows: ceil(b1 / kRowsPerCta)
   int q_frame_offset;          // key-grid frame of query frame 0
   int causal_chunk;            // block-causal chunk in frames, 0 = none
@@ -56,7 +60,14 @@ struct MonarchFwdParams {
 MonarchFwdParams make_fwd_params(const TensorView& q, const TensorView& k, const TensorView& v,
                                  const TensorView& out, const AttentionParams& params,
                                  const AttentionPlan& plan);
-// Workspace rows of the two-pass path: one per (batch*head, query tile, column, key tile, row).
+// The attended key tiles of a plan (the kernels' numbering above): how many, the leading run
+// (sink), and the tiles skipped after it.
+struct KeyTiles {
+  int64_t count = 0, sink = 0, skip = 0;
+};
+KeyTiles key_tiles(const AttentionPlan& plan);
+// Workspace rows of the two-pass path: one per (batch*head, query tile, column, attended key
+// tile, row).
 int64_t workspace_rows(const AttentionPlan& plan);
 // Launches stage 1 of the two-pass path (p.ws_al, ws_y, ws_cl and optionally ws_lse1 set) on
 // `stream` (a cudaStream_t) for bf16 / fp16 and head dim 64 / 128.

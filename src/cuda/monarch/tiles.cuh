@@ -15,8 +15,14 @@ __device__ __forceinline__ int tile_base(const MonarchFwdParams& p, int tile) {
   const int fg = tile / p.tpg, rem = tile % p.tpg;
   return (fg * p.f_tied * p.h + (rem / p.w_reduce) * p.rows_pf) * p.w + (rem % p.w_reduce) * p.b2;
 }
-// The same for a key tile, whose frames may live in a ring buffer (AttentionParams).
-__device__ __forceinline__ int key_tile_base(const MonarchFwdParams& p, int tile) {
+// Tile of the key grid of the kernels' key tile n (attended tiles only, fwd_params.h).
+__device__ __forceinline__ int grid_key_tile(const MonarchFwdParams& p, int n) {
+  return n < p.sink_tiles ? n : n + p.skip_tiles;
+}
+// The same as tile_base for the kernels' key tile n, whose frames may live in a ring buffer
+// (AttentionParams).
+__device__ __forceinline__ int key_tile_base(const MonarchFwdParams& p, int n) {
+  const int tile = grid_key_tile(p, n);
   const int fg = tile / p.tpg, rem = tile % p.tpg;
   int f0 = fg * p.f_tied;  // logical first frame; a tile's frames stay contiguous in the ring
   if (p.ring_capacity > 0 && f0 >= p.sink) f0 = p.sink + (f0 - p.sink) % (p.ring_capacity - p.sink);
@@ -26,9 +32,10 @@ __device__ __forceinline__ int row_offset(const MonarchFwdParams& p, int row) {
   return ((row / p.rows_pf) * p.h + row % p.rows_pf) * p.w;
 }
 
+// Whether query tile m may attend to the kernels' key tile n.
 __device__ __forceinline__ bool tile_allowed(const MonarchFwdParams& p, int m, int n) {
   const int qf = (m / p.tpg) * p.f_tied + p.q_frame_offset;
-  const int kf = (n / p.tpg) * p.f_tied;
+  const int kf = (grid_key_tile(p, n) / p.tpg) * p.f_tied;
   if (kf >= p.sink && kf < p.window_start) return false;
   return p.causal_chunk == 0 || kf / p.causal_chunk <= qf / p.causal_chunk;
 }

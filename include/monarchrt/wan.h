@@ -78,14 +78,17 @@ WanWeights wan_random_weights(const WanConfig& config, uint64_t seed);
 struct WanRunConfig {
   int64_t batch = 1;
   int64_t latent_h = 60, latent_w = 104;  // latent rows / columns (tokens: / patch_h, / patch_w)
-  int64_t max_frames = 21;                // latent frames of the video (the KV cache's logical size;
-                                          // the GPU engine keeps only sink + window frames when
-                                          // the window is smaller)
+  int64_t max_frames = 21;                // latent frames of the video (the KV cache's logical
+                                          // size; see wan_cache_frames())
   bool monarch = false;                   // self-attention: Monarch (else dense)
   MonarchLayout layout;                   // Monarch tiling
   int num_iters = 1;
   int64_t sink_frames = 0, window_frames = 0;  // attended cache window (0 = all frames)
 };
+
+// Frames of K / V the engines keep per layer: max_frames, or sink + window when the attended
+// window is smaller than the video (then a ring buffer, AttentionParams::cache_capacity_frames).
+int64_t wan_cache_frames(const WanRunConfig& run);
 
 // Spec 1.3.4: the head_dim / 2 RoPE pairs of a head are `frame` pairs on the frame axis, then
 // `hw` pairs on the row axis and `hw` on the column axis; the angle of pair j of a token at
@@ -135,7 +138,7 @@ class WanDiT : public WanModel {
   const WanWeights* w_ = nullptr;
   WanRunConfig run_;
   int64_t th_ = 0, tw_ = 0;                       // token grid of a frame
-  std::vector<std::vector<float>> kc_, vc_;       // per layer [B, max_frames * th * tw, H, hd]
+  std::vector<std::vector<float>> kc_, vc_;       // per layer [B, wan_cache_frames() * th * tw, H, hd]
   std::vector<std::vector<float>> xk_, xv_;       // per layer cross-attention [B, text_len, H, hd]
   bool text_ready_ = false;
 };

@@ -1,7 +1,8 @@
 """Parity of the C++ engine (`monarchrt generate`) with the independent PyTorch implementation in
 wan_reference.py (float64) on the same random weights (a tiny config written as a Self-Forcing .pt
 with the real key names), text features and injected noise: the latents agree chunk by chunk,
-with dense and with Monarch self-attention, on the CPU engine (fp32, relative L2 < 1e-4) and, where
+with dense and with Monarch self-attention, with the whole cache and with a rolling window (sink +
+recent frames), on the CPU engine (fp32, relative L2 < 1e-4) and, where
 a GPU and a CUDA build exist, on the GPU engine (bf16, < 1e-2; head dim 64). The reference's
 chunked KV-cache forward is also checked against its full-sequence block-causal forward."""
 import os
@@ -71,8 +72,8 @@ def load_npy_f32(path, shape):
     return flat.view(*shape)
 
 
-def run_case(tmp_path, attention, device="cpu", cfg=CFG, tolerance=1e-4):
-    B, T, chunk, Hl, Wl, C = 2, 6, 3, 4, 6, cfg["channels"]
+def run_case(tmp_path, attention, device="cpu", cfg=CFG, tolerance=1e-4, T=6, sink=0, window=0):
+    B, chunk, Hl, Wl, C = 2, 3, 4, 6, cfg["channels"]
     gen, ema = random_state_dict(1, cfg), random_state_dict(2, cfg)
     torch.save({"generator": OrderedDict(("model." + k, v) for k, v in gen.items()),
                 "generator_ema": OrderedDict(("model." + k, v) for k, v in ema.items()), "step": 1},
@@ -87,11 +88,11 @@ def run_case(tmp_path, attention, device="cpu", cfg=CFG, tolerance=1e-4):
     cmd = [cli(), "generate", "--device", device, "--dit", str(tmp_path / "self_forcing_dmd.pt"), "--ema", "--heads", str(cfg["heads"]),
            "--text", str(tmp_path / "text.npy"), "--frames", str(T), "--chunk", str(chunk), "--latent", f"{Hl},{Wl}",
            "--batch", str(B), "--noise", str(tmp_path / "noise.npy"), "--renoise", str(tmp_path / "renoise.npy"),
-           "--attention", attention, "--out", str(out)]
+           "--attention", attention, "--out", str(out), "--sink-frames", str(sink), "--window-frames", str(window)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     got = load_npy_f32(out, (B, T, C, Hl, Wl)).double()
-    model = ref.WanReference(ema, cfg["heads"], attention=attention)
+    model = ref.WanReference(ema, cfg["heads"], attention=attention, sink_frames=sink, window_frames=window)
     model.set_text(text)
     want = ref.self_forcing_generate(model, noise, renoise, chunk)
     for k in range(T // chunk):
@@ -100,7 +101,7 @@ def run_case(tmp_path, attention, device="cpu", cfg=CFG, tolerance=1e-4):
         print(f"{device} {attention} chunk {k}: relative L2 {err:.2e}")
         assert err < tolerance, f"chunk {k}: relative L2 {err:.2e}"
     # With other weights (generator instead of generator_ema) the result differs: the flag matters.
-    other = ref.WanReference(gen, cfg["heads"])
+    other = ref.WanReference(gen, cfg["heads"], sink_frames=sink, window_frames=window)
     other.set_text(text)
     assert ((got - ref.self_forcing_generate(other, noise, renoise, chunk)).norm() / want.norm()) > 1e-2
 
@@ -113,6 +114,13 @@ def test_engine_matches_reference_monarch(tmp_path):
     run_case(tmp_path, "monarch")
 
 
+# A rolling window over 12 frames: the first frame stays (sink), the 3 most recent are attended;
+# the engines keep only those 4 frames of K / V (a ring buffer that wraps three times).
+@pytest.mark.parametrize("attention", ["dense", "monarch"])
+def test_engine_matches_reference_rolling_window(tmp_path, attention):
+    run_case(tmp_path, attention, T=12, sink=1, window=3)
+
+
 def cuda_engine():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
@@ -123,9 +131,11 @@ def cuda_engine():
 
 
 @pytest.mark.parametrize("attention", ["dense", "monarch"])
-def test_gpu_engine_matches_reference(tmp_path, attention):
+@pytest.mark.parametrize("window", [0, 3])
+def test_gpu_engine_matches_reference(tmp_path, attention, window):
     cuda_engine()
-    run_case(tmp_path, attention, device="cuda", cfg=CFG_GPU, tolerance=1e-2)
+    run_case(tmp_path, attention, device="cuda", cfg=CFG_GPU, tolerance=1e-2, T=12 if window else 6,
+             sink=1 if window else 0, window=window)
 
 
 def test_reference_kv_cache_chunks_equal_block_causal_forward():

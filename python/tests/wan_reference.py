@@ -82,9 +82,13 @@ def monarch_attention(q, k, v, qgrid, tiling, scale):
 
 
 class WanReference:
-    def __init__(self, sd, heads, eps=1e-6, attention="dense", tiling=(1, 1, 1), dtype=torch.float64, device="cpu"):
+    def __init__(self, sd, heads, eps=1e-6, attention="dense", tiling=(1, 1, 1), dtype=torch.float64, device="cpu",
+                 sink_frames=0, window_frames=0):
         self.w = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
         self.heads, self.eps, self.attention, self.tiling = heads, eps, attention, tiling
+        # KV-cache window (spec section 4): the first sink_frames and the window_frames most recent
+        # frames (the current chunk included) are attended; 0 = every frame.
+        self.sink_frames, self.window_frames = sink_frames, window_frames
         self.dtype, self.device = dtype, torch.device(device)
         self.dim = self.w["patch_embedding.weight"].shape[0]
         self.layers = sum(1 for k in self.w if k.endswith(".modulation") and k.startswith("blocks."))
@@ -126,7 +130,8 @@ class WanReference:
     def forward(self, x, t, start_frame, cache=None, causal_chunk_frames=0):
         """x [B, F, C, H, W] -> flow, same layout. With `cache` (list of per-layer dicts with 'k', 'v'
         [B, frames*tokens, heads, hd] tensors), the chunk's K/V are written at its frames and the
-        queries attend frames [0, start + F); without, a full-sequence (block-causal) pass."""
+        queries attend frames [0, start + F) (or the sink and the window of them); without, a
+        full-sequence (block-causal) pass."""
         B, Fr, C, Hl, Wl = x.shape
         pw_ = self.w["patch_embedding.weight"]
         ph, pww = pw_.shape[3], pw_.shape[4]
@@ -151,8 +156,11 @@ class WanReference:
                 per = th * tw
                 cache[i]["k"][:, start_frame * per:(start_frame + Fr) * per] = k
                 cache[i]["v"][:, start_frame * per:(start_frame + Fr) * per] = v
-                used = (start_frame + Fr) * per
-                o = self.attend(q, cache[i]["k"][:, :used], cache[i]["v"][:, :used], (Fr, th, tw), kv_cache=True)
+                used = start_frame + Fr
+                frames = [f for f in range(used) if not self.window_frames or f < self.sink_frames
+                          or f >= used - self.window_frames]
+                idx = torch.cat([torch.arange(f * per, (f + 1) * per) for f in frames]).to(self.device)
+                o = self.attend(q, cache[i]["k"][:, idx], cache[i]["v"][:, idx], (Fr, th, tw), kv_cache=True)
             else:
                 o = self.attend(q, k, v, (Fr, th, tw), causal_chunk_frames=causal_chunk_frames)
             xs = xs + self.lin(o.reshape(B, S, D), b + "self_attn.o") * m[2]

@@ -613,9 +613,7 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
   m.P = P;
   m.O = O;
   m.max_tokens = run.batch * options.max_chunk_frames * m.tpf;
-  m.cache_frames = run.window_frames > 0 && run.sink_frames + run.window_frames < run.max_frames
-                       ? run.sink_frames + run.window_frames
-                       : run.max_frames;
+  m.cache_frames = wan_cache_frames(run);
   m.cache_rows = m.cache_frames * m.tpf;
   MONARCHRT_CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
   if (cublasLtCreate(&m.lt) != CUBLAS_STATUS_SUCCESS) return Status::internal("cublasLtCreate failed");

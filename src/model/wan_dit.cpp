@@ -221,6 +221,11 @@ Status check_wan_model(const WanWeights& weights, const WanRunConfig& run) {
   return Status();
 }
 
+int64_t wan_cache_frames(const WanRunConfig& run) {
+  const bool window = run.window_frames > 0 && run.sink_frames + run.window_frames < run.max_frames;
+  return window ? run.sink_frames + run.window_frames : run.max_frames;
+}
+
 Status WanDiT::init(const WanWeights& weights, const WanRunConfig& run) {
   MONARCHRT_RETURN_IF_ERROR(check_wan_model(weights, run));
   const WanConfig& c = weights.config;
@@ -228,7 +233,7 @@ Status WanDiT::init(const WanWeights& weights, const WanRunConfig& run) {
   run_ = run;
   th_ = run.latent_h / c.patch_h;
   tw_ = run.latent_w / c.patch_w;
-  const size_t cache = size_t(run.batch * run.max_frames * th_ * tw_ * c.dim);
+  const size_t cache = size_t(run.batch * wan_cache_frames(run) * th_ * tw_ * c.dim);
   kc_.assign(size_t(c.num_layers), Vec(cache, 0.f));
   vc_.assign(size_t(c.num_layers), Vec(cache, 0.f));
   xk_.assign(size_t(c.num_layers), Vec());
@@ -305,11 +310,17 @@ Status WanDiT::pass(const float* x_in, int64_t F, int64_t start_frame, double t,
   ap.scale = 1.0 / std::sqrt(double(hd));
   ap.kv_cache = causal < 0;
   ap.causal_chunk_frames = causal < 0 ? 0 : causal;
+  const int64_t cache_frames = wan_cache_frames(run_), cache_rows = cache_frames * tpf;
+  const bool ring = cache_frames < run_.max_frames;
   if (causal < 0) {
     ap.sink_frames = run_.sink_frames;
     ap.window_frames = run_.window_frames;
+    if (ring) {
+      ap.cache_capacity_frames = cache_frames;
+      ap.cache_frames = start_frame + F;
+    }
   }
-  const int64_t cache_rows = run_.max_frames * tpf, used = (start_frame + F) * tpf;
+  const int64_t used = ring ? cache_rows : (start_frame + F) * tpf;  // k / v rows the attention sees
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string bl = "blocks." + std::to_string(i) + ".";
     const Vec& mod = w_->at(bl + "modulation");
@@ -341,12 +352,15 @@ Status WanDiT::pass(const float* x_in, int64_t F, int64_t start_frame, double t,
       Vec& kc = kc_[size_t(i)];
       Vec& vc = vc_[size_t(i)];
       for (int64_t b = 0; b < B; ++b) {
-        std::copy(k.begin() + b * S * D, k.begin() + (b + 1) * S * D, kc.begin() + (b * cache_rows + start_frame * tpf) * D);
-        std::copy(v.begin() + b * S * D, v.begin() + (b + 1) * S * D, vc.begin() + (b * cache_rows + start_frame * tpf) * D);
+        for (int64_t f = 0; f < F; ++f) {  // frame by frame: with a ring they may wrap
+          const int64_t src = (b * S + f * tpf) * D, dst = (b * cache_rows + cache_slot(ap, start_frame + f) * tpf) * D;
+          std::copy(k.begin() + src, k.begin() + src + tpf * D, kc.begin() + dst);
+          std::copy(v.begin() + src, v.begin() + src + tpf * D, vc.begin() + dst);
+        }
       }
       kv = TensorView::contiguous(kc.data(), DType::kF32, B, used, H, hd);
       vv = TensorView::contiguous(vc.data(), DType::kF32, B, used, H, hd);
-      kv.stride[0] = vv.stride[0] = cache_rows * D;  // the cache holds max_frames frames per batch
+      kv.stride[0] = vv.stride[0] = cache_rows * D;  // the cache holds cache_frames frames per batch
     }
     MONARCHRT_RETURN_IF_ERROR(run_.monarch ? cpu::monarch_attention(qv, kv, vv, ov, ap)
                                            : cpu::dense_attention(qv, kv, vv, ov, ap));

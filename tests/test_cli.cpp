@@ -405,7 +405,8 @@ TEST(Cli, AnalyzeJson) {
 TEST(Cli, GenerateStreamsChunksAndIsDeterministic) {
   test::TempDir dir{"cli"};
   const std::string base = "generate --device cpu --frames 6 --batch 2 --attention monarch --seed 3 ";
-  Result r = run(base + "--stream-dir " + quote(dir.path()) + " --out " + quote(dir.file("a.npy")));
+  const std::string chunks = dir.file("chunks/new");  // created by the command
+  Result r = run(base + "--stream-dir " + quote(chunks) + " --out " + quote(dir.file("a.npy")));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "chunk 2/2")) << r.output;
   NpyArray all, again;
@@ -416,7 +417,7 @@ TEST(Cli, GenerateStreamsChunksAndIsDeterministic) {
     NpyArray part;
     char name[32];
     std::snprintf(name, sizeof name, "chunk_%03lld.npy", (long long)k);
-    ASSERT_TRUE(read_npy(dir.file(name), &part).ok()) << name;
+    ASSERT_TRUE(read_npy(chunks + "/" + name, &part).ok()) << name;
     ASSERT_EQ(part.shape, (std::vector<int64_t>{2, 3, 16, 8, 12}));
     for (int64_t b = 0; b < 2; ++b)
       for (int64_t i = 0; i < 3 * frame; ++i)
@@ -427,6 +428,11 @@ TEST(Cli, GenerateStreamsChunksAndIsDeterministic) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   ASSERT_TRUE(read_npy(dir.file("b.npy"), &again).ok());
   EXPECT_EQ(all.data, again.data);
+  // A stream folder that cannot be made fails before the first chunk, naming the option.
+  r = run(base + "--stream-dir " + quote(dir.file("a.npy") + "/sub") + " --out " + quote(dir.file("d.npy")));
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "--stream-dir")) << r.output;
+  EXPECT_FALSE(contains(r.output, "chunk 1/2")) << r.output;
   r = run("generate --device tpu --out " + quote(dir.file("c.npy")));
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_TRUE(contains(r.output, "--device must be cpu, cuda or auto")) << r.output;

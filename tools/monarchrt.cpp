@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -555,7 +556,7 @@ const std::vector<OptionSpec> kGenerateOptions = {
     {"noise", "FILE", nullptr, "initial noise .npy [batch, frames, channels, H, W] instead of seeded noise"},
     {"renoise", "FILE", nullptr, "re-noising draws .npy [chunks, 3, batch, chunk, channels, H, W]"},
     {"out", "FILE", "latents.npy", "where the clean latents [batch, frames, channels, H, W] go (float32)"},
-    {"stream-dir", "DIR", nullptr, "also write each chunk as DIR/chunk_NNN.npy [batch, chunk, channels, H, W] when it is made"},
+    {"stream-dir", "DIR", nullptr, "also write each chunk as DIR/chunk_NNN.npy [batch, chunk, channels, H, W] when it is made (DIR is created)"},
     {"repeat", "N", "1", "generate the video N times (timings of each; the first includes CUDA-graph capture)"},
     {"device", "KIND", "auto", "cpu (fp32), cuda (bf16, one GPU) or auto (cuda where a GPU is usable)"},
     {"no-cuda-graph", nullptr, nullptr, "cuda: launch the kernels one by one instead of a graph per chunk"},
@@ -719,6 +720,14 @@ int cmd_generate(int argc, char** argv) {
   const int64_t chunks = chunk > 0 ? frames / chunk : 0;
   double total = 0;
   const std::string stream_dir = a.has("stream-dir") ? a.get("stream-dir") : "";
+  if (!stream_dir.empty()) {  // created now, so that a bad path fails before any work
+    std::error_code ec;
+    std::filesystem::create_directories(stream_dir, ec);
+    if (ec || !std::filesystem::is_directory(stream_dir)) {
+      check(Status::io_error("--stream-dir " + stream_dir + ": cannot create the folder" +
+                             (ec ? " (" + ec.message() + ")" : std::string(": a file of that name exists"))));
+    }
+  }
   cb.on_chunk = [&](int64_t k, const float* x0, double secs) {
     total += secs;
     if (!stream_dir.empty()) {  // the chunk as soon as it exists (x0: [batch, chunk, C, H, W])

@@ -433,6 +433,11 @@ TEST(Cli, GenerateStreamsChunksAndIsDeterministic) {
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "--stream-dir")) << r.output;
   EXPECT_FALSE(contains(r.output, "chunk 1/2")) << r.output;
+  // So does an --out whose folder does not exist.
+  r = run(base + "--out " + quote(dir.file("missing/e.npy")));
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "--out")) << r.output;
+  EXPECT_FALSE(contains(r.output, "chunk 1/2")) << r.output;
   r = run("generate --device tpu --out " + quote(dir.file("c.npy")));
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_TRUE(contains(r.output, "--device must be cpu, cuda or auto")) << r.output;

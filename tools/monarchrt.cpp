@@ -588,6 +588,25 @@ int cmd_generate(int argc, char** argv) {
     return 0;
   }
   apply_threads(a);
+  {  // where the latents go must be writable before the work starts, not after it
+    const std::filesystem::path out_path(a.get("out"));
+    const std::filesystem::path parent = out_path.has_parent_path() ? out_path.parent_path() : ".";
+    std::error_code ec;
+    if (!std::filesystem::is_directory(parent, ec) || std::filesystem::is_directory(out_path, ec)) {
+      check(Status::io_error("--out " + a.get("out") + ": " +
+                             (std::filesystem::is_directory(out_path, ec) ? "is a folder"
+                                                                          : "its folder does not exist")));
+    }
+  }
+  const std::string stream_dir = a.has("stream-dir") ? a.get("stream-dir") : "";
+  if (!stream_dir.empty()) {  // created now, so that a bad path fails before any work
+    std::error_code ec;
+    std::filesystem::create_directories(stream_dir, ec);
+    if (ec || !std::filesystem::is_directory(stream_dir)) {
+      check(Status::io_error("--stream-dir " + stream_dir + ": cannot create the folder" +
+                             (ec ? " (" + ec.message() + ")" : std::string(": a file of that name exists"))));
+    }
+  }
   const bool builtin = !a.has("dit");
   WanWeights weights;
   if (builtin) {
@@ -719,15 +738,6 @@ int cmd_generate(int argc, char** argv) {
   };
   const int64_t chunks = chunk > 0 ? frames / chunk : 0;
   double total = 0;
-  const std::string stream_dir = a.has("stream-dir") ? a.get("stream-dir") : "";
-  if (!stream_dir.empty()) {  // created now, so that a bad path fails before any work
-    std::error_code ec;
-    std::filesystem::create_directories(stream_dir, ec);
-    if (ec || !std::filesystem::is_directory(stream_dir)) {
-      check(Status::io_error("--stream-dir " + stream_dir + ": cannot create the folder" +
-                             (ec ? " (" + ec.message() + ")" : std::string(": a file of that name exists"))));
-    }
-  }
   cb.on_chunk = [&](int64_t k, const float* x0, double secs) {
     total += secs;
     if (!stream_dir.empty()) {  // the chunk as soon as it exists (x0: [batch, chunk, C, H, W])

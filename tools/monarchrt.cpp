@@ -600,9 +600,9 @@ int cmd_generate(int argc, char** argv) {
   }
   const std::string stream_dir = a.has("stream-dir") ? a.get("stream-dir") : "";
   if (!stream_dir.empty()) {  // created now, so that a bad path fails before any work
-    std::error_code ec;
+    std::error_code ec, ec_dir;
     std::filesystem::create_directories(stream_dir, ec);
-    if (ec || !std::filesystem::is_directory(stream_dir)) {
+    if (ec || !std::filesystem::is_directory(stream_dir, ec_dir)) {
       check(Status::io_error("--stream-dir " + stream_dir + ": cannot create the folder" +
                              (ec ? " (" + ec.message() + ")" : std::string(": a file of that name exists"))));
     }

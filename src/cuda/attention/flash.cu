@@ -9,8 +9,10 @@
 //   with wgmma (common/wgmma.cuh), 4 tiles in flight, and overlaps the tensor cores with the
 //   softmax: the scores of tile t + 1 are issued before the softmax of tile t, and P V of tile t
 //   runs while the next tile's scores are issued. Where every key range boundary is a multiple of
-//   8 keys (video frames, the 512 text keys), thread 0 copies the tiles with TMA into the 128-byte
-//   swizzled layout; otherwise all threads copy with cp.async into the blocked layout.
+//   8 keys (video frames, the 512 text keys), a third warpgroup copies the tiles with TMA into the
+//   128-byte swizzled layout, up to 4 tiles ahead, and hands its registers to the two computing
+//   ones, which take turns issuing their products (one's softmax runs during the other's
+//   products); otherwise all threads copy with cp.async into the blocked layout.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -168,8 +170,8 @@ struct FlashWgConfig {
   static constexpr int kThreads = 256, kBr = 128, kBc = 64, kStages = 4;
   static constexpr size_t kTile = size_t(kBc) * D;  // elements of one K or V tile
   static constexpr size_t kStageBytes = size_t(kStages) * 2 * kTile * sizeof(T);
-  // + up to 1 KB to align the tiles to 1024 bytes (the 128-byte swizzle) + one mbarrier per stage
-  static constexpr size_t kSmem = kStageBytes + 1024 + kStages * sizeof(uint64_t);
+  // + up to 1 KB to align the tiles to 1024 bytes (the 128-byte swizzle) + two mbarriers per stage
+  static constexpr size_t kSmem = kStageBytes + 1024 + 2 * kStages * sizeof(uint64_t);
 };
 
 // The TMA variant's tensor maps of K and V ([B, S, H, D] row tiles, common/tma.cuh): 64-token
@@ -178,28 +180,32 @@ struct FlashTma {
   CUtensorMap k64, v64, k8, v8;
 };
 
-// Tma: thread 0 copies each K / V tile with the tensor copy engine into the 128-byte swizzled
-// layout (D / 64 tiles of 64 keys x 64 features; a tile inside one key range is one 64-token box
-// per 64 features, others 8-token boxes, which needs every range boundary and the key limit to be
-// multiples of 8), completing on the stage's mbarrier; keys past the limit are never copied and
-// their rows hold zeros or keys of an earlier tile (finite; their scores are masked). Otherwise
-// all threads copy with cp.async into the unswizzled blocked layout.
+// Tma: a third warpgroup (threads 256..383, which keep 40 registers and give the rest to the two
+// computing warpgroups: 232 each) copies the K / V tiles; its thread 256 issues the tensor copies
+// into the 128-byte swizzled layout (D / 64 tiles of 64 keys x 64 features; a tile inside one key
+// range is one 64-token box per 64 features, others 8-token boxes, which needs every range
+// boundary and the key limit to be multiples of 8), completing on the stage's `full` mbarrier, and
+// refills a stage once all 8 computing warps have arrived on its `empty` mbarrier (after their
+// P V of that tile), so the warpgroups never meet at a CTA barrier inside the loop. Keys past the
+// limit are never copied and their rows hold zeros or keys of an earlier tile (finite; their
+// scores are masked). Otherwise all 256 threads copy with cp.async into the unswizzled blocked
+// layout, two tiles ahead, with one CTA barrier per tile.
 template <typename T, int D, bool Tma>
-__global__ void __launch_bounds__(256, 1)
+__global__ void __launch_bounds__(FlashWgConfig<T, D>::kThreads + (Tma ? 128 : 0), 1)
     flash_fwd_wg_kernel(const FlashKernelParams p, const __grid_constant__ FlashTma tma) {
   using C = FlashWgConfig<T, D>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* base = smem_raw + (Tma ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u);
   T* smem = reinterpret_cast<T*>(base);
-  uint64_t* full = reinterpret_cast<uint64_t*>(base + C::kStageBytes);  // Tma: one per stage
+  uint64_t* full = reinterpret_cast<uint64_t*>(base + C::kStageBytes);  // Tma only: one of each per stage
+  uint64_t* empty = full + C::kStages;
   const int lane = int(threadIdx.x) % 32;
   const FlashCta<T, D> cta(p, C::kBr);
   const int b = int(blockIdx.z) / p.a.H, h = int(blockIdx.z) % p.a.H;
   auto load_tile = [&](int tile, int stage) {
     T* Ks = smem + size_t(stage) * 2 * C::kTile;
     T* Vs = Ks + C::kTile;
-    if constexpr (Tma) {
-      if (threadIdx.x != 0) return;
+    if constexpr (Tma) {  // by the copying thread only
       const int k0 = tile * C::kBc, k1 = min(k0 + C::kBc, cta.limit);
       const int tok = cta.token(p, k0);
       const bool whole = k1 - k0 == C::kBc && cta.token(p, k1 - 1) == tok + C::kBc - 1;
@@ -241,18 +247,19 @@ __global__ void __launch_bounds__(256, 1)
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   const int tiles = (cta.limit + C::kBc - 1) / C::kBc;
-  // Tile t: wait for its copies (two tiles ahead), then one barrier: everyone's copies of t are
-  // visible and every warpgroup is done with tile t - 2, whose stage the copies of t + 2 reuse.
+  // Tile t: wait for its copies. cp.async: they ran two tiles ahead; one barrier makes everyone's
+  // copies of t visible and says every warpgroup is done with tile t - 2, whose stage the copies
+  // of t + 2 reuse.
   auto next_tile = [&](int t) {
     if constexpr (Tma) {
       mbar_wait(&full[t % C::kStages], (t / C::kStages) & 1);
     } else {
       cp_async_wait_group<1>();
       fence_proxy_async_smem();
+      __syncthreads();
+      if (t + 2 < tiles) load_tile(t + 2, (t + 2) % C::kStages);
+      cp_async_commit();
     }
-    __syncthreads();
-    if (t + 2 < tiles) load_tile(t + 2, (t + 2) % C::kStages);
-    if (!Tma) cp_async_commit();
   };
   // Scores of tile t: scaled and masked into a copy (the score registers, wgmma accumulators, are
   // only read while P V is in flight), then the online softmax: P as A fragments, and corr.
@@ -285,24 +292,57 @@ __global__ void __launch_bounds__(256, 1)
   };
 
   if constexpr (Tma) {
-    for (int i = int(threadIdx.x); i < int(C::kStageBytes / 16); i += C::kThreads) {
+    for (int i = int(threadIdx.x); i < int(C::kStageBytes / 16); i += int(blockDim.x)) {
       reinterpret_cast<uint4*>(base)[i] = make_uint4(0, 0, 0, 0);  // rows no copy writes stay finite
     }
     fence_proxy_async_smem();
     if (threadIdx.x == 0) {
       for (int i = 0; i < C::kStages; ++i) mbar_init(&full[i], 1);
+      for (int i = 0; i < C::kStages; ++i) mbar_init(&empty[i], 8);
       fence_mbar_init();
     }
     __syncthreads();
+    if (threadIdx.x >= C::kThreads) {  // the copying warpgroup
+      warpgroup_regs_dec<40>();
+      if (threadIdx.x == C::kThreads) {
+        for (int t = 0; t < tiles; ++t) {
+          if (t >= C::kStages) mbar_wait(&empty[t % C::kStages], ((t / C::kStages) - 1) & 1);
+          load_tile(t, t % C::kStages);
+        }
+      }
+      return;
+    }
+    warpgroup_regs_inc<232>();
+  } else {
+    load_tile(0, 0);
+    cp_async_commit();
+    if (tiles > 1) load_tile(1, 1);
+    cp_async_commit();
   }
-  load_tile(0, 0);
-  if (!Tma) cp_async_commit();
-  if (tiles > 1) load_tile(1, 1);
-  if (!Tma) cp_async_commit();
+  auto release = [&](int t) {  // every warp is done with tile t's stage
+    if constexpr (Tma) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[t % C::kStages]);
+    }
+  };
+  // Tma: the two warpgroups take turns issuing their products (named barrier 1 + w is warpgroup
+  // w's turn, opened by the other's arrival), so that one's softmax runs while the other's
+  // products are on the tensor cores. Each issues tiles + 1 times; warpgroup 1 opens the first turn
+  // of warpgroup 0 and not one after its own last.
+  const int wg = int(threadIdx.x) / 128;
+  if (Tma && wg == 1) named_bar_arrive(1, 256);
+  auto turn_begin = [&]() {
+    if constexpr (Tma) named_bar_sync(1 + wg, 256);
+  };
+  auto turn_end = [&](bool last) {
+    if (Tma && !(last && wg == 1)) named_bar_arrive(2 - wg, 256);
+  };
   float s[8][4], corr[2];
   uint32_t pa[C::kBc / 16][4], pa_next[C::kBc / 16][4];
   next_tile(0);
+  turn_begin();
   issue_scores(s, 0);
+  turn_end(false);
   wgmma_wait<0>();
   softmax(s, 0, corr, pa);  // o is still zero: nothing to rescale
   // Tile t >= 1: the scores of t and P V of t - 1 are issued together; the softmax of t runs on
@@ -310,11 +350,14 @@ __global__ void __launch_bounds__(256, 1)
   // Two P buffers alternate (copying one into the other makes ptxas serialize the wgmmas).
   auto step = [&](int t, const uint32_t (&pa_prev)[C::kBc / 16][4], uint32_t (&pa_new)[C::kBc / 16][4]) {
     next_tile(t);
+    turn_begin();
     issue_scores(s, t);
     issue_pv(pa_prev, t - 1);
+    turn_end(false);
     wgmma_wait<1>();  // groups complete in order: the scores are done, P V may still run
     softmax(s, t, corr, pa_new);
     wgmma_wait<0>();
+    release(t - 1);
     scale_rows<D>(o, corr);
   };
   int t = 1;
@@ -324,10 +367,13 @@ __global__ void __launch_bounds__(256, 1)
   }
   if (t < tiles) {
     step(t, pa, pa_next);
+    turn_begin();
     issue_pv(pa_next, t);
   } else {
+    turn_begin();
     issue_pv(pa, tiles - 1);
   }
+  turn_end(true);
   wgmma_wait<0>();
   cta.store(p, o, row_sum, lane);
 }
@@ -372,7 +418,7 @@ Status launch_typed(const FlashKernelParams& p, cudaStream_t stream) {
   if (use_wgmma()) {
     FlashTma tma{};
     if (tma_maps<T, D>(p, &tma)) {
-      flash_fwd_wg_kernel<T, D, true><<<grid, Wg::kThreads, Wg::kSmem, stream>>>(p, tma);
+      flash_fwd_wg_kernel<T, D, true><<<grid, Wg::kThreads + 128, Wg::kSmem, stream>>>(p, tma);  // + copying warpgroup
     } else {
       flash_fwd_wg_kernel<T, D, false><<<grid, Wg::kThreads, Wg::kSmem, stream>>>(p, tma);
     }

@@ -1,6 +1,7 @@
 // Dense softmax attention on the GPU (FlashAttention-2 style: one pass over the keys with an
 // online softmax, mma.sync m16n8k16, K/V tiles double-buffered in shared memory; on Hopper wgmma,
-// and TMA copies where the key ranges are multiples of 8 keys: flash.cu). The kernel takes
+// and where the key ranges are multiples of 8 keys TMA copies by a copying warpgroup with the two
+// computing warpgroups taking turns on the tensor cores: flash.cu). The kernel takes
 // its keys as up to four contiguous token ranges ("segments"), which covers a KV-cache window
 // (sink frames + recent frames, ring-buffer wrap included) without a copy, and a per-query key
 // limit for block-causal attention. Used by cuda::dense_attention() and by the engine (self-

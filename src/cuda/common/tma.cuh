@@ -51,6 +51,15 @@ __device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
   __trap();
 #endif
 }
+// One plain arrival (e.g. a consumer warp releasing a buffer to the copying thread).
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+#else
+  (void)bar;
+  __trap();
+#endif
+}
 // Waits until the phase with this parity has completed.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 #ifdef MONARCHRT_TMA_DEVICE

@@ -57,6 +57,21 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem, uint32_t 
          (uint64_t(1) << 62);
 }
 
+// Gives up (dec) or claims (inc) registers for the executing warpgroup: a copying warpgroup
+// hands its registers to the computing ones. Every warp of the warpgroup must execute it.
+template <int Regs>
+__device__ __forceinline__ void warpgroup_regs_dec() {
+#ifdef MONARCHRT_WGMMA_DEVICE
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Regs) : "memory");
+#endif
+}
+template <int Regs>
+__device__ __forceinline__ void warpgroup_regs_inc() {
+#ifdef MONARCHRT_WGMMA_DEVICE
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Regs) : "memory");
+#endif
+}
+
 __device__ __forceinline__ void wgmma_fence() {
 #ifdef MONARCHRT_WGMMA_DEVICE
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");

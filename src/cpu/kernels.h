@@ -32,8 +32,9 @@ inline void scale_in_place(float alpha, float* y, int64_t n) {
 }
 
 // C[M x N] = A[M x K] * B[K x N] (+ C with accumulate), fp32: A's element (i, k) at
-// A[i * a_rs + k * a_cs], B and C row-major with row pitches ldb and ldc. Blocks of MR = 4 rows x
-// NR = 32 columns (then 16) of C stay in registers over the whole K (every loop bound is a
+// A[i * a_rs + k * a_cs], B and C row-major with row pitches ldb and ldc. Blocks of MR = 8 rows
+// (with AVX-512; then 4, then 1) x NR = 32 columns (then 16) of C stay in registers over the whole
+// K (every loop bound is a
 // compile-time constant, or the compiler keeps C in memory); an edge block narrower than 16
 // columns runs on a zero-padded copy of its B columns.
 template <int MR, int NR>
@@ -86,6 +87,10 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, 
       for (int j = 0; j < nr; ++j) pad[k * 16 + j] = B[k * ldb + nfull + j];
   }
   int64_t i0 = 0;
+#ifdef __AVX512F__  // 8 x 32 outputs are 16 of the 32 vector registers (AVX2 has 16 in all)
+  for (; i0 + 8 <= M; i0 += 8)
+    gemm_rows<8>(nfull, nr, K, A + i0 * a_rs, a_rs, a_cs, B, ldb, pad.data(), C + i0 * ldc, ldc, accumulate);
+#endif
   for (; i0 + 4 <= M; i0 += 4)
     gemm_rows<4>(nfull, nr, K, A + i0 * a_rs, a_rs, a_cs, B, ldb, pad.data(), C + i0 * ldc, ldc, accumulate);
   for (; i0 < M; ++i0)

@@ -34,9 +34,8 @@ inline void scale_in_place(float alpha, float* y, int64_t n) {
 // C[M x N] = A[M x K] * B[K x N] (+ C with accumulate), fp32: A's element (i, k) at
 // A[i * a_rs + k * a_cs], B and C row-major with row pitches ldb and ldc. Blocks of MR = 8 rows
 // (with AVX-512; then 4, then 1) x NR = 32 columns (then 16) of C stay in registers over the whole
-// K (every loop bound is a
-// compile-time constant, or the compiler keeps C in memory); an edge block narrower than 16
-// columns runs on a zero-padded copy of its B columns.
+// K (every loop bound is a compile-time constant, or the compiler keeps C in memory); an edge
+// block narrower than 16 columns runs on a zero-padded copy of its B columns.
 template <int MR, int NR>
 inline void gemm_block(int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t ldb,
                        float* C, int64_t ldc, bool accumulate) {

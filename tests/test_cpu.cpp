@@ -124,12 +124,13 @@ TEST(CpuKernels, ExpNonpositive) {
   EXPECT_TRUE(std::isnan(cpu::exp_nonpositive(std::numeric_limits<float>::quiet_NaN())));
 }
 
-// The CPU paths' matrix product on every edge of its blocking (rows not a multiple of 4, columns
-// not a multiple of 16), with A read row-major or transposed, padded pitches, and accumulate.
+// The CPU paths' matrix product on every edge of its blocking (8-row blocks with AVX-512, then 4,
+// then single rows; columns not a multiple of 16), with A read row-major or transposed, padded
+// pitches, and accumulate.
 TEST(CpuKernels, GemmMatchesNaiveProduct) {
   std::mt19937 gen(7);
   std::normal_distribution<float> normal;
-  for (int64_t M : {1, 3, 4, 5, 9})
+  for (int64_t M : {1, 3, 4, 5, 8, 9, 13, 30})
     for (int64_t N : {1, 7, 16, 17, 33, 52, 64})
       for (int64_t K : {1, 5, 128})
         for (bool transposed : {false, true})

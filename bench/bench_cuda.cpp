@@ -48,9 +48,12 @@ double real_flops(const Shape& s, const TileGeometry& qg, const TileGeometry& kg
 
 // Times call(i) (i: which input set): the first call alone, 3 warm-up calls, then `reps` timed
 // calls on rotating input sets; prints one row with the median and the achieved TFLOP/s.
+std::string g_path;  // --path: only the rows of this path ("" = all)
+
 template <typename Call>
 void time_row(const char* name, const char* path, int reps, int sets, double flops, double target_ms,
               cudaEvent_t e0, cudaEvent_t e1, Call call) {
+  if (!g_path.empty() && g_path != path) return;
   float first = 0;
   CHECK_CUDA(cudaEventRecord(e0));
   call(0);
@@ -88,8 +91,9 @@ void check_status(const Status& st, const char* name) {
 
 int main(int argc, char** argv) {
   const int64_t H = 12, D = 128;
-  // Usage: bench_cuda [reps] [--backward] [--only TEXT]  (--backward: only the backward table;
-  // --only: only the shapes whose name contains TEXT; both e.g. under ncu)
+  // Usage: bench_cuda [reps] [--backward] [--only TEXT] [--path PATH]  (--backward: only the
+  // backward table; --only: only the shapes whose name contains TEXT; --path: only the rows of
+  // one path: fused, two-pass, dense, backward or bwd+lse; e.g. under ncu)
   int reps = 50;
   bool backward_only = false;
   std::string only;
@@ -98,6 +102,8 @@ int main(int argc, char** argv) {
       backward_only = true;
     } else if (std::string(argv[i]) == "--only" && i + 1 < argc) {
       only = argv[++i];
+    } else if (std::string(argv[i]) == "--path" && i + 1 < argc) {
+      g_path = argv[++i];
     } else {
       reps = std::atoi(argv[i]);
     }

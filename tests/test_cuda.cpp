@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <string>
@@ -606,6 +607,28 @@ TEST(CudaBackward, SanitizerSet) {
   Rng rng(202);
   for (int64_t D : {64, 128})
     for (const Case& c : {kCases[3], kCases[7], kCases[11]}) run_backward_case(c, DType::kBF16, D, rng, 0);
+}
+
+// Stage 1 with the key tiles of each (query tile, row) split between several CTAs, as the
+// launch does for long keys (fwd.cu, stage1_key_parts; the cases above are too short for it):
+// forced through MONARCHRT_STAGE1_KEY_PARTS, up to more parts than some query tiles have tiles
+// (empty parts), in the forward, with two iterations, and in the backward's recompute.
+TEST(CudaForward, KeyTilesSplitBetweenStage1Ctas) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(109);
+  for (const char* parts : {"2", "3", "7"}) {
+    setenv("MONARCHRT_STAGE1_KEY_PARTS", parts, 1);
+    for (const Case& c : kCases) {
+      const double err = run_case(c, DType::kBF16, 128, rng, 0, true);
+      EXPECT_LT(err, 1e-2) << parts << " parts, grid " << c.grid.to_string() << " layout " << c.layout.to_string();
+    }
+    for (const Case& c : {kCases[1], kCases[11]}) {
+      EXPECT_LT(run_case(c, DType::kBF16, 128, rng, 0, true, 2), 1e-2) << parts << " parts, 2 iterations";
+      std::printf("%s parts: backward grid %s: max rel L2 %s\n", parts, c.grid.to_string().c_str(),
+                  run_backward_case(c, DType::kBF16, 128, rng, 0).c_str());
+    }
+  }
+  unsetenv("MONARCHRT_STAGE1_KEY_PARTS");
 }
 
 TEST(CudaBackward, RejectsWhatItCannotRun) {

@@ -373,7 +373,7 @@ struct Dq1Config {
   static constexpr int kLd = D + 8;
   static constexpr size_t kRowBytes = size_t(kB2Max) * kLd * sizeof(T);
   // K and V rows double-buffered, then the daL and dY rows of the current key tile (one buffer,
-  // loaded while S is computed).
+  // refilled for the next key tile as soon as the dR products are done).
   static constexpr size_t kSmem = 2 * 2 * kRowBytes + 2 * kRowBytes;
 };
 
@@ -424,13 +424,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
   T* dLs = bufs + 4 * C::kB2Max * C::kLd;  // [kB2Max][kLd] daL rows of the columns j
   T* dYs = dLs + C::kB2Max * C::kLd;
   const int kb = kku * 16;  // rows of dLs / dYs that the warps read
-  int n = next_allowed(p, m, 0);
-  if (n < p.F) load(n, 0);
-  cp_async_commit();
-  for (int it = 0; n < p.F; ++it) {
-    const int n_next = next_allowed(p, m, n + 1);
-    cp_async_wait_group<0>();
-    __syncthreads();  // K, V of (n, k) landed; every warp is done with the previous iteration
+  auto load_d = [&](int n) {  // the daL and dY rows of key row (n, k), every column j
     for (int idx = tid; idx < kb * (D / 8); idx += blockDim.x) {
       const int jj = idx / (D / 8), dc = idx % (D / 8);
       const bool valid = jj < p.b2;
@@ -438,7 +432,17 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
       cp_async_16(dLs + jj * C::kLd + dc * 8, dal_ws + wr * D + dc * 8, valid);
       cp_async_16(dYs + jj * C::kLd + dc * 8, dy_ws + wr * D + dc * 8, valid);
     }
-    cp_async_commit();
+  };
+  int n = next_allowed(p, m, 0);
+  if (n < p.F) {
+    load(n, 0);
+    load_d(n);
+  }
+  cp_async_commit();
+  for (int it = 0; n < p.F; ++it) {
+    const int n_next = next_allowed(p, m, n + 1);
+    cp_async_wait_group<0>();
+    __syncthreads();  // K, V, daL, dY of (n, k) landed; every warp is done with the previous K, V
     if (n_next < p.F) load(n_next, (it + 1) % 2);
     cp_async_commit();
     const T* Kr = bufs + ((it % 2) * 2) * C::kB2Max * C::kLd;
@@ -465,8 +469,6 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
         }
       }
     }
-    cp_async_wait_group<1>();
-    __syncthreads();  // daL, dY of (n, k) landed
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       uint32_t la[4], ya[4];
@@ -486,6 +488,12 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
         }
       }
     }
+    // Every warp is done with daL, dY of (n, k): those of the next row load during the softmax,
+    // the dq product and the next S (one buffer; loading them while only S was computed was
+    // 2.5-4% slower, docs/perf.md, twelfth session).
+    __syncthreads();
+    if (n_next < p.F) load_d(n_next);
+    cp_async_commit();
     // R = softmax(s) within the row, log R, then dz = R (dR + dcL log R - D1).
     float M[2] = {-INFINITY, -INFINITY};
 #pragma unroll

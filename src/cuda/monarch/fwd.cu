@@ -84,12 +84,29 @@ bool stage1_store_maps(const MonarchFwdParams& p, int B, Stage1Tma* tma) {
          encode_tensor_map(&tma->y, p.ws_y, type, 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B).ok();
 }
 
+// How many CTAs share the key tiles of one (query tile, row) in stage 1 (MonarchFwdParams::
+// key_parts). The launch has A * b1 * B * H CTAs whatever the key length (1080 for a
+// Self-Forcing chunk, about two waves of 4 CTAs per SM on an H100), each walking all its key
+// tiles; parts of about 7 tiles each keep the last wave short. Measured on an H100 (docs/perf.md,
+// twelfth session): 1-3% less time for 21 key frames, full 32760, block-causal and several
+// iterations; none at 3-9 frames (3 parts at 3 frames: +3..6%, hence 1 part below 11 tiles).
+// MONARCHRT_STAGE1_KEY_PARTS=N in the environment forces N (tests and benchmarks).
+int stage1_key_parts(const MonarchFwdParams& p) {
+  const char* e = std::getenv("MONARCHRT_STAGE1_KEY_PARTS");
+  if (e != nullptr && std::atoi(e) > 0) return std::min(std::atoi(e), std::max(p.F, 1));
+  // key tiles a query tile attends, on average (block-causal: half the tiles plus half a chunk)
+  const int chunk_tiles = p.causal_chunk > 0 ? p.causal_chunk / p.f_tied * p.tpg : 0;
+  const int per_tile = p.causal_chunk > 0 ? (p.F + chunk_tiles) / 2 : p.F;
+  return std::max(1, std::min(8, (per_tile + 3) / 7));
+}
+
 // Stage 1 into the workspace, with the configuration that holds rows of b2 keys.
 template <typename T, int D>
-Status launch_stage1_typed(const MonarchFwdParams& p, int B, cudaStream_t stream) {
+Status launch_stage1_typed(MonarchFwdParams p, int B, cudaStream_t stream) {
   using C = TwoPassConfig<T, D>;
   MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<T, D>()));
-  const dim3 grid1(p.A, p.b1, B * p.H);
+  p.key_parts = stage1_key_parts(p);
+  const dim3 grid1(p.A * p.key_parts, p.b1, B * p.H);
   Stage1Tma tma{};
   // Hopper: one warpgroup, rows by TMA, S, aL and Y by wgmma. Views the copy engine cannot
   // describe (its encoder refuses, e.g. a zero stride that broadcasts K over heads) take the
@@ -264,6 +281,7 @@ MonarchFwdParams make_fwd_params(const TensorView& q, const TensorView& k, const
   p.sink_tiles = int(kt.sink);
   p.skip_tiles = int(kt.skip);
   p.row_groups = int((plan.qg.b1 + 31) / 32);
+  p.key_parts = 1;
   p.q_frame_offset = int(plan.q_frame_offset);
   p.causal_chunk = int(plan.causal_chunk_frames);
   const int64_t cache = plan.k_grid.T;

@@ -33,6 +33,7 @@ struct MonarchFwdParams {
   // n < sink_tiles, tile n + skip_tiles otherwise (skip_tiles = 0 without a window).
   int sink_tiles, skip_tiles;
   int row_groups;              // CTAs along the tile rows: ceil(b1 / kRowsPerCta)
+  int key_parts;               // two-pass stage 1: CTAs that share a (query tile, row)'s key tiles
   int q_frame_offset;          // key-grid frame of query frame 0
   int causal_chunk;            // block-causal chunk in frames, 0 = none
   int sink, window_start;      // KV cache: key frame f attended iff f < sink || f >= window_start

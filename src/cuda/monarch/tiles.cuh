@@ -46,5 +46,27 @@ __device__ __forceinline__ int next_allowed(const MonarchFwdParams& p, int m, in
   return n;
 }
 
+// Part `part` of `parts` of query tile m's allowed key tiles (split by count, in order): its
+// first tile and the tile after its last allowed one (p.F after the last allowed tile of all),
+// so that a loop n = begin; n < end; n = next_allowed(p, m, n + 1) visits exactly the part.
+__device__ __forceinline__ int2 allowed_part(const MonarchFwdParams& p, int m, int part, int parts) {
+  if (parts == 1) return make_int2(next_allowed(p, m, 0), p.F);
+  int count = 0;
+  for (int n = 0; n < p.F; ++n) count += tile_allowed(p, m, n);
+  const int lo = part * count / parts, hi = (part + 1) * count / parts;
+  int2 r = make_int2(p.F, p.F);
+  for (int n = 0, o = 0; n < p.F; ++n) {
+    if (!tile_allowed(p, m, n)) continue;
+    if (o == lo) r.x = n;
+    if (o == hi) {
+      r.y = n;
+      break;
+    }
+    ++o;
+  }
+  if (lo == hi) r.x = r.y;  // an empty part
+  return r;
+}
+
 }  // namespace cuda_detail
 }  // namespace monarchrt

@@ -4,7 +4,8 @@
 // rows), which the fused kernel (fwd_kernel.cuh) cannot: there, 8 query columns per CTA force
 // the transposed orientation and cross-warp reductions (measured 44 instructions per MMA).
 //
-// Stage 1 (monarch_stage1_kernel): one CTA per (batch*head, tile row k, query tile m), one warp
+// Stage 1 (monarch_stage1_kernel): one CTA per (batch*head, tile row k, query tile m) (or per
+//   part of its key tiles, for long keys: MonarchFwdParams::key_parts), one warp
 //   per 16 query columns j, the proxies q[m,k,:] in registers (rejected: CTAs of 3 query tiles
 //   sharing each K/V row, H100 last chunk 0.871 vs 0.794 ms, docs/cuda-forward.md); for every allowed key tile n
 //   (K/V rows double-buffered) it is a small attention of the b2 proxies over the b2 keys
@@ -105,7 +106,9 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
   constexpr int kNT = C::kB2Max / 8;  // 8-key MMA tiles of a row
   // The A query tiles of a key row are neighbours in launch order: they read the same K / V rows
   // at about the same time, from L2.
-  const int m = blockIdx.x, k = blockIdx.y, bh = blockIdx.z;
+  // The key tiles of (m, k) may be split between p.key_parts CTAs (neighbours, after the A query
+  // tiles), so that short launches fill the SMs' last wave (fwd.cu, stage1_key_parts).
+  const int m = blockIdx.x % p.A, k = blockIdx.y, bh = blockIdx.z;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + (Wg ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u);
   T* bufs = reinterpret_cast<T*>(smem);  // [stage][K, V][kB2Max][kLd] (Wg: [slot][D / 64][64][64], swizzled)
@@ -161,8 +164,11 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
   };
   auto wait_copy = [&](int i) { mbar_wait(&full[i % 3], (i / 3) & 1); };
 
-  int n = next_allowed(p, m, 0);
-  int n1 = n < p.F ? next_allowed(p, m, n + 1) : p.F;  // the row after n
+  const int2 part = allowed_part(p, m, blockIdx.x / p.A, p.key_parts);
+  const int n_end = part.y;  // one past this CTA's last key tile
+  auto next = [&](int x) { return x < n_end ? min(next_allowed(p, m, x + 1), n_end) : n_end; };
+  int n = part.x;
+  int n1 = next(n);  // the row after n
   if constexpr (Wg) {
     fence_proxy_async_smem();  // the zeroed pad rows are read by wgmma
     if (tid == 0) {
@@ -170,23 +176,23 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
       fence_mbar_init();
     }
     __syncthreads();
-    if (tid == 0 && n < p.F) {
+    if (tid == 0 && n < n_end) {
       issue(&tma.k, n, 0);
       issue(&tma.v, n, 1);
     }
-    if (tid == 0 && n1 < p.F) issue(&tma.k, n1, 2);
+    if (tid == 0 && n1 < n_end) issue(&tma.k, n1, 2);
   } else {
     __syncthreads();  // zeroing done before the first copies land
-    if (n < p.F) load(n, 0);
+    if (n < n_end) load(n, 0);
     cp_async_commit();
   }
-  for (int it = 0; n < p.F; ++it) {
+  for (int it = 0; n < n_end; ++it) {
     const int n_next = n1;
-    const int n2 = n_next < p.F ? next_allowed(p, m, n_next + 1) : p.F;
+    const int n2 = next(n_next);
     if constexpr (Wg) {
       wait_copy(2 * it);  // the K row; the V row is waited for before the first Y product
     } else {
-      if (n_next < p.F) load(n_next, (it + 1) % 2);
+      if (n_next < n_end) load(n_next, (it + 1) % 2);
       cp_async_commit();
       cp_async_wait_group<1>();  // row (n, k) has landed; (n_next, k) may still be in flight
       __syncthreads();
@@ -307,7 +313,7 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
         if (tid == 0) bulk_wait_read<0>();  // the previous store has read the staging tile
         __syncthreads();
         // Every warp is done with the K row (the aL products): the next V row takes its slot.
-        if (q == kHalves && tid == 0 && n_next < p.F) issue(&tma.v, n_next, 2 * it + 3);
+        if (q == kHalves && tid == 0 && n_next < n_end) issue(&tma.v, n_next, 2 * it + 3);
 #pragma unroll
         for (int t = 0; t < 8; ++t) {  // rows = columns j (this lane's warp * 16 + r, + 8), chunk t
           if (j_row[0] < p.b2) {
@@ -355,7 +361,7 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
       }
     }
     __syncthreads();  // this stage's buffers (Wg: the V row's slot) are refilled next
-    if (Wg && tid == 0 && n2 < p.F) issue(&tma.k, n2, 2 * it + 4);
+    if (Wg && tid == 0 && n2 < n_end) issue(&tma.k, n2, 2 * it + 4);
     n = n_next;
     n1 = n2;
   }

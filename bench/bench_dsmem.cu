@@ -9,6 +9,10 @@
 // candidate"): how fast a buffer of W MB is written and then read back by all SMs, plainly, with
 // each line dropped from L2 after its read (discard.global.L2: no write-back), and with the
 // buffer also marked persisting in L2; a W far larger than L2 gives the device-memory rate.
+// Also with the copy engine (cp.async.bulk, one thread issuing): shared memory into other CTAs'
+// shared memory, and loads from L2 multicast to every CTA of the cluster (each CTA issues its
+// share, every CTA receives everything: the per-SM intake of a design in which each SM needs
+// every K / V row but L2 serves each row once per cluster).
 // Not a test, exits 0 unless a CUDA call fails. Usage: bench_dsmem (needs compute capability 9.0
 // or newer).
 #include <cooperative_groups.h>
@@ -17,9 +21,12 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "../src/cuda/common/tma.cuh"
+#include "../src/cuda/common/wgmma.cuh"
 #include "check_cuda.h"
 
 namespace cg = cooperative_groups;
+using namespace monarchrt::cuda_detail;
 
 
 constexpr int kBufBytes = 64 * 1024;  // shared memory each CTA writes or reads
@@ -111,6 +118,86 @@ __global__ void ws_read_kernel(uint4* buf, size_t n, bool discard, unsigned* sin
   if (acc == 0x12345678u) *sink = acc;
 }
 
+// ---- copies by the copy engine ----
+constexpr int kChunk = 16 * 1024;     // bytes per bulk copy
+constexpr int kChunksPerRound = 56;   // 896 KB per CTA and round: under the 2^20 - 1 byte tx-count
+constexpr int kRecvChunks = 8;        // receive area (copies land in it cyclically)
+constexpr size_t kBulkSmem = (kRecvChunks + 1) * kChunk + 16;
+enum BulkMode : int { kBulkNext = 0, kBulkAll, kBulkMulticast };
+const char* bulk_name(int mode) {
+  switch (mode) {
+    case kBulkNext: return "bulk copies into the next CTA's shared memory";
+    case kBulkAll: return "bulk copies into every other CTA in turn";
+    default: return "bulk loads from L2, multicast to the cluster";
+  }
+}
+
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t local, unsigned rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(local), "r"(rank));
+  return r;
+}
+// `bytes` from this CTA's shared memory to shared::cluster address `dst` (another CTA's), whose
+// CTA's mbarrier at shared::cluster address `bar` counts them.
+__device__ __forceinline__ void bulk_to_cluster(uint32_t dst, uint32_t src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "r"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+// `bytes` from global `src` to `dst` in every CTA of `mask` (same offset), each CTA's `bar` counting.
+__device__ __forceinline__ void bulk_load_multicast(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
+                                                    uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;\n" ::"r"(
+          smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "h"(mask)
+      : "memory");
+}
+
+// Per round every CTA receives kChunksPerRound chunks: from the next-lower CTA (kBulkNext), from
+// all others in turn (kBulkAll), or from L2, each CTA loading its 1/size share for all
+// (kBulkMulticast; size 1: plain bulk loads). Thread 0 arms the CTA's mbarrier for the round's
+// bytes, the cluster synchronizes (every barrier armed), thread 0 issues and waits.
+__global__ void bulk_kernel(int mode, int rounds, const unsigned char* global, int global_chunks) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* recv = smem;
+  unsigned char* src = smem + kRecvChunks * kChunk;
+  uint64_t* bar = reinterpret_cast<uint64_t*>(src + kChunk);
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), size = cluster.num_blocks();
+  for (int i = threadIdx.x; i < kChunk / 16; i += blockDim.x) reinterpret_cast<uint4*>(src)[i] = make_uint4(i, rank, 1, 2);
+  fence_proxy_async_smem();  // the source chunk, written by threads, is read by the copy engine
+  if (threadIdx.x == 0) {
+    mbar_init(bar, 1);
+    fence_mbar_init();
+  }
+  cluster.sync();
+  for (int r = 0; r < rounds; ++r) {
+    if (threadIdx.x == 0) mbar_expect(bar, uint32_t(kChunksPerRound) * kChunk);
+    cluster.sync();
+    if (threadIdx.x != 0) continue;
+    if (mode == kBulkMulticast) {
+      const uint16_t mask = uint16_t((1u << size) - 1);
+      for (int c = int(rank); c < kChunksPerRound; c += int(size)) {
+        const int g = int((blockIdx.x / size * 7 + unsigned(r) * kChunksPerRound + unsigned(c)) % unsigned(global_chunks));
+        if (size == 1) {
+          bulk_load(recv + (c % kRecvChunks) * kChunk, global + size_t(g) * kChunk, kChunk, bar);
+        } else {
+          bulk_load_multicast(recv + (c % kRecvChunks) * kChunk, global + size_t(g) * kChunk, kChunk, bar, mask);
+        }
+      }
+    } else {
+      for (int c = 0; c < kChunksPerRound; ++c) {
+        const unsigned to = (rank + 1 + (mode == kBulkAll ? unsigned(c) % (size - 1) : 0u)) % size;
+        bulk_to_cluster(cluster_addr(smem_addr(recv + (c % kRecvChunks) * kChunk), to), smem_addr(src), kChunk,
+                        cluster_addr(smem_addr(bar), to));
+      }
+    }
+    mbar_wait(bar, uint32_t(r) & 1u);
+  }
+  cluster.sync();  // no CTA leaves while copies into its shared memory may be in flight
+}
+
 // The fastest of 4 timed runs of launch() after one warm-up run, in milliseconds.
 template <typename Launch>
 float best_ms(cudaEvent_t e0, cudaEvent_t e1, Launch launch, cudaStream_t stream = nullptr) {
@@ -195,6 +282,48 @@ int main() {
       const double per_sm_cycle = bytes / cfg.gridDim.x / (best * 1e-3 * clock_khz * 1e3);
       std::printf("%-48s %8d %12.2f %14.1f\n", mode_name(mode), size, bytes / (best * 1e-3) * 1e-12, per_sm_cycle);
     }
+  }
+  // Copies by the copy engine: bytes received per SM.
+  {
+    std::printf("%-48s %8s %12s %14s %12s\n", "copy engine (one thread issues)", "cluster", "TB/s (all)",
+                "B/clk per SM", "L2 TB/s");
+    CHECK_CUDA(cudaFuncSetAttribute(bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBulkSmem)));
+    CHECK_CUDA(cudaFuncSetAttribute(bulk_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    const int global_chunks = (4 << 20) / kChunk;  // 4 MB that every cluster reads: stays in L2
+    unsigned char* global = nullptr;
+    CHECK_CUDA(cudaMalloc(&global, size_t(global_chunks) * kChunk));
+    CHECK_CUDA(cudaMemset(global, 1, size_t(global_chunks) * kChunk));
+    const int rounds = 40;
+    for (int mode : {kBulkNext, kBulkAll, kBulkMulticast}) {
+      for (int size : {1, 2, 4, 8}) {
+        if (size == 1 && mode != kBulkMulticast) continue;
+        if (size == 2 && mode == kBulkAll) continue;  // the same as kBulkNext
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(unsigned((sms / size) * size));
+        cfg.blockDim = dim3(128);
+        cfg.dynamicSmemBytes = kBulkSmem;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = unsigned(size);
+        attr[0].val.clusterDim.y = 1;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        int clusters = 0;
+        CHECK_CUDA(cudaOccupancyMaxActiveClusters(&clusters, bulk_kernel, &cfg));
+        cfg.gridDim = dim3(unsigned(std::min(clusters, sms / size) * size));
+        const float best = best_ms(e0, e1, [&] {
+          CHECK_CUDA(cudaLaunchKernelEx(&cfg, bulk_kernel, mode, rounds, (const unsigned char*)global, global_chunks));
+        });
+        const double bytes = double(cfg.gridDim.x) * rounds * kChunksPerRound * double(kChunk);  // received
+        const double tbs = bytes / (best * 1e-3) * 1e-12;
+        const double per_sm_cycle = bytes / cfg.gridDim.x / (best * 1e-3 * clock_khz * 1e3);
+        char l2[32] = "-";
+        if (mode == kBulkMulticast) std::snprintf(l2, sizeof l2, "%.2f", tbs / size);
+        std::printf("%-48s %8d %12.2f %14.1f %12s\n", bulk_name(mode), size, tbs, per_sm_cycle, l2);
+      }
+    }
+    CHECK_CUDA(cudaFree(global));
   }
   // The workspace round trip at sizes around the L2 (50 MB on an H100, 60 MB on an H200).
   {

@@ -145,10 +145,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_kernel(const FlashKernelPara
     for (int ks = 0; ks < D / 16; ++ks) {
 #pragma unroll
       for (int tp = 0; tp < C::kBc / 16; ++tp) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, Ks + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
-        Mma<T>::run(u[2 * tp], cta.qa[ks], bk[0], bk[1]);
-        Mma<T>::run(u[2 * tp + 1], cta.qa[ks], bk[2], bk[3]);
+        mma_rows16<T>(u[2 * tp], u[2 * tp + 1], cta.qa[ks], Ks + tp * 16 * C::kLd, C::kLd, ks, lane);
       }
     }
 #pragma unroll

@@ -200,14 +200,8 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
           ldmatrix_a(da, dOw, C::kLd * sizeof(T), ks, lane);
 #pragma unroll
           for (int tp = 0; tp < kCh / 16; ++tp) {
-            const int off = (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8;
-            uint32_t bk[4];
-            ldmatrix_x4(bk, aLc + off);
-            MM::run(u[2 * tp], qa, bk[0], bk[1]);
-            MM::run(u[2 * tp + 1], qa, bk[2], bk[3]);
-            ldmatrix_x4(bk, Yc + off);
-            MM::run(g[2 * tp], da, bk[0], bk[1]);
-            MM::run(g[2 * tp + 1], da, bk[2], bk[3]);
+            mma_rows16<T>(u[2 * tp], u[2 * tp + 1], qa, aLc + tp * 16 * C::kLd, C::kLd, ks, lane);
+            mma_rows16<T>(g[2 * tp], g[2 * tp + 1], da, Yc + tp * 16 * C::kLd, C::kLd, ks, lane);
           }
         }
 #pragma unroll
@@ -461,12 +455,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
     for (int ks = 0; ks < D / 16; ++ks) {
 #pragma unroll
       for (int tp = 0; tp < kNT / 2; ++tp) {
-        if (2 * tp < ntu) {
-          uint32_t bk[4];
-          ldmatrix_x4(bk, Kr + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
-          MM::run(s[2 * tp], qa[ks], bk[0], bk[1]);
-          MM::run(s[2 * tp + 1], qa[ks], bk[2], bk[3]);
-        }
+        if (2 * tp < ntu) mma_rows16<T>(s[2 * tp], s[2 * tp + 1], qa[ks], Kr + tp * 16 * C::kLd, C::kLd, ks, lane);
       }
     }
 #pragma unroll
@@ -477,14 +466,8 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
 #pragma unroll
       for (int tp = 0; tp < kNT / 2; ++tp) {
         if (2 * tp < ntu) {
-          const int off = (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8;
-          uint32_t bk[4];
-          ldmatrix_x4(bk, Kr + off);
-          MM::run(dr[2 * tp], la, bk[0], bk[1]);
-          MM::run(dr[2 * tp + 1], la, bk[2], bk[3]);
-          ldmatrix_x4(bk, Vr + off);
-          MM::run(dr[2 * tp], ya, bk[0], bk[1]);
-          MM::run(dr[2 * tp + 1], ya, bk[2], bk[3]);
+          mma_rows16<T>(dr[2 * tp], dr[2 * tp + 1], la, Kr + tp * 16 * C::kLd, C::kLd, ks, lane);
+          mma_rows16<T>(dr[2 * tp], dr[2 * tp + 1], ya, Vr + tp * 16 * C::kLd, C::kLd, ks, lane);
         }
       }
     }
@@ -661,19 +644,12 @@ __global__ void __launch_bounds__(256) monarch_bwd_dkv_kernel(const MonarchBwdPa
       float s[2][4] = {}, dr[2][4] = {};
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
-        uint32_t ka[4], va[4], bq[4], bl[4], by[4];
+        uint32_t ka[4], va[4];
         ldmatrix_a(ka, Kw, C::kLd * sizeof(T), ks, lane);
         ldmatrix_a(va, Vw, C::kLd * sizeof(T), ks, lane);
-        const int off = (j0 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8;
-        ldmatrix_x4(bq, Qs + off);
-        ldmatrix_x4(bl, dLs + off);
-        ldmatrix_x4(by, dYs + off);
-        MM::run(s[0], ka, bq[0], bq[1]);
-        MM::run(s[1], ka, bq[2], bq[3]);
-        MM::run(dr[0], ka, bl[0], bl[1]);
-        MM::run(dr[1], ka, bl[2], bl[3]);
-        MM::run(dr[0], va, by[0], by[1]);
-        MM::run(dr[1], va, by[2], by[3]);
+        mma_rows16<T>(s[0], s[1], ka, Qs + j0 * C::kLd, C::kLd, ks, lane);
+        mma_rows16<T>(dr[0], dr[1], ka, dLs + j0 * C::kLd, C::kLd, ks, lane);
+        mma_rows16<T>(dr[0], dr[1], va, dYs + j0 * C::kLd, C::kLd, ks, lane);
       }
       float R[2][4];
 #pragma unroll

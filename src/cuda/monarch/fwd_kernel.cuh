@@ -281,14 +281,12 @@ __global__ void __launch_bounds__(FwdConfig<T, D, G>::kThreads, 1)
       const T* Yj = Yc + jl * C::kKC * C::kLdD;
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
-        uint32_t qa[4], bk[4];
+        uint32_t qa[4];
         qa[0] = qrow[0] ? *reinterpret_cast<const uint32_t*>(qrow[0] + ks * 16 + c) : 0u;
         qa[1] = qrow[1] ? *reinterpret_cast<const uint32_t*>(qrow[1] + ks * 16 + c) : 0u;
         qa[2] = qrow[0] ? *reinterpret_cast<const uint32_t*>(qrow[0] + ks * 16 + 8 + c) : 0u;
         qa[3] = qrow[1] ? *reinterpret_cast<const uint32_t*>(qrow[1] + ks * 16 + 8 + c) : 0u;
-        ldmatrix_x4(bk, aLj + ((lane / 16) * 8 + lane % 8) * C::kLdD + ks * 16 + ((lane / 8) % 2) * 8);
-        MM::run(u[0], qa, bk[0], bk[1]);
-        MM::run(u[1], qa, bk[2], bk[3]);
+        mma_rows16<T>(u[0], u[1], qa, aLj, C::kLdD, ks, lane);
       }
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {

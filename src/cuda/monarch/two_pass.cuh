@@ -222,12 +222,7 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
     for (int ks = 0; ks < (Wg ? 0 : D / 16); ++ks) {
 #pragma unroll
       for (int tp = 0; tp < kNT / 2; ++tp) {
-        if (2 * tp < ntu) {
-          uint32_t bk[4];
-          ldmatrix_x4(bk, Kr + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
-          MM::run(s[2 * tp], qa[ks], bk[0], bk[1]);
-          MM::run(s[2 * tp + 1], qa[ks], bk[2], bk[3]);
-        }
+        if (2 * tp < ntu) mma_rows16<T>(s[2 * tp], s[2 * tp + 1], qa[ks], Kr + tp * 16 * C::kLd, C::kLd, ks, lane);
       }
     }
     // ---- softmax over the keys of each column's row (inside the warp: 4 lanes share a row)
@@ -648,10 +643,7 @@ __global__ void __launch_bounds__(128) monarch_proxy_kernel(const MonarchFwdPara
         for (int ks = 0; ks < D / 16; ++ks) {
 #pragma unroll
           for (int tp = 0; tp < 2; ++tp) {
-            uint32_t bq[4];
-            ldmatrix_x4(bq, Qj + (tp * 16 + (lane / 16) * 8 + lane % 8) * C::kLd + ks * 16 + ((lane / 8) % 2) * 8);
-            MM::run(u[2 * tp], aa[ks], bq[0], bq[1]);
-            MM::run(u[2 * tp + 1], aa[ks], bq[2], bq[3]);
+            mma_rows16<T>(u[2 * tp], u[2 * tp + 1], aa[ks], Qj + tp * 16 * C::kLd, C::kLd, ks, lane);
           }
         }
 #pragma unroll

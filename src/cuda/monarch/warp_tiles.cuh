@@ -24,6 +24,18 @@ __device__ __forceinline__ void load_a_rows(uint32_t (&a)[D / 16][4], const T* r
   }
 }
 
+// c0 += A B0^T and c1 += A B1^T, where B0 and B1 are rows 0-7 and 8-15 of the 16 consecutive rows
+// at `rows16` of a row-major shared-memory block (pitch ld elements), features 16 ks .. 16 ks + 15,
+// and A the warp's 16 x 16 fragment of the same features: 16 keys of a score product S = Q K^T.
+template <typename T>
+__device__ __forceinline__ void mma_rows16(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4], const T* rows16,
+                                           int ld, int ks, int lane) {
+  uint32_t b[4];
+  ldmatrix_x4(b, rows16 + ((lane / 16) * 8 + lane % 8) * ld + ks * 16 + ((lane / 8) % 2) * 8);
+  Mma<T>::run(c0, a, b[0], b[1]);
+  Mma<T>::run(c1, a, b[2], b[3]);
+}
+
 // One step of the online softmax over NT * 8 more keys for the warp's 16 rows: u holds the
 // scores in log2 units (masked entries -inf; every row has at least one finite score over all
 // steps). Updates row_max and row_sum, returns the factor corr[2] by which the accumulator of the

@@ -215,6 +215,29 @@ float best_ms(cudaEvent_t e0, cudaEvent_t e1, Launch launch, cudaStream_t stream
   return best;
 }
 
+// One wave of clusters of `size` CTAs (one CTA per SM, as many clusters as fit) launching
+// kernel(args...); returns the fastest time (best_ms) and the number of CTAs in `ctas`.
+template <typename... Args>
+float time_clusters(void (*kernel)(Args...), int size, int threads, size_t smem, int sms, cudaEvent_t e0,
+                    cudaEvent_t e1, int* ctas, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned((sms / size) * size));
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(size);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  CHECK_CUDA(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  cfg.gridDim = dim3(unsigned(std::min(clusters, sms / size) * size));
+  *ctas = int(cfg.gridDim.x);
+  return best_ms(e0, e1, [&] { CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, args...)); });
+}
+
 int main() {
   cudaDeviceProp prop;
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
@@ -263,23 +286,10 @@ int main() {
   for (int mode : {kOwnStore, kNeighbourStore, kScatterStore, kNeighbourLoad}) {
     for (int size : {2, 4, 8}) {
       if (mode == kOwnStore && size != 2) continue;
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(unsigned((sms / size) * size));  // one wave: one CTA per SM
-      cfg.blockDim = dim3(kThreads);
-      cfg.dynamicSmemBytes = kBufBytes;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = unsigned(size);
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      int clusters = 0;
-      CHECK_CUDA(cudaOccupancyMaxActiveClusters(&clusters, dsmem_kernel, &cfg));
-      cfg.gridDim = dim3(unsigned(std::min(clusters, sms / size) * size));
-      const float best = best_ms(e0, e1, [&] { CHECK_CUDA(cudaLaunchKernelEx(&cfg, dsmem_kernel, mode, iters, sink)); });
-      const double bytes = double(cfg.gridDim.x) * iters * kBufBytes;
-      const double per_sm_cycle = bytes / cfg.gridDim.x / (best * 1e-3 * clock_khz * 1e3);
+      int ctas = 0;
+      const float best = time_clusters(dsmem_kernel, size, kThreads, kBufBytes, sms, e0, e1, &ctas, mode, iters, sink);
+      const double bytes = double(ctas) * iters * kBufBytes;
+      const double per_sm_cycle = bytes / ctas / (best * 1e-3 * clock_khz * 1e3);
       std::printf("%-48s %8d %12.2f %14.1f\n", mode_name(mode), size, bytes / (best * 1e-3) * 1e-12, per_sm_cycle);
     }
   }
@@ -298,26 +308,12 @@ int main() {
       for (int size : {1, 2, 4, 8}) {
         if (size == 1 && mode != kBulkMulticast) continue;
         if (size == 2 && mode == kBulkAll) continue;  // the same as kBulkNext
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(unsigned((sms / size) * size));
-        cfg.blockDim = dim3(128);
-        cfg.dynamicSmemBytes = kBulkSmem;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = unsigned(size);
-        attr[0].val.clusterDim.y = 1;
-        attr[0].val.clusterDim.z = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        int clusters = 0;
-        CHECK_CUDA(cudaOccupancyMaxActiveClusters(&clusters, bulk_kernel, &cfg));
-        cfg.gridDim = dim3(unsigned(std::min(clusters, sms / size) * size));
-        const float best = best_ms(e0, e1, [&] {
-          CHECK_CUDA(cudaLaunchKernelEx(&cfg, bulk_kernel, mode, rounds, (const unsigned char*)global, global_chunks));
-        });
-        const double bytes = double(cfg.gridDim.x) * rounds * kChunksPerRound * double(kChunk);  // received
+        int ctas = 0;
+        const float best = time_clusters(bulk_kernel, size, 128, kBulkSmem, sms, e0, e1, &ctas, mode, rounds,
+                                         static_cast<const unsigned char*>(global), global_chunks);
+        const double bytes = double(ctas) * rounds * kChunksPerRound * double(kChunk);  // received
         const double tbs = bytes / (best * 1e-3) * 1e-12;
-        const double per_sm_cycle = bytes / cfg.gridDim.x / (best * 1e-3 * clock_khz * 1e3);
+        const double per_sm_cycle = bytes / ctas / (best * 1e-3 * clock_khz * 1e3);
         char l2[32] = "-";
         if (mode == kBulkMulticast) std::snprintf(l2, sizeof l2, "%.2f", tbs / size);
         std::printf("%-48s %8d %12.2f %14.1f %12s\n", bulk_name(mode), size, tbs, per_sm_cycle, l2);

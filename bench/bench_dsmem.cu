@@ -12,7 +12,8 @@
 // Also with the copy engine (cp.async.bulk, one thread issuing): shared memory into other CTAs'
 // shared memory, and loads from L2 multicast to every CTA of the cluster (each CTA issues its
 // share, every CTA receives everything: the per-SM intake of a design in which each SM needs
-// every K / V row but L2 serves each row once per cluster).
+// every K / V row but L2 serves each row once per cluster), for clusters of up to 16 CTAs (16 is
+// a non-portable size: the "SMs" column says how many CTAs the device could run at once).
 // Not a test, exits 0 unless a CUDA call fails. Usage: bench_dsmem (needs compute capability 9.0
 // or newer).
 #include <cooperative_groups.h>
@@ -216,7 +217,8 @@ float best_ms(cudaEvent_t e0, cudaEvent_t e1, Launch launch, cudaStream_t stream
 }
 
 // One wave of clusters of `size` CTAs (one CTA per SM, as many clusters as fit) launching
-// kernel(args...); returns the fastest time (best_ms) and the number of CTAs in `ctas`.
+// kernel(args...); returns the fastest time (best_ms) and the number of CTAs in `ctas`, or -1
+// when no such cluster can run (e.g. a non-portable size the device refuses).
 template <typename... Args>
 float time_clusters(void (*kernel)(Args...), int size, int threads, size_t smem, int sms, cudaEvent_t e0,
                     cudaEvent_t e1, int* ctas, Args... args) {
@@ -232,7 +234,10 @@ float time_clusters(void (*kernel)(Args...), int size, int threads, size_t smem,
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   int clusters = 0;
-  CHECK_CUDA(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters == 0) {
+    (void)cudaGetLastError();
+    return -1.f;
+  }
   cfg.gridDim = dim3(unsigned(std::min(clusters, sms / size) * size));
   *ctas = int(cfg.gridDim.x);
   return best_ms(e0, e1, [&] { CHECK_CUDA(cudaLaunchKernelEx(&cfg, kernel, args...)); });
@@ -288,6 +293,10 @@ int main() {
       if (mode == kOwnStore && size != 2) continue;
       int ctas = 0;
       const float best = time_clusters(dsmem_kernel, size, kThreads, kBufBytes, sms, e0, e1, &ctas, mode, iters, sink);
+      if (best < 0) {
+        std::printf("%-48s %8d %12s\n", mode_name(mode), size, "no cluster of this size runs here");
+        continue;
+      }
       const double bytes = double(ctas) * iters * kBufBytes;
       const double per_sm_cycle = bytes / ctas / (best * 1e-3 * clock_khz * 1e3);
       std::printf("%-48s %8d %12.2f %14.1f\n", mode_name(mode), size, bytes / (best * 1e-3) * 1e-12, per_sm_cycle);
@@ -295,8 +304,8 @@ int main() {
   }
   // Copies by the copy engine: bytes received per SM.
   {
-    std::printf("%-48s %8s %12s %14s %12s\n", "copy engine (one thread issues)", "cluster", "TB/s (all)",
-                "B/clk per SM", "L2 TB/s");
+    std::printf("%-48s %8s %12s %14s %12s %5s\n", "copy engine (one thread issues)", "cluster", "TB/s (all)",
+                "B/clk per SM", "L2 TB/s", "SMs");
     CHECK_CUDA(cudaFuncSetAttribute(bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kBulkSmem)));
     CHECK_CUDA(cudaFuncSetAttribute(bulk_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     const int global_chunks = (4 << 20) / kChunk;  // 4 MB that every cluster reads: stays in L2
@@ -305,18 +314,22 @@ int main() {
     CHECK_CUDA(cudaMemset(global, 1, size_t(global_chunks) * kChunk));
     const int rounds = 40;
     for (int mode : {kBulkNext, kBulkAll, kBulkMulticast}) {
-      for (int size : {1, 2, 4, 8}) {
+      for (int size : {1, 2, 4, 8, 16}) {  // 16: a non-portable size (the H100 allows it)
         if (size == 1 && mode != kBulkMulticast) continue;
         if (size == 2 && mode == kBulkAll) continue;  // the same as kBulkNext
         int ctas = 0;
         const float best = time_clusters(bulk_kernel, size, 128, kBulkSmem, sms, e0, e1, &ctas, mode, rounds,
                                          static_cast<const unsigned char*>(global), global_chunks);
+        if (best < 0) {
+          std::printf("%-48s %8d %12s\n", bulk_name(mode), size, "no cluster of this size runs here");
+          continue;
+        }
         const double bytes = double(ctas) * rounds * kChunksPerRound * double(kChunk);  // received
         const double tbs = bytes / (best * 1e-3) * 1e-12;
         const double per_sm_cycle = bytes / ctas / (best * 1e-3 * clock_khz * 1e3);
         char l2[32] = "-";
         if (mode == kBulkMulticast) std::snprintf(l2, sizeof l2, "%.2f", tbs / size);
-        std::printf("%-48s %8d %12.2f %14.1f %12s\n", bulk_name(mode), size, tbs, per_sm_cycle, l2);
+        std::printf("%-48s %8d %12.2f %14.1f %12s %5d\n", bulk_name(mode), size, tbs, per_sm_cycle, l2, ctas);
       }
     }
     CHECK_CUDA(cudaFree(global));

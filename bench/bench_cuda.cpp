@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -104,6 +105,12 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else if (std::string(argv[i]) == "--path" && i + 1 < argc) {
       g_path = argv[++i];
+      const char* paths[] = {"fused", "two-pass", "dense", "backward", "bwd+lse"};
+      if (std::find(std::begin(paths), std::end(paths), g_path) == std::end(paths)) {
+        std::fprintf(stderr, "bench_cuda: --path %s: must be fused, two-pass, dense, backward or bwd+lse\n",
+                     g_path.c_str());
+        return 2;
+      }
     } else {
       reps = std::atoi(argv[i]);
     }

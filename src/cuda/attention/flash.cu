@@ -165,6 +165,7 @@ __global__ void __launch_bounds__(256, 1) flash_fwd_kernel(const FlashKernelPara
 template <typename T, int D>
 struct FlashWgConfig {
   static constexpr int kThreads = 256, kBr = 128, kBc = 64, kStages = 4;
+  static constexpr int kCopyThreads = 128;  // the TMA variant's copying warpgroup
   static constexpr size_t kTile = size_t(kBc) * D;  // elements of one K or V tile
   static constexpr size_t kStageBytes = size_t(kStages) * 2 * kTile * sizeof(T);
   // + up to 1 KB to align the tiles to 1024 bytes (the 128-byte swizzle) + two mbarriers per stage
@@ -188,7 +189,7 @@ struct FlashTma {
 // scores are masked). Otherwise all 256 threads copy with cp.async into the unswizzled blocked
 // layout, two tiles ahead, with one CTA barrier per tile.
 template <typename T, int D, bool Tma>
-__global__ void __launch_bounds__(FlashWgConfig<T, D>::kThreads + (Tma ? 128 : 0), 1)
+__global__ void __launch_bounds__(FlashWgConfig<T, D>::kThreads + (Tma ? FlashWgConfig<T, D>::kCopyThreads : 0), 1)
     flash_fwd_wg_kernel(const FlashKernelParams p, const __grid_constant__ FlashTma tma) {
   using C = FlashWgConfig<T, D>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -415,7 +416,7 @@ Status launch_typed(const FlashKernelParams& p, cudaStream_t stream) {
   if (use_wgmma()) {
     FlashTma tma{};
     if (tma_maps<T, D>(p, &tma)) {
-      flash_fwd_wg_kernel<T, D, true><<<grid, Wg::kThreads + 128, Wg::kSmem, stream>>>(p, tma);  // + copying warpgroup
+      flash_fwd_wg_kernel<T, D, true><<<grid, Wg::kThreads + Wg::kCopyThreads, Wg::kSmem, stream>>>(p, tma);
     } else {
       flash_fwd_wg_kernel<T, D, false><<<grid, Wg::kThreads, Wg::kSmem, stream>>>(p, tma);
     }

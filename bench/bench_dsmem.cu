@@ -133,28 +133,6 @@ const char* bulk_name(int mode) {
   }
 }
 
-__device__ __forceinline__ uint32_t cluster_addr(uint32_t local, unsigned rank) {
-  uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(local), "r"(rank));
-  return r;
-}
-// `bytes` from this CTA's shared memory to shared::cluster address `dst` (another CTA's), whose
-// CTA's mbarrier at shared::cluster address `bar` counts them.
-__device__ __forceinline__ void bulk_to_cluster(uint32_t dst, uint32_t src, uint32_t bytes, uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "r"(src), "r"(bytes), "r"(bar)
-               : "memory");
-}
-// `bytes` from global `src` to `dst` in every CTA of `mask` (same offset), each CTA's `bar` counting.
-__device__ __forceinline__ void bulk_load_multicast(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
-                                                    uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;\n" ::"r"(
-          smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "h"(mask)
-      : "memory");
-}
-
 // Per round every CTA receives kChunksPerRound chunks: from the next-lower CTA (kBulkNext), from
 // all others in turn (kBulkAll), or from L2, each CTA loading its 1/size share for all
 // (kBulkMulticast; size 1: plain bulk loads). Thread 0 arms the CTA's mbarrier for the round's

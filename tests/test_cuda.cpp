@@ -315,6 +315,17 @@ TEST(CudaForward, PaddedStrides) {
     for (int64_t D : {64, 128}) EXPECT_LT(run_case(c, DType::kBF16, D, rng, 8, two_pass), 1e-2);
 }
 
+// A small set for compute-sanitizer (scripts/gpu_check.sh) on the fused path, which on Hopper is
+// the cluster kernel at D = 128: the real 30x52 tile, a KV-cache call with b2 = 10 (owners
+// without columns), the KV cache with f_tied 2.
+TEST(CudaForward, SanitizerSet) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(104);
+  for (const Case& c : {kCases[0], kCases[10], kCases[12]}) {
+    EXPECT_LT(run_case(c, DType::kBF16, 128, rng, 0, false), 1e-2) << "grid " << c.grid.to_string();
+  }
+}
+
 // K and V shared by every head through a zero head stride (multi-query style views): the
 // two-pass path must match the reference whichever stage-1 kernel takes such a view (on Hopper the
 // one that copies rows with TMA, or the portable one where the copy engine's encoder refuses it).

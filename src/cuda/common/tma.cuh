@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <string>
 
 #include "host.h"
@@ -72,6 +73,32 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 #else
   (void)bar, (void)parity;
   __trap();
+#endif
+}
+
+// mbar_wait with a watchdog when MONARCHRT_MBAR_WATCHDOG is defined (bring-up of the cluster
+// protocols): after about two seconds without the phase it prints `what`, the block, the thread and
+// the parity, and traps, so that a protocol bug fails instead of hanging the device.
+__device__ __forceinline__ void mbar_wait_checked(uint64_t* bar, uint32_t parity, const char* what) {
+#if defined(MONARCHRT_TMA_DEVICE) && defined(MONARCHRT_MBAR_WATCHDOG)
+  const long long start = clock64();
+  for (;;) {
+    uint32_t done = 0;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+    if (done) return;
+    if (clock64() - start > (1ll << 32)) {
+      printf("mbarrier watchdog: %s, block %d, thread %d, parity %u\n", what, int(blockIdx.x), int(threadIdx.x),
+             parity);
+      __trap();
+    }
+  }
+#else
+  (void)what;
+  mbar_wait(bar, parity);
 #endif
 }
 
@@ -156,6 +183,79 @@ __device__ __forceinline__ void bulk_wait() {
 #ifdef MONARCHRT_TMA_DEVICE
   asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 #else
+  __trap();
+#endif
+}
+
+// ---- thread-block clusters (distributed shared memory) ----
+// This CTA's rank in its cluster.
+__device__ __forceinline__ unsigned cluster_rank() {
+  unsigned r = 0;
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#else
+  __trap();
+#endif
+  return r;
+}
+// Barrier of every thread of every CTA of the cluster, with release / acquire semantics (shared
+// memory writes before it are visible to the whole cluster after it).
+__device__ __forceinline__ void cluster_sync() {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// The shared::cluster address of the same shared-memory location `local` in CTA `rank` of the
+// cluster (every CTA of a kernel has the same layout).
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t local, unsigned rank) {
+  uint32_t r = 0;
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(local), "r"(rank));
+#else
+  (void)local, (void)rank;
+  __trap();
+#endif
+  return r;
+}
+// Copies `bytes` (a multiple of 16) from this CTA's shared memory `src` to the shared::cluster
+// address `dst` (another CTA's shared memory) with the copy engine; the mbarrier at the
+// shared::cluster address `bar` (in the destination CTA) counts them.
+__device__ __forceinline__ void bulk_to_cluster(uint32_t dst, uint32_t src, uint32_t bytes, uint32_t bar) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "r"(src), "r"(bytes), "r"(bar)
+               : "memory");
+#else
+  (void)dst, (void)src, (void)bytes, (void)bar;
+  __trap();
+#endif
+}
+// Copies `bytes` from global `src` to `dst` in every CTA of `mask` (the same offset), each CTA's
+// mbarrier at `bar`'s offset counting them.
+__device__ __forceinline__ void bulk_load_multicast(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
+                                                    uint16_t mask) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1], %2, [%3], %4;\n" ::"r"(
+          smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "h"(mask)
+      : "memory");
+#else
+  (void)dst, (void)src, (void)bytes, (void)bar, (void)mask;
+  __trap();
+#endif
+}
+// One arrival on the mbarrier at shared::cluster address `bar` (possibly another CTA's), with the
+// default semantics (release at CTA scope), as CUTLASS's cluster barriers do. `.release.cluster`
+// compiles to a GPU-scope memory barrier (MEMBAR.ALL.GPU) per arrival. A warp whose lanes arrive
+// on different CTAs' barriers issues one instruction.
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#else
+  (void)bar;
   __trap();
 #endif
 }

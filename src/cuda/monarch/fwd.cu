@@ -10,6 +10,7 @@
 #include "../../core/plan.h"
 #include "../common/host.h"
 #include "../attention/flash.h"
+#include "cluster.cuh"
 #include "fwd_kernel.cuh"
 #include "two_pass.cuh"
 #include "monarchrt/cuda.h"
@@ -61,8 +62,86 @@ Status launch(const MonarchFwdParams& p, int B, cudaStream_t stream) {
   return Status();
 }
 
+// The launch configuration of the Hopper cluster kernel (cluster.cuh) for `ctas` CTAs.
+template <typename T>
+cudaLaunchConfig_t cluster_config(unsigned ctas, cudaStream_t stream, cudaLaunchAttribute* attr) {
+  using C = ClusterConfig<T>;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(ctas);
+  cfg.blockDim = dim3(unsigned(C::kThreads));
+  cfg.dynamicSmemBytes = C::kSmem;
+  cfg.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(C::kC);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Loads the cluster kernel once per device with its shared memory and the non-portable cluster
+// size of 16 allowed, and finds whether the device can hold such a cluster at all (bit set in
+// `usable`).
+template <typename T>
+Status prepare_cluster(bool* usable = nullptr) {
+  static std::atomic<uint64_t> done{0}, ok{0};
+  int device = 0;
+  MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit == 0 || (done.load() & bit) == 0) {
+    MONARCHRT_CUDA_CHECK(cudaFuncSetAttribute(monarch_cluster_fwd_kernel<T>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              int(ClusterConfig<T>::kSmem)));
+    MONARCHRT_CUDA_CHECK(
+        cudaFuncSetAttribute(monarch_cluster_fwd_kernel<T>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    cudaLaunchAttribute attr[1];
+    const cudaLaunchConfig_t cfg = cluster_config<T>(unsigned(ClusterConfig<T>::kC), nullptr, attr);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, monarch_cluster_fwd_kernel<T>, &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();
+      clusters = 0;
+    }
+    if (clusters > 0) ok.fetch_or(bit);
+    done.fetch_or(bit);
+  }
+  if (usable != nullptr) *usable = bit != 0 && (ok.load() & bit) != 0;
+  return Status();
+}
+
+// Runs the fused forward as the cluster kernel where it applies (Hopper, D = 128, b1 <= 32, b2 <=
+// 64, views the tensor-map encoder accepts, clusters of 16 that the device can hold);
+// *launched says whether it did. MONARCHRT_NO_CLUSTER=1 keeps the mma.sync fused kernel.
+template <typename T>
+Status launch_cluster(const MonarchFwdParams& p, int B, cudaStream_t stream, bool* launched) {
+  using C = ClusterConfig<T>;
+  *launched = false;
+  const char* e = std::getenv("MONARCHRT_NO_CLUSTER");
+  if ((e != nullptr && e[0] == '1') || !use_wgmma() || p.b1 > 32 || p.b2 > 64) return Status();
+  bool usable = false;
+  MONARCHRT_RETURN_IF_ERROR(prepare_cluster<T>(&usable));
+  if (!usable) return Status();
+  ClusterTma tma{};
+  const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const int64_t k_shape[4] = {B, p.k_tokens, p.H, C::D}, v_shape[4] = {B, p.v_tokens, p.H, C::D};
+  if (!encode_row_tiles(&tma.k, p.k, bf16, k_shape, p.k_stride, p.b2).ok() ||
+      !encode_row_tiles(&tma.v, p.v, bf16, v_shape, p.v_stride, p.b2).ok()) {
+    return Status();
+  }
+  cudaLaunchAttribute attr[1];
+  const cudaLaunchConfig_t cfg = cluster_config<T>(unsigned(int64_t(B) * p.H * p.A * C::kC), stream, attr);
+  MONARCHRT_CUDA_CHECK(cudaLaunchKernelEx(&cfg, monarch_cluster_fwd_kernel<T>, p, tma));
+  *launched = true;
+  return Status();
+}
+
 template <typename T, int D>
 Status dispatch_groups(const MonarchFwdParams& p, int B, int G, cudaStream_t stream) {
+  if constexpr (D == 128) {
+    bool launched = false;
+    MONARCHRT_RETURN_IF_ERROR(launch_cluster<T>(p, B, stream, &launched));
+    if (launched) return Status();
+  }
   return G == 4 ? launch<T, D, 4>(p, B, stream) : launch<T, D, 2>(p, B, stream);
 }
 
@@ -367,6 +446,10 @@ Status prepare() {
   MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<__nv_bfloat16, 64>()));
   MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<__half, 128>()));
   MONARCHRT_RETURN_IF_ERROR((prepare_two_pass<__half, 64>()));
+  if (use_wgmma()) {  // the Hopper fused path (cluster.cuh)
+    MONARCHRT_RETURN_IF_ERROR(prepare_cluster<__nv_bfloat16>());
+    MONARCHRT_RETURN_IF_ERROR(prepare_cluster<__half>());
+  }
   // The fused configurations this device can run (the same choice as choose()).
   MONARCHRT_RETURN_IF_ERROR((prepare_fused<__nv_bfloat16, 64, 2>()));
   MONARCHRT_RETURN_IF_ERROR((prepare_fused<__half, 64, 2>()));

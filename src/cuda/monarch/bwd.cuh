@@ -478,22 +478,9 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
     if (n_next < p.F) load_d(n_next);
     cp_async_commit();
     // R = softmax(s) within the row, log R, then dz = R (dR + dcL log R - D1).
-    float M[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = t * 8 + c + e % 2;
-        s[t][e] = (t < ntu && i < p.b2) ? s[t][e] * p.scale_log2 : -INFINITY;
-        M[e / 2] = fmaxf(M[e / 2], s[t][e]);
-      }
-    }
+    float M[2];
+    stage1_row_max<kNT>(s, ntu, p, M, lane);
     float Z[2] = {0.f, 0.f};
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      M[hr] = fmaxf(M[hr], __shfl_xor_sync(0xffffffffu, M[hr], 1));
-      M[hr] = fmaxf(M[hr], __shfl_xor_sync(0xffffffffu, M[hr], 2));
-    }
 #pragma unroll
     for (int t = 0; t < kNT; ++t) {
 #pragma unroll

@@ -166,40 +166,8 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();
       // softmax over the b2 keys of each column's row (4 lanes share a row), cL
-      float M[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = t * 8 + c + e % 2;
-          sc[t][e] = i < p.b2 ? sc[t][e] * p.scale_log2 : -INFINITY;
-          M[e / 2] = fmaxf(M[e / 2], sc[t][e]);
-        }
-      }
-      float Z[2] = {0.f, 0.f}, PZ[2] = {0.f, 0.f};
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        M[hr] = fmaxf(M[hr], __shfl_xor_sync(0xffffffffu, M[hr], 1));
-        M[hr] = fmaxf(M[hr], __shfl_xor_sync(0xffffffffu, M[hr], 2));
-      }
-#pragma unroll
-      for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float z = sc[t][e];
-          const float pr = ex2_ftz(z - M[e / 2]);
-          Z[e / 2] += pr;
-          if (pr > 0.f) PZ[e / 2] += pr * z;
-          sc[t][e] = pr;
-        }
-      }
-#pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 1);
-        Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 2);
-        PZ[hr] += __shfl_xor_sync(0xffffffffu, PZ[hr], 1);
-        PZ[hr] += __shfl_xor_sync(0xffffffffu, PZ[hr], 2);
-      }
+      float M[2], Z[2], PZ[2];
+      stage1_row_softmax<kNT>(sc, kNT, p, M, Z, PZ, lane);
       const float inv[2] = {1.f / Z[0], 1.f / Z[1]};
       uint32_t pa[kNT / 2][4];
 #pragma unroll

@@ -226,40 +226,8 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
       }
     }
     // ---- softmax over the keys of each column's row (inside the warp: 4 lanes share a row)
-    float M[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = t * 8 + c + e % 2;
-        s[t][e] = (t < ntu && i < p.b2) ? s[t][e] * p.scale_log2 : -INFINITY;
-        M[e / 2] = fmaxf(M[e / 2], s[t][e]);
-      }
-    }
-    float Z[2] = {0.f, 0.f}, PZ[2] = {0.f, 0.f};
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      M[hr] = fmaxf(M[hr], __shfl_xor_sync(0xffffffffu, M[hr], 1));
-      M[hr] = fmaxf(M[hr], __shfl_xor_sync(0xffffffffu, M[hr], 2));
-    }
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float z = s[t][e];
-        const float pr = ex2_ftz(z - M[e / 2]);  // 0 for masked keys (z = -inf)
-        Z[e / 2] += pr;
-        if (pr > 0.f) PZ[e / 2] += pr * z;
-        s[t][e] = pr;
-      }
-    }
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 1);
-      Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 2);
-      PZ[hr] += __shfl_xor_sync(0xffffffffu, PZ[hr], 1);
-      PZ[hr] += __shfl_xor_sync(0xffffffffu, PZ[hr], 2);
-    }
+    float M[2], Z[2], PZ[2];
+    stage1_row_softmax<kNT>(s, ntu, p, M, Z, PZ, lane);
     const float inv[2] = {1.f / Z[0], 1.f / Z[1]};
     int64_t row[2];
 #pragma unroll

@@ -36,6 +36,57 @@ __device__ __forceinline__ void mma_rows16(float (&c0)[4], float (&c1)[4], const
   Mma<T>::run(c1, a, b[2], b[3]);
 }
 
+// Stage 1's scores of a warp's 16 rows over their keys (4 lanes share a row; key i = 8 t + c of
+// fragment t): times p.scale_log2, keys i >= p.b2 (and fragments t >= ntu) masked to -inf; M gets
+// each row's maximum. P: the forward's or the backward's parameters.
+template <int NT, typename P>
+__device__ __forceinline__ void stage1_row_max(float (&s)[NT][4], int ntu, const P& p, float (&M)[2], int lane) {
+  const int c = (lane % 4) * 2;
+  M[0] = M[1] = -INFINITY;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = t * 8 + c + e % 2;
+      s[t][e] = (t < ntu && i < p.b2) ? s[t][e] * p.scale_log2 : -INFINITY;
+      M[e / 2] = fmaxf(M[e / 2], s[t][e]);
+    }
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    M[hr] = fmaxf(M[hr], __shfl_xor_sync(0xffffffffu, M[hr], 1));
+    M[hr] = fmaxf(M[hr], __shfl_xor_sync(0xffffffffu, M[hr], 2));
+  }
+}
+
+// Stage 1's softmax of those rows: stage1_row_max, then the unnormalized probabilities
+// p = 2^(z - M) in s and, per row, Z = sum p and PZ = sum p z (log2 units: cL = ln 2 (PZ / Z - M
+// - log2 Z)).
+template <int NT, typename P>
+__device__ __forceinline__ void stage1_row_softmax(float (&s)[NT][4], int ntu, const P& p, float (&M)[2],
+                                                   float (&Z)[2], float (&PZ)[2], int lane) {
+  stage1_row_max<NT>(s, ntu, p, M, lane);
+  Z[0] = Z[1] = PZ[0] = PZ[1] = 0.f;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float z = s[t][e];
+      const float pr = ex2_ftz(z - M[e / 2]);  // 0 for masked keys (z = -inf)
+      Z[e / 2] += pr;
+      if (pr > 0.f) PZ[e / 2] += pr * z;
+      s[t][e] = pr;
+    }
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 1);
+    Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 2);
+    PZ[hr] += __shfl_xor_sync(0xffffffffu, PZ[hr], 1);
+    PZ[hr] += __shfl_xor_sync(0xffffffffu, PZ[hr], 2);
+  }
+}
+
 // One step of the online softmax over NT * 8 more keys for the warp's 16 rows: u holds the
 // scores in log2 units (masked entries -inf; every row has at least one finite score over all
 // steps). Updates row_max and row_sum, returns the factor corr[2] by which the accumulator of the

@@ -77,8 +77,8 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 }
 
 // mbar_wait with a watchdog when MONARCHRT_MBAR_WATCHDOG is defined (bring-up of the cluster
-// protocols): after about two seconds without the phase it prints `what`, the block, the thread and
-// the parity, and traps, so that a protocol bug fails instead of hanging the device.
+// protocols): after 2^32 clock cycles (2-3 s) without the phase it prints `what`, the block, the
+// thread and the parity, and traps, so that a protocol bug fails instead of hanging the device.
 __device__ __forceinline__ void mbar_wait_checked(uint64_t* bar, uint32_t parity, const char* what) {
 #if defined(MONARCHRT_TMA_DEVICE) && defined(MONARCHRT_MBAR_WATCHDOG)
   const long long start = clock64();

@@ -326,6 +326,21 @@ TEST(CudaForward, SanitizerSet) {
   }
 }
 
+// The single-CTA fused kernel where the cluster kernel normally runs (Hopper, D = 128, b1 <= 32):
+// MONARCHRT_NO_CLUSTER=1 selects it, so it must stay right for those shapes too.
+TEST(CudaForward, SingleCtaFusedKernelWithoutClusters) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(105);
+  setenv("MONARCHRT_NO_CLUSTER", "1", 1);
+  for (DType dtype : {DType::kBF16, DType::kF16}) {
+    for (const Case& c : {kCases[0], kCases[1], kCases[3], kCases[9], kCases[12]}) {
+      EXPECT_LT(run_case(c, dtype, 128, rng, 0, false), 1e-2)
+          << "grid " << c.grid.to_string() << " " << dtype_name(dtype);
+    }
+  }
+  unsetenv("MONARCHRT_NO_CLUSTER");
+}
+
 // K and V shared by every head through a zero head stride (multi-query style views): the
 // two-pass path must match the reference whichever stage-1 kernel takes such a view (on Hopper the
 // one that copies rows with TMA, or the portable one where the copy engine's encoder refuses it).

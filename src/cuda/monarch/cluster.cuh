@@ -56,7 +56,11 @@ struct ClusterConfig {
   static constexpr size_t kRing = 4 * size_t(kRowBytes);  // [warpgroup][K | V]
   static constexpr size_t kSlots = kRing + 2 * size_t(kStagingBytes);
   static constexpr size_t kBars = kSlots + 2 * size_t(kSlotBytes);
-  static constexpr size_t kSmem = 1008 + kBars + 8 * sizeof(uint64_t);
+  // The token of row 0 of each attended key tile, in order (the host runs this kernel only where
+  // p.F <= kMaxTiles).
+  static constexpr int kMaxTiles = 512;
+  static constexpr size_t kTable = kBars + 8 * sizeof(uint64_t);
+  static constexpr size_t kSmem = 1008 + kTable + kMaxTiles * sizeof(int);
   static_assert(kProdStride % 16 == 0 && kColBytes % 16 == 0, "bulk copies need 16-byte alignment");
 };
 
@@ -81,8 +85,17 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
 
-  int nt = 0;  // key tiles m attends (the same in every CTA of the cluster)
-  for (int n = 0; n < p.F; ++n) nt += tile_allowed(p, m, n) ? 1 : 0;
+  // The key tiles m attends (the same in every CTA of the cluster): nt of them, and the token of
+  // row 0 of each in ktok (written by warp 0), so that a step's addresses need no division.
+  int* const ktok = reinterpret_cast<int*>(smem + C::kTable);
+  int nt = 0;
+  for (int n0 = 0; n0 < p.F; n0 += 32) {
+    const int n = n0 + lane;
+    const bool ok = n < p.F && tile_allowed(p, m, n);
+    const unsigned ballot = __ballot_sync(0xffffffffu, ok);
+    if (warp == 0 && ok) ktok[nt + __popc(ballot & ((1u << lane) - 1u))] = key_tile_base(p, n);
+    nt += __popc(ballot);
+  }
   auto rows_of = [&](int pr) { return pr < p.b1 ? (p.b1 - pr + kC - 1) / kC : 0; };
   auto own_begin = [&](int o) { return o * p.b2 / kC; };
   const int steps_total = rows_of(0) * nt;
@@ -123,39 +136,48 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
     T* const Vr = Kr + kRowElems;
     uint64_t* const k_full = &kv_full[2 * g];
     uint64_t* const v_full = k_full + 1;
-    auto issue = [&](const CUtensorMap* map, T* dst, uint64_t* bar, int kk, int nn) {
-      const int tok = key_tile_base(p, nn) + row_offset(p, kk);
+    // A step: tile row k, the i-th attended key tile, and the token offset of row k in a tile.
+    struct Step {
+      int k, i, roff;
+    };
+    auto later = [&](Step& st, int by) {  // st becomes the step `by` steps later
+      st.i += by;
+      if (st.i >= nt) {
+        do {
+          st.i -= nt;
+          st.k += kC;
+        } while (st.i >= nt);
+        st.roff = row_offset(p, st.k);
+      }
+    };
+    auto issue = [&](const CUtensorMap* map, T* dst, uint64_t* bar, const Step& st) {
+      const int tok = ktok[st.i] + st.roff;
       mbar_expect(bar, (D / 64) * uint32_t(p.b2) * 128);
 #pragma unroll
       for (int hf = 0; hf < D / 64; ++hf) tma_load_tile(dst + hf * 64 * 64, map, hf * 64, tok, h, b, bar);
     };
-    auto advance = [&](int& kk, int& nn) {  // the step after (kk, nn)
-      const int nx = next_allowed(p, m, nn + 1);
-      if (nx < p.F) {
-        nn = nx;
-      } else {
-        kk += kC;
-        nn = next_allowed(p, m, 0);
-      }
+    // The proxies q[m, k, j] of this warp's 16 columns, from L2 at every step: kept in registers
+    // across steps they would not fit beside the stage-2 warps' (setmaxnreg).
+    const int q_base = tile_base(p, m);
+    auto load_q = [&](uint32_t(&qa)[D / 16][4], const Step& st) {
+      const int q_tok = q_base + st.roff;
+      load_a_rows<T, D>(qa, j_row[0] < p.b2 ? qg + int64_t(q_tok + j_row[0]) * p.q_stride[1] : nullptr,
+                        j_row[1] < p.b2 ? qg + int64_t(q_tok + j_row[1]) * p.q_stride[1] : nullptr, lane);
     };
-    int k0 = rank, n0 = next_allowed(p, m, 0);  // step s
-    if (g == 1) advance(k0, n0);
+    Step cur{rank, 0, row_offset(p, rank)};  // step s
+    if (g == 1) later(cur, 1);
     if (ptid == 0 && g < my_steps) {
-      issue(&tma.k, Kr, k_full, k0, n0);
-      issue(&tma.v, Vr, v_full, k0, n0);
+      issue(&tma.k, Kr, k_full, cur);
+      issue(&tma.v, Vr, v_full, cur);
     }
+    // Where lane's row address for stmatrix lies in the staging tile (rows wq * 16 .. + 15 of the
+    // warp; lanes 16-31 address the second 8 features of a pair of groups).
+    const int st_off = (wq * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kColBytes + (lane / 16) * 8 * int(sizeof(T));
     for (int s = g, it = 0; s < my_steps; s += 2, ++it) {
-      int k2 = k0, n2 = n0;
-      advance(k2, n2);
-      advance(k2, n2);  // step s + 2 (used only if it exists)
-      // The proxies q[m, k0, j] of this warp's 16 columns, from L2 at every step: kept in registers
-      // across steps they would not fit beside the stage-2 warps' (setmaxnreg).
+      Step nx = cur;
+      later(nx, 2);  // step s + 2 (used only if it exists)
       uint32_t qa[D / 16][4];
-      {
-        const int q_tok = tile_base(p, m) + row_offset(p, k0);
-        load_a_rows<T, D>(qa, j_row[0] < p.b2 ? qg + int64_t(q_tok + j_row[0]) * p.q_stride[1] : nullptr,
-                          j_row[1] < p.b2 ? qg + int64_t(q_tok + j_row[1]) * p.q_stride[1] : nullptr, lane);
-      }
+      load_q(qa, cur);
       mbar_wait_checked(k_full, it & 1, "producer K row");
       float sc[kNT][4];
       wgmma_fence();
@@ -214,18 +236,17 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
         }
         if (q == 1) {  // the warpgroup is done with the K row: step s + 2's comes in
           named_bar_sync(2 + g, 128);
-          if (ptid == 0 && s + 2 < my_steps) issue(&tma.k, Kr, k_full, k2, n2);
+          if (ptid == 0 && s + 2 < my_steps) issue(&tma.k, Kr, k_full, nx);
         }
+        // 16 features of all 16 rows per stmatrix (rows >= b2 too: the staging tile has 64 rows,
+        // and only rows < b2 are sent).
 #pragma unroll
-        for (int t = 0; t < 8; ++t) {
-          const int f = (q / 2) * D + (q % 2) * 64 + t * 8 + c;  // feature in the column record
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr) {
-            if (j_row[hr] < p.b2) {
-              *reinterpret_cast<uint32_t*>(stg + j_row[hr] * C::kColBytes + f * sizeof(T)) =
-                  MM::pack(a[q % kAcc][t][2 * hr], a[q % kAcc][t][2 * hr + 1]);
-            }
-          }
+        for (int tp = 0; tp < 4; ++tp) {
+          const float(&x)[8][4] = a[q % kAcc];
+          const uint32_t w[4] = {MM::pack(x[2 * tp][0], x[2 * tp][1]), MM::pack(x[2 * tp][2], x[2 * tp][3]),
+                                 MM::pack(x[2 * tp + 1][0], x[2 * tp + 1][1]),
+                                 MM::pack(x[2 * tp + 1][2], x[2 * tp + 1][3])};
+          stmatrix_x4(stg + st_off + ((q / 2) * D + (q % 2) * 64 + tp * 16) * int(sizeof(T)), w);
         }
       }
       fence_proxy_async_smem();  // the staging tile, written by threads, is read by the copy engine
@@ -237,10 +258,9 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
                           smem_addr(stg + ob * C::kColBytes), uint32_t(on * C::kColBytes),
                           cluster_addr(smem_addr(&recv_full[s % 2]), unsigned(lane)));
         }
-        if (lane == 0 && s + 2 < my_steps) issue(&tma.v, Vr, v_full, k2, n2);
+        if (lane == 0 && s + 2 < my_steps) issue(&tma.v, Vr, v_full, nx);
       }
-      k0 = k2;
-      n0 = n2;
+      cur = nx;
     }
   } else if (own_n > 0) {
     // ---- owner: the two-pass stage 2 for its columns, fed by every producer ----

@@ -110,14 +110,17 @@ Status prepare_cluster(bool* usable = nullptr) {
 }
 
 // Runs the fused forward as the cluster kernel where it applies (Hopper, D = 128, b1 <= 32, b2 <=
-// 64, views the tensor-map encoder accepts, clusters of 16 that the device can hold);
-// *launched says whether it did. MONARCHRT_NO_CLUSTER=1 keeps the mma.sync fused kernel.
+// 64, at most ClusterConfig::kMaxTiles key tiles, views the tensor-map encoder accepts, clusters
+// of 16 that the device can hold); *launched says whether it did. MONARCHRT_NO_CLUSTER=1 keeps
+// the mma.sync fused kernel.
 template <typename T>
 Status launch_cluster(const MonarchFwdParams& p, int B, cudaStream_t stream, bool* launched) {
   using C = ClusterConfig<T>;
   *launched = false;
   const char* e = std::getenv("MONARCHRT_NO_CLUSTER");
-  if ((e != nullptr && e[0] == '1') || !use_wgmma() || p.b1 > 32 || p.b2 > 64) return Status();
+  if ((e != nullptr && e[0] == '1') || !use_wgmma() || p.b1 > 32 || p.b2 > 64 || p.F > C::kMaxTiles) {
+    return Status();
+  }
   bool usable = false;
   MONARCHRT_RETURN_IF_ERROR(prepare_cluster<T>(&usable));
   if (!usable) return Status();

@@ -42,11 +42,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 
 // Stores four 8 x 8 matrices of 16-bit elements: lane i gives the address of row i % 8 of matrix
 // i / 8 (16 bytes, 16-byte aligned); r[j] holds the lane's two elements of matrix j in the MMA
-// accumulator layout (row lane / 4, columns 2 (lane % 4) and the next).
+// accumulator layout (row lane / 4, columns 2 (lane % 4) and the next). sm_90 and newer (the
+// kernels that use it are launched only there; older targets compile a trap).
 __device__ __forceinline__ void stmatrix_x4(void* p, const uint32_t (&r)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smem_addr(p)), "r"(r[0]),
                "r"(r[1]), "r"(r[2]), "r"(r[3])
                : "memory");
+#else
+  (void)p, (void)r;
+  __trap();
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* p) {

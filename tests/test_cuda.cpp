@@ -341,6 +341,18 @@ TEST(CudaForward, SingleCtaFusedKernelWithoutClusters) {
   unsetenv("MONARCHRT_NO_CLUSTER");
 }
 
+// The cluster kernel keeps a table of at most ClusterConfig::kMaxTiles = 512 attended key tiles
+// in shared memory; longer keys take the single-CTA fused kernel. Both sides of that limit, with
+// 1x1 tiles (one key tile per frame). Added in the fifteenth session without a GPU run.
+TEST(CudaForward, FusedPathAtTheClusterKernelsTileLimit) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(106);
+  for (int64_t frames : {512, 513}) {
+    const Case c{{frames, 1, 1}, {1, 1, 1}, 1, 1, 0, 0, 0, 0};
+    EXPECT_LT(run_case(c, DType::kBF16, 128, rng, 0, false), 1e-2) << frames << " key tiles";
+  }
+}
+
 // K and V shared by every head through a zero head stride (multi-query style views): the
 // two-pass path must match the reference whichever stage-1 kernel takes such a view (on Hopper the
 // one that copies rows with TMA, or the portable one where the copy engine's encoder refuses it).

@@ -12,11 +12,12 @@
 //  - the stage-2 owner of columns [rank b2 / 16, (rank + 1) b2 / 16) (at most 4): 8 warps, one per
 //    (owned column, 16 query rows), run the two-pass stage 2 over the virtual keys that the 16
 //    producers send (online softmax, queries and outputs in registers).
-// After step s, 16 lanes of the producer warpgroup copy each owner's columns of the staging tile
-// into that owner's receive slot s % 2 (one `cp.async.bulk` each, counted by the owner's
-// `recv_full[s % 2]`). An owner consumes slot s % 2 (16 virtual keys: one per producer, inactive
-// producers masked), re-arms its `recv_full` for step s + 2 and arrives on every producer's
-// `empty[s % 2]`; a producer waits for that phase (every owner with columns) before it writes its
+// After step s, 15 lanes of the producer warpgroup copy each peer owner's columns of the staging
+// tile into that owner's receive slot s % 2 (one `cp.async.bulk` each, counted by the owner's
+// `recv_full[s % 2]`), and the warp stores this CTA's own columns into its own slot. An owner
+// consumes slot s % 2 (16 virtual keys: one per producer, inactive producers masked), re-arms
+// its `recv_full` for step s + 2 and arrives on the `empty[s % 2]` of every producer that has a
+// step s + 2; such a producer waits for that phase (every owner with columns) before it writes its
 // staging tile again at step s + 2, which also proves the tile's copies of step s were read.
 #pragma once
 
@@ -100,10 +101,16 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
   auto own_begin = [&](int o) { return o * p.b2 / kC; };
   const int steps_total = rows_of(0) * nt;
   const int own0 = own_begin(rank), own_n = own_begin(rank + 1) - own0;
-  auto recv_bytes = [&](int s) {  // what this CTA receives at step s
+  // recv_full[s % 2] completes step s with two arrivals and the peers' bytes: the owner's re-arm
+  // (announcing what the 15 peers copy in) and this CTA's producer once it has stored its own
+  // columns into the slot (or the re-arm a second time where that producer has no step s). The own
+  // columns are stored by threads, not by a bulk copy: compute-sanitizer memcheck rejects a
+  // shared::cluster bulk copy whose destination is the issuing CTA (docs/cuda-forward.md).
+  auto arm = [&](int s) {
     int active = 0;
-    for (int pr = 0; pr < kC; ++pr) active += s < rows_of(pr) * nt ? 1 : 0;
-    return uint32_t(active * own_n * C::kColBytes);
+    for (int pr = 0; pr < kC; ++pr) active += pr != rank && s < rows_of(pr) * nt ? 1 : 0;
+    mbar_expect(&recv_full[s % 2], uint32_t(active * own_n * C::kColBytes));
+    if (s >= rows_of(rank) * nt) mbar_arrive(&recv_full[s % 2]);
   };
 
   // Zeros: the K / V ring's pad rows (keys b2..63 feed the wgmma as zeros) and the receive slots
@@ -116,11 +123,11 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
   if (tid == 0) {
     for (int i = 0; i < 4; ++i) mbar_init(&kv_full[i], 1);
     for (int i = 0; i < 2; ++i) {
-      mbar_init(&recv_full[i], 1);
+      mbar_init(&recv_full[i], 2);
       mbar_init(&empty[i], min(kC, p.b2));  // the owners with columns (b2 < 16: some have none)
     }
     fence_mbar_init();
-    for (int s = 0; s < 2 && s < steps_total && own_n > 0; ++s) mbar_expect(&recv_full[s], recv_bytes(s));
+    for (int s = 0; s < 2 && s < steps_total && own_n > 0; ++s) arm(s);
   }
   cluster_sync();  // every barrier of the cluster initialized and armed
 
@@ -251,12 +258,19 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
       }
       fence_proxy_async_smem();  // the staging tile, written by threads, is read by the copy engine
       named_bar_sync(2 + g, 128);  // ... by all the warpgroup's threads; the V row is free too
-      if (wq == 0) {  // lane o copies owner o's columns
+      if (wq == 0) {  // lane o copies owner o's columns to a peer; the warp stores this CTA's own
+        unsigned char* const dst = slots + (s % 2) * C::kSlotBytes + rank * C::kProdStride;
         const int ob = own_begin(lane), on = own_begin(lane + 1) - ob;
-        if (lane < kC && on > 0) {
-          bulk_to_cluster(cluster_addr(smem_addr(slots + (s % 2) * C::kSlotBytes + rank * C::kProdStride), unsigned(lane)),
-                          smem_addr(stg + ob * C::kColBytes), uint32_t(on * C::kColBytes),
-                          cluster_addr(smem_addr(&recv_full[s % 2]), unsigned(lane)));
+        if (lane < kC && lane != rank && on > 0) {
+          bulk_to_cluster(cluster_addr(smem_addr(dst), unsigned(lane)), smem_addr(stg + ob * C::kColBytes),
+                          uint32_t(on * C::kColBytes), cluster_addr(smem_addr(&recv_full[s % 2]), unsigned(lane)));
+        }
+        if (own_n > 0) {
+          const uint4* src = reinterpret_cast<const uint4*>(stg + own0 * C::kColBytes);
+          for (int i = lane; i < own_n * C::kColBytes / 16; i += 32) reinterpret_cast<uint4*>(dst)[i] = src[i];
+          __threadfence_block();
+          __syncwarp();
+          if (lane == 0) mbar_arrive(&recv_full[s % 2]);  // release at CTA scope: the owners see the stores
         }
         if (lane == 0 && s + 2 < my_steps) issue(&tma.v, Vr, v_full, nx);
       }
@@ -307,9 +321,11 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
       }
       named_bar_sync(1, 32 * C::kConsumerWarps);  // every owner warp is done with slot s % 2
       if (cw == 0) {  // re-arm the slot for step s + 2, then lane pr releases it to producer pr
-        if (lane == 0 && s + 2 < steps_total) mbar_expect(&recv_full[s % 2], recv_bytes(s + 2));
+        if (lane == 0 && s + 2 < steps_total) arm(s + 2);
         __syncwarp();
-        if (lane < kC) mbar_arrive_remote(cluster_addr(smem_addr(&empty[s % 2]), unsigned(lane)));
+        if (lane < kC && s + 2 < rows_of(lane) * nt) {  // producers that write again at step s + 2
+          mbar_arrive_remote(cluster_addr(smem_addr(&empty[s % 2]), unsigned(lane)));
+        }
       }
     }
 #pragma unroll

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (the device tool): builds the CUDA kernels for this card, runs the GPU
 # tests against the fp64 CPU reference, compute-sanitizer memcheck, synccheck and racecheck on a
-# reduced set, then the benchmark and the dense anchors (cuDNN, FlashAttention-2 through torch) in the same run.
+# reduced set, then the benchmark and the dense anchors (cuDNN, FlashAttention-2 through torch) in
+# the same run.
 # Logs go to $OUT (default /tmp/monarchrt-gpu). GoogleTest is built from .deps/googletest when the
 # machine has none installed (an untracked copy of Debian's /usr/src/googletest, see README).
 # `engine` runs the full-size engine benchmark and float32 parity (bench/engine_bench.py);

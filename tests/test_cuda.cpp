@@ -343,7 +343,7 @@ TEST(CudaForward, SingleCtaFusedKernelWithoutClusters) {
 
 // The cluster kernel keeps a table of at most ClusterConfig::kMaxTiles = 512 attended key tiles
 // in shared memory; longer keys take the single-CTA fused kernel. Both sides of that limit, with
-// 1x1 tiles (one key tile per frame). Added in the fifteenth session without a GPU run.
+// 1x1 tiles (one key tile per frame). First run on a GPU (an H200) in the sixteenth session.
 TEST(CudaForward, FusedPathAtTheClusterKernelsTileLimit) {
   SKIP_WITHOUT_GPU();
   Rng rng(106);

@@ -32,8 +32,8 @@ arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -
 [ "$arch" = 90 ] && arch=90a
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 build() {  # source dir, log name
-  (cmake -S "$1" -B "$1/build-gpu" -G Ninja -DMONARCHRT_CUDA=ON -DMONARCHRT_CUDA_ARCHS="$arch" \
-    -DMONARCHRT_BUILD_TESTS=OFF && cmake --build "$1/build-gpu" -j "$(($(nproc) / 2))" --target bench_cuda) \
+  (cmake -S "$1" -B "$1/build-ab" -G Ninja -DMONARCHRT_CUDA=ON -DMONARCHRT_CUDA_ARCHS="$arch" \
+    -DMONARCHRT_BUILD_TESTS=OFF && cmake --build "$1/build-ab" -j "$(($(nproc) / 2))" --target bench_cuda) \
     >"$OUT/$2.log" 2>&1
 }
 build "$base" build_base &
@@ -45,8 +45,8 @@ if [ "$fail" -ne 0 ]; then
   exit 1
 fi
 for r in $(seq 1 "$rounds"); do
-  env ${A_ENV:-} "$base/build-gpu/bench/bench_cuda" "$@" >"$OUT/base_$r.txt" 2>&1 || { cat "$OUT/base_$r.txt"; exit 1; }
-  env ${B_ENV:-} ./build-gpu/bench/bench_cuda "$@" >"$OUT/new_$r.txt" 2>&1 || { cat "$OUT/new_$r.txt"; exit 1; }
+  env ${A_ENV:-} "$base/build-ab/bench/bench_cuda" "$@" >"$OUT/base_$r.txt" 2>&1 || { cat "$OUT/base_$r.txt"; exit 1; }
+  env ${B_ENV:-} ./build-ab/bench/bench_cuda "$@" >"$OUT/new_$r.txt" 2>&1 || { cat "$OUT/new_$r.txt"; exit 1; }
 done
 # One row per (shape, path): the median column (the 4th field from the end of each result line)
 # of every run, base runs first.

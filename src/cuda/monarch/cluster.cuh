@@ -14,11 +14,16 @@
 //    producers send (online softmax, queries and outputs in registers).
 // After step s, 15 lanes of the producer warpgroup copy each peer owner's columns of the staging
 // tile into that owner's receive slot s % 2 (one `cp.async.bulk` each, counted by the owner's
-// `recv_full[s % 2]`), and the warp stores this CTA's own columns into its own slot. An owner
-// consumes slot s % 2 (16 virtual keys: one per producer, inactive producers masked), re-arms
-// its `recv_full` for step s + 2 and arrives on the `empty[s % 2]` of every producer that has a
-// step s + 2; such a producer waits for that phase (every owner with columns) before it writes its
-// staging tile again at step s + 2, which also proves the tile's copies of step s were read.
+// `recv_full[s % 2]`). An owner consumes slot s % 2 (16 virtual keys: one per producer, inactive
+// producers masked), re-arms its `recv_full` for step s + 2 and arrives on the `empty[s % 2]` of
+// every producer that has a step s + 2; such a producer waits for that phase (every owner with
+// columns) before it writes its staging tile again at step s + 2, which also proves the tile's
+// copies of step s were read.
+// The CTA's own columns are not copied: the owners read them (virtual key `rank`) straight from
+// the local staging tile, handed over with named barriers (`kFullBar`, `kEmptyBar`: the producer
+// warpgroup arrives, the owners sync, and the reverse for the release). A bulk copy into the
+// issuing CTA is rejected by compute-sanitizer memcheck, and racecheck follows named barriers but
+// not mbarriers (docs/cuda-forward.md, "Sanitizers and the cluster kernel").
 #pragma once
 
 #include <cuda_runtime.h>
@@ -51,6 +56,10 @@ struct ClusterConfig {
   static constexpr int kConsumerWarps = 2 * kOwnMax;
   static constexpr int kProducerThreads = 256;  // two warpgroups: even and odd steps
   static constexpr int kThreads = kProducerThreads + 32 * kConsumerWarps;
+  // Named barriers: 1 the owner warps, 2 + g producer warpgroup g, and staging tile g handed to
+  // the owners (kFullBar + g: g arrives, the owners sync) and back (kEmptyBar + g), kHandOff
+  // threads each.
+  static constexpr int kFullBar = 4, kEmptyBar = 6, kHandOff = 128 + 32 * kConsumerWarps;
   // setmaxnreg: the stage-2 warps hold their queries (32 registers) and outputs (64) throughout.
   static constexpr int kProducerRegs = 112, kConsumerRegs = 256 - kProducerRegs;
   static_assert(kThreads == 512 && kProducerThreads == 256, "the register split assumes 2 + 2 warpgroups");
@@ -99,18 +108,12 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
   }
   auto rows_of = [&](int pr) { return pr < p.b1 ? (p.b1 - pr + kC - 1) / kC : 0; };
   auto own_begin = [&](int o) { return o * p.b2 / kC; };
-  const int steps_total = rows_of(0) * nt;
+  const int steps_total = rows_of(0) * nt, my_steps = rows_of(rank) * nt;  // all, and this CTA's producer's
   const int own0 = own_begin(rank), own_n = own_begin(rank + 1) - own0;
-  // recv_full[s % 2] completes step s with two arrivals and the peers' bytes: the owner's re-arm
-  // (announcing what the 15 peers copy in) and this CTA's producer once it has stored its own
-  // columns into the slot (or the re-arm a second time where that producer has no step s). The own
-  // columns are stored by threads, not by a bulk copy: compute-sanitizer memcheck rejects a
-  // shared::cluster bulk copy whose destination is the issuing CTA (docs/cuda-forward.md).
-  auto arm = [&](int s) {
-    int active = 0;
-    for (int pr = 0; pr < kC; ++pr) active += pr != rank && s < rows_of(pr) * nt ? 1 : 0;
-    mbar_expect(&recv_full[s % 2], uint32_t(active * own_n * C::kColBytes));
-    if (s >= rows_of(rank) * nt) mbar_arrive(&recv_full[s % 2]);
+  // recv_full[s % 2] completes step s with the owner's re-arm, which announces what the peers
+  // with a step s (bit pr of `producers`) copy in, and their bytes.
+  auto arm = [&](int s, unsigned producers) {
+    mbar_expect(&recv_full[s % 2], uint32_t(__popc(producers & ~(1u << rank)) * own_n * C::kColBytes));
   };
 
   // Zeros: the K / V ring's pad rows (keys b2..63 feed the wgmma as zeros) and the receive slots
@@ -123,11 +126,15 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
   if (tid == 0) {
     for (int i = 0; i < 4; ++i) mbar_init(&kv_full[i], 1);
     for (int i = 0; i < 2; ++i) {
-      mbar_init(&recv_full[i], 2);
+      mbar_init(&recv_full[i], 1);
       mbar_init(&empty[i], min(kC, p.b2));  // the owners with columns (b2 < 16: some have none)
     }
     fence_mbar_init();
-    for (int s = 0; s < 2 && s < steps_total && own_n > 0; ++s) arm(s);
+    for (int s = 0; s < 2 && s < steps_total && own_n > 0; ++s) {
+      unsigned producers = 0;
+      for (int pr = 0; pr < kC; ++pr) producers |= s < rows_of(pr) * nt ? 1u << pr : 0u;
+      arm(s, producers);
+    }
   }
   cluster_sync();  // every barrier of the cluster initialized and armed
 
@@ -136,7 +143,6 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
     // s = g, g + 2, ... with its own K / V buffers, staging tile g and receive slot g ----
     warpgroup_regs_dec<C::kProducerRegs>();
     const int g = tid / 128, wq = warp % 4, ptid = tid % 128;
-    const int my_steps = rows_of(rank) * nt;
     const int j_row[2] = {wq * 16 + r, wq * 16 + r + 8};
     constexpr int kRowElems = C::kRowBytes / int(sizeof(T));
     T* const Kr = ring + (2 * g) * kRowElems;
@@ -206,9 +212,13 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
         pa[kk][2] = MM::pack(sc[2 * kk + 1][0] * inv[0], sc[2 * kk + 1][1] * inv[0]);
         pa[kk][3] = MM::pack(sc[2 * kk + 1][2] * inv[1], sc[2 * kk + 1][3] * inv[1]);
       }
-      // Staging tile g: free once every owner has consumed step s - 2.
+      // Staging tile g: free once every owner has consumed step s - 2 (this CTA's owners also
+      // through the named barrier, which is what racecheck sees).
       unsigned char* stg = staging + g * C::kStagingBytes;
-      if (s >= 2) mbar_wait_checked(&empty[g], (it - 1) & 1, "producer empty");
+      if (s >= 2) {
+        mbar_wait_checked(&empty[g], (it - 1) & 1, "producer empty");
+        if (own_n > 0) named_bar_sync(C::kEmptyBar + g, C::kHandOff);
+      }
       if (lane % 4 == 0) {
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
@@ -257,20 +267,14 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
         }
       }
       fence_proxy_async_smem();  // the staging tile, written by threads, is read by the copy engine
+      if (own_n > 0) named_bar_arrive(C::kFullBar + g, C::kHandOff);  // ... and by this CTA's owners
       named_bar_sync(2 + g, 128);  // ... by all the warpgroup's threads; the V row is free too
-      if (wq == 0) {  // lane o copies owner o's columns to a peer; the warp stores this CTA's own
+      if (wq == 0) {  // lane o copies owner o's columns to a peer
         unsigned char* const dst = slots + (s % 2) * C::kSlotBytes + rank * C::kProdStride;
         const int ob = own_begin(lane), on = own_begin(lane + 1) - ob;
         if (lane < kC && lane != rank && on > 0) {
           bulk_to_cluster(cluster_addr(smem_addr(dst), unsigned(lane)), smem_addr(stg + ob * C::kColBytes),
                           uint32_t(on * C::kColBytes), cluster_addr(smem_addr(&recv_full[s % 2]), unsigned(lane)));
-        }
-        if (own_n > 0) {
-          const uint4* src = reinterpret_cast<const uint4*>(stg + own0 * C::kColBytes);
-          for (int i = lane; i < own_n * C::kColBytes / 16; i += 32) reinterpret_cast<uint4*>(dst)[i] = src[i];
-          __threadfence_block();
-          __syncwarp();
-          if (lane == 0) mbar_arrive(&recv_full[s % 2]);  // release at CTA scope: the owners see the stores
         }
         if (lane == 0 && s + 2 < my_steps) issue(&tma.v, Vr, v_full, nx);
       }
@@ -298,34 +302,42 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-    constexpr int kLd = C::kProdStride / int(sizeof(T));  // between two producers' rows
+    // Virtual key (producer) pr's part of slot s % 2 starts pr * kProdStride into the slot; this
+    // CTA's own producer's lies `delta` bytes further, in its staging tile, while it has steps
+    // (after that its part of the slots, never written, holds zeros: read, and masked).
+    const int delta0 = int(C::kRing) - int(C::kSlots) + own0 * C::kColBytes - rank * C::kProdStride;
+    const int key_a = (lane / 16) * 8 + lane % 8, key_y = ((lane / 8) % 2) * 8 + lane % 8;  // ldmatrix rows
     for (int s = 0; s < steps_total; ++s) {
       mbar_wait_checked(&recv_full[s % 2], (s / 2) & 1, "owner recv_full");
-      const unsigned char* slot = slots + (s % 2) * C::kSlotBytes;
+      if (s < my_steps) named_bar_sync(C::kFullBar + s % 2, C::kHandOff);
       if (has_col) {
-        const T* aL = reinterpret_cast<const T*>(slot + jj * C::kColBytes);
+        const unsigned char* slot = slots + (s % 2) * C::kSlotBytes + jj * C::kColBytes;
+        const int delta = s < my_steps ? delta0 + (s % 2) * (C::kStagingBytes - C::kSlotBytes) : 0;
+        auto key = [&](int pr) { return slot + pr * C::kProdStride + (pr == rank ? delta : 0); };
+        const T* aL = reinterpret_cast<const T*>(key(key_a));
         float u[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) mma_rows16<T>(u[0], u[1], qa[ks], aL, kLd, ks, lane);
+        for (int ks = 0; ks < D / 16; ++ks) mma_rows16_at<T>(u[0], u[1], qa[ks], aL, ks, lane);
 #pragma unroll
         for (int t = 0; t < 2; ++t) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int pr = t * 8 + c + e % 2;  // the producer, i.e. the virtual key
-            const float cl =
-                *reinterpret_cast<const float*>(slot + pr * C::kProdStride + jj * C::kColBytes + 2 * D * sizeof(T));
+            const float cl = *reinterpret_cast<const float*>(key(pr) + 2 * D * sizeof(T));
             u[t][e] = s < rows_of(pr) * nt ? u[t][e] * p.scale_log2 - cl * kLog2e : -INFINITY;
           }
         }
-        online_softmax_pv<T, D, 2>(u, row_max, row_sum, o, aL + D, kLd, lane);
+        online_softmax_pv16_at<T, D>(u, row_max, row_sum, o, reinterpret_cast<const T*>(key(key_y)) + D, lane);
       }
+      // The local producer may write its staging tile again at step s + 2.
+      if (s + 2 < my_steps) named_bar_arrive(C::kEmptyBar + s % 2, C::kHandOff);
       named_bar_sync(1, 32 * C::kConsumerWarps);  // every owner warp is done with slot s % 2
       if (cw == 0) {  // re-arm the slot for step s + 2, then lane pr releases it to producer pr
-        if (lane == 0 && s + 2 < steps_total) arm(s + 2);
+        const bool again = lane < kC && s + 2 < rows_of(lane) * nt;  // producer lane has a step s + 2
+        const unsigned producers = __ballot_sync(0xffffffffu, again);
+        if (lane == 0 && s + 2 < steps_total) arm(s + 2, producers);
         __syncwarp();
-        if (lane < kC && s + 2 < rows_of(lane) * nt) {  // producers that write again at step s + 2
-          mbar_arrive_remote(cluster_addr(smem_addr(&empty[s % 2]), unsigned(lane)));
-        }
+        if (again) mbar_arrive_remote(cluster_addr(smem_addr(&empty[s % 2]), unsigned(lane)));
       }
     }
 #pragma unroll

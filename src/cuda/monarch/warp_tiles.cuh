@@ -24,16 +24,24 @@ __device__ __forceinline__ void load_a_rows(uint32_t (&a)[D / 16][4], const T* r
   }
 }
 
+// mma_rows16 with the 16 rows anywhere in shared memory: lane_row is where this lane's row,
+// (lane / 16) * 8 + lane % 8, starts (the row ldmatrix_x4 takes from this lane).
+template <typename T>
+__device__ __forceinline__ void mma_rows16_at(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
+                                              const T* lane_row, int ks, int lane) {
+  uint32_t b[4];
+  ldmatrix_x4(b, lane_row + ks * 16 + ((lane / 8) % 2) * 8);
+  Mma<T>::run(c0, a, b[0], b[1]);
+  Mma<T>::run(c1, a, b[2], b[3]);
+}
+
 // c0 += A B0^T and c1 += A B1^T, where B0 and B1 are rows 0-7 and 8-15 of the 16 consecutive rows
 // at `rows16` of a row-major shared-memory block (pitch ld elements), features 16 ks .. 16 ks + 15,
 // and A the warp's 16 x 16 fragment of the same features: 16 keys of a score product S = Q K^T.
 template <typename T>
 __device__ __forceinline__ void mma_rows16(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4], const T* rows16,
                                            int ld, int ks, int lane) {
-  uint32_t b[4];
-  ldmatrix_x4(b, rows16 + ((lane / 16) * 8 + lane % 8) * ld + ks * 16 + ((lane / 8) % 2) * 8);
-  Mma<T>::run(c0, a, b[0], b[1]);
-  Mma<T>::run(c1, a, b[2], b[3]);
+  mma_rows16_at<T>(c0, c1, a, rows16 + ((lane / 16) * 8 + lane % 8) * ld, ks, lane);
 }
 
 // Stage 1's scores of a warp's 16 rows over their keys (4 lanes share a row; key i = 8 t + c of
@@ -166,6 +174,25 @@ __device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row
       Mma<T>::run(o[2 * dt2], pa[kk], bv[0], bv[1]);
       Mma<T>::run(o[2 * dt2 + 1], pa[kk], bv[2], bv[3]);
     }
+  }
+}
+
+// online_softmax_pv for 16 keys whose V rows lie anywhere in shared memory: vrow is where this
+// lane's row, key ((lane / 8) % 2) * 8 + lane % 8 (the row ldmatrix_x4_trans takes from this
+// lane), starts.
+template <typename T, int D>
+__device__ __forceinline__ void online_softmax_pv16_at(float (&u)[2][4], float (&row_max)[2], float (&row_sum)[2],
+                                                       float (&o)[D / 8][4], const T* vrow, int lane) {
+  float corr[2];
+  uint32_t pa[1][4];
+  online_softmax_p<T, 2>(u, row_max, row_sum, corr, pa);
+  scale_rows<D>(o, corr);
+#pragma unroll
+  for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+    uint32_t bv[4];
+    ldmatrix_x4_trans(bv, vrow + (dt2 * 2 + lane / 16) * 8);
+    Mma<T>::run(o[2 * dt2], pa[0], bv[0], bv[1]);
+    Mma<T>::run(o[2 * dt2 + 1], pa[0], bv[2], bv[3]);
   }
 }
 

@@ -266,5 +266,41 @@ TEST(WanDiT, ChunksThroughTheCacheEqualTheBlockCausalFullSequence) {
   }
 }
 
+// The refresh pass without an output (flow == nullptr) writes the same cache as a full pass: the
+// next chunk's output is bitwise the same either way.
+TEST(WanDiT, RefreshWithoutOutputWritesTheSameCache) {
+  const WanConfig c = tiny();
+  const WanWeights w = wan_random_weights(c, 21);
+  const int64_t B = 1, chunk = 2, Hl = 4, Wl = 6, n = B * chunk * c.in_dim * Hl * Wl;
+  Rng rng(22);
+  std::vector<float> text(size_t(B * c.text_len * c.text_dim)), x0(static_cast<size_t>(n)), x1(static_cast<size_t>(n));
+  for (float& v : text) v = float(rng.normal());
+  for (float& v : x0) v = float(rng.normal());
+  for (float& v : x1) v = float(rng.normal());
+  for (bool monarch : {false, true}) {
+    std::vector<float> next[2];
+    for (int with_output = 0; with_output < 2; ++with_output) {
+      WanRunConfig run;
+      run.batch = B;
+      run.latent_h = Hl;
+      run.latent_w = Wl;
+      run.max_frames = 2 * chunk;
+      run.monarch = monarch;
+      WanDiT dit;
+      ASSERT_TRUE(dit.init(w, run).ok());
+      ASSERT_TRUE(dit.set_text(text.data()).ok());
+      std::vector<float> flow(static_cast<size_t>(n));
+      ASSERT_TRUE(dit.forward(x0.data(), chunk, 0, 0.0, with_output ? flow.data() : nullptr).ok());
+      next[with_output].assign(size_t(n), std::nanf(""));
+      ASSERT_TRUE(dit.forward(x1.data(), chunk, chunk, 500.0, next[with_output].data()).ok());
+      if (!with_output) {
+        EXPECT_EQ(dit.forward_full(x0.data(), chunk, 0.0, 0, nullptr).code(), StatusCode::kInvalidArgument);
+      }
+    }
+    EXPECT_EQ(std::memcmp(next[0].data(), next[1].data(), next[0].size() * sizeof(float)), 0)
+        << (monarch ? "monarch" : "dense");
+  }
+}
+
 }  // namespace
 }  // namespace monarchrt

@@ -140,6 +140,37 @@ TEST(WanCuda, WindowedCacheHoldsOnlyTheWindow) {
   EXPECT_NEAR(bytes(60, 0, 0) - bytes(12, 0, 0), 48 * per_frame, 0.25 * per_frame);
 }
 
+// The refresh pass without an output (flow == nullptr: the graph stops after the last layer's
+// K/V) writes the same cache as a full pass: the next chunk is bitwise the same either way.
+TEST(WanCuda, RefreshWithoutOutputWritesTheSameCache) {
+  SKIP_WITHOUT_GPU();
+  const WanConfig c = small_config();
+  const WanWeights w = wan_random_weights(c, 5);
+  const int64_t chunk = 3, n = chunk * c.in_dim * 8 * 12;
+  Rng rng(6);
+  std::vector<float> text(size_t(c.text_len * c.text_dim)), x0(static_cast<size_t>(n)), x1(static_cast<size_t>(n));
+  for (float& v : text) v = float(rng.normal());
+  for (float& v : x0) v = float(rng.normal());
+  for (float& v : x1) v = float(rng.normal());
+  WanRunConfig run;
+  run.latent_h = 8;
+  run.latent_w = 12;
+  run.max_frames = 2 * chunk;
+  run.monarch = true;
+  std::vector<float> next[2];
+  for (int with_output = 0; with_output < 2; ++with_output) {
+    WanDiTCuda gpu;
+    ASSERT_TRUE(gpu.init(w, run).ok());
+    ASSERT_TRUE(gpu.set_text(text.data()).ok());
+    std::vector<float> flow(static_cast<size_t>(n));
+    ASSERT_TRUE(gpu.forward(x0.data(), chunk, 0, 0.0, with_output ? flow.data() : nullptr).ok());
+    next[with_output].assign(size_t(n), std::nanf(""));
+    ASSERT_TRUE(gpu.forward(x1.data(), chunk, chunk, 500.0, next[with_output].data()).ok());
+  }
+  for (float f : next[0]) ASSERT_TRUE(std::isfinite(f));
+  EXPECT_EQ(next[0], next[1]);
+}
+
 TEST(WanCuda, RejectsWhatItCannotRun) {
   SKIP_WITHOUT_GPU();
   WanConfig c = small_config();

@@ -107,7 +107,9 @@ Status check_wan_model(const WanWeights& weights, const WanRunConfig& run);
 // What the Self-Forcing loop needs of a DiT: one call on a chunk (spec 1.3). x is
 // [batch, frames, in_dim, latent_h, latent_w] at timestep t (all frames), first frame
 // start_frame; the call writes the chunk's K/V into the cache at its frames, attends the cache
-// window and returns the flow prediction in flow (same layout). Host pointers, fp32.
+// window and returns the flow prediction in flow (same layout). Host pointers, fp32. flow ==
+// nullptr: only the cache is updated (the Self-Forcing refresh pass), and the work that feeds
+// nothing but the output (the last layer after its K/V, the head) is skipped.
 class WanModel {
  public:
   virtual ~WanModel() = default;

@@ -37,7 +37,8 @@ Status self_forcing_generate(WanModel& dit, const float* noise, int64_t frames, 
     }
     for (int64_t b = 0; b < B; ++b)
       std::copy(x0.begin() + b * per, x0.begin() + (b + 1) * per, latents + (b * frames + s) * frame);
-    if (s + chunk < frames) MONARCHRT_RETURN_IF_ERROR(dit.forward(x0.data(), chunk, s, 0.0, v.data()));  // refresh
+    // the refresh pass: the clean chunk's K/V into the cache (its output is not needed)
+    if (s + chunk < frames) MONARCHRT_RETURN_IF_ERROR(dit.forward(x0.data(), chunk, s, 0.0, nullptr));
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (cb.on_chunk) cb.on_chunk(k, x0.data(), secs);
   }

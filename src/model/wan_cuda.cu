@@ -13,6 +13,7 @@
 #include <cstring>
 #include <map>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -48,6 +49,20 @@ __device__ float block_sum(float v, float* red) {
   return s;
 }
 
+// Two sums over the block at once; `red` holds 64 floats.
+__device__ float2 block_sum2(float a, float b, float* red) {
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
+  __syncthreads();  // red may still be read from a previous call
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = a, red[32 + threadIdx.x / 32] = b;
+  __syncthreads();
+  float2 s = make_float2(0.f, 0.f);
+  for (int i = 0; i < int(blockDim.x) / 32; ++i) s.x += red[i], s.y += red[32 + i];
+  return s;
+}
+
 __device__ void load8(const float* p, float (&v)[kVec]) {
   const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
@@ -55,18 +70,6 @@ __device__ void load8(const float* p, float (&v)[kVec]) {
 __device__ void store8(float* p, const float (&v)[kVec]) {
   reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
   reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-// v[i] += a[i] + b[i] for the arrays that exist.
-__device__ void add8(const float* a, const float* b, float (&v)[kVec]) {
-  float t[kVec];
-  if (a) {
-    load8(a, t);
-    for (int i = 0; i < kVec; ++i) v[i] += t[i];
-  }
-  if (b) {
-    load8(b, t);
-    for (int i = 0; i < kVec; ++i) v[i] += t[i];
-  }
 }
 __device__ void load8(const bf16* p, float (&v)[kVec]) {
   const uint4 raw = *reinterpret_cast<const uint4*>(p);
@@ -131,16 +134,14 @@ __global__ void to_bf16_kernel(const float* in, bf16* out, int64_t n) {
   if (i < n) out[i] = __float2bfloat16_rn(in[i]);
 }
 
-// One token per block: optional residual x += y * gate (gate = gate_a + gate_b, or 1 without
-// gate_a), then LayerNorm (no affine) and h = n * (mul_one + mul_a + mul_b) + add_a + add_b:
-// modulation (mul_one = 1, shift/scale rows of the block's table and of e0) or the affine
-// norm3 (mul_one = 0, mul_a = weight, add_a = bias). Null pointers count as zero.
+// One token per block: optional residual x += y * gate (gate null: the plain residual), then
+// LayerNorm (no affine) and h = n * mul + add, with mul / add the modulation rows of the pass
+// (mod_kernel: 1 + scale, shift) or norm3's weight and bias. Every vector is one load per thread:
+// the kernel runs at the rate of a copy of its bytes (docs/perf.md, eighteenth session).
 struct AddNormArgs {
   float* x;
   const bf16* y;
-  const float *gate_a, *gate_b;
-  float mul_one;
-  const float *mul_a, *mul_b, *add_a, *add_b;
+  const float *gate, *mul, *add;
   bf16* h;
   int D;
   float eps;
@@ -158,9 +159,11 @@ __global__ void add_norm_kernel(const AddNormArgs a) {
     if (a.y) {
       float y[kVec], g[kVec];
       load8(a.y + row * a.D + d0, y);
-      for (int i = 0; i < kVec; ++i) g[i] = a.gate_a ? 0.f : 1.f;
-      add8(a.gate_a ? a.gate_a + d0 : nullptr, a.gate_b ? a.gate_b + d0 : nullptr, g);
-      for (int i = 0; i < kVec; ++i) v[i] += y[i] * g[i];
+      if (a.gate) {
+        load8(a.gate + d0, g);
+        for (int i = 0; i < kVec; ++i) y[i] *= g[i];
+      }
+      for (int i = 0; i < kVec; ++i) v[i] += y[i];
       store8(x, v);
     }
     for (int i = 0; i < kVec; ++i) sum += v[i];
@@ -171,12 +174,28 @@ __global__ void add_norm_kernel(const AddNormArgs a) {
     for (int i = 0; i < kVec; ++i) var += (v[i] - mean) * (v[i] - mean);
   const float inv = rsqrtf(block_sum(var, red) / float(a.D) + a.eps);
   if (mine) {
-    float mul[kVec], add[kVec] = {};
-    for (int i = 0; i < kVec; ++i) mul[i] = a.mul_one;
-    add8(a.mul_a ? a.mul_a + d0 : nullptr, a.mul_b ? a.mul_b + d0 : nullptr, mul);
-    add8(a.add_a ? a.add_a + d0 : nullptr, a.add_b ? a.add_b + d0 : nullptr, add);
+    float mul[kVec], add[kVec];
+    load8(a.mul + d0, mul);
+    load8(a.add + d0, add);
     for (int i = 0; i < kVec; ++i) v[i] = (v[i] - mean) * inv * mul[i] + add[i];
     store8(a.h + row * a.D + d0, v);
+  }
+}
+
+// The modulation rows of one pass, for every layer and the head (spec 1.3.3 and 1.3.7), so that
+// the row kernels read one vector per operand: layer l's row r is mod[l][r] + e0[r], plus 1 on the
+// scale rows (r = 1, 4); the head's rows are head_mod[r] + e, plus 1 on its scale row (r = 1).
+__global__ void mod_kernel(const float* const* layer_mod, const float* e0, const float* head_mod, const float* e,
+                           float* out, int layers, int D) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t layer_rows = int64_t(layers) * 6 * D;
+  if (i < layer_rows) {
+    const int l = int(i / (6 * D)), r = int(i / D % 6), d = int(i % D);
+    const float v = layer_mod[l][r * D + d] + e0[r * D + d];
+    out[i] = r == 1 || r == 4 ? 1.f + v : v;
+  } else if (i < layer_rows + 2 * D) {
+    const int r = int((i - layer_rows) / D), d = int((i - layer_rows) % D);
+    out[i] = r == 1 ? (1.f + head_mod[D + d]) + e[d] : head_mod[d] + e[d];  // as the CPU path rounds
   }
 }
 
@@ -186,15 +205,14 @@ __global__ void rms_rows_kernel(bf16* x, int64_t ld, const float* gain, int D, f
   bf16* r = x + int64_t(blockIdx.x) * ld;
   const int d0 = int(threadIdx.x) * kVec;
   const bool mine = d0 < D;
-  float v[kVec] = {}, ss = 0.f;
+  float v[kVec] = {}, g[kVec], ss = 0.f;
   if (mine) {
     load8(r + d0, v);
+    load8(gain + d0, g);
     for (int i = 0; i < kVec; ++i) ss += v[i] * v[i];
   }
   const float inv = rsqrtf(block_sum(ss, red) / float(D) + eps);
   if (mine) {
-    float g[kVec];
-    load8(gain + d0, g);
     for (int i = 0; i < kVec; ++i) v[i] *= inv * g[i];
     store8(r + d0, v);
   }
@@ -217,45 +235,51 @@ struct QkRopeArgs {
 };
 
 __global__ void qk_rope_kernel(const QkRopeArgs a) {
-  __shared__ float red[32];
+  __shared__ float red[64];
   const int64_t tok = blockIdx.x;
   const int b = int(tok / a.S), n = int(tok % a.S);
   const int d0 = int(threadIdx.x) * kVec;
   const bool mine = d0 < a.D;
   bf16* q = a.qkv + tok * 3 * a.D;
-  float qv[kVec] = {}, kv[kVec] = {}, sq = 0.f, sk = 0.f;
+  const int frame = a.f0 + n / (a.th * a.tw), row = (n / a.tw) % a.th, col = n % a.tw;
+  // Every load is issued before the two reductions: the gains, the rotations and v do not
+  // depend on them (loads after a barrier would be a second round trip per token).
+  float qv[kVec] = {}, kv[kVec] = {}, gq[kVec], gk[kVec], sq = 0.f, sk = 0.f;
+  float2 cs[kVec / 2];
+  uint4 vraw = make_uint4(0, 0, 0, 0);
   if (mine) {
     load8(q + d0, qv);
     load8(q + a.D + d0, kv);
+    vraw = *reinterpret_cast<const uint4*>(q + 2 * a.D + d0);
+    load8(a.gq + d0, gq);
+    load8(a.gk + d0, gk);
+    for (int i = 0; i < kVec / 2; ++i) {
+      const int j = (d0 / 2 + i) % (a.hd / 2);  // pair index inside the head
+      cs[i] = j < a.pf            ? a.rope_f[frame * a.pf + j]
+              : j < a.pf + a.phw ? a.rope_r[row * a.phw + (j - a.pf)]
+                                 : a.rope_c[col * a.phw + (j - a.pf - a.phw)];
+    }
     for (int i = 0; i < kVec; ++i) {
       sq += qv[i] * qv[i];
       sk += kv[i] * kv[i];
     }
   }
-  const float iq = rsqrtf(block_sum(sq, red) / float(a.D) + a.eps);
-  const float ik = rsqrtf(block_sum(sk, red) / float(a.D) + a.eps);
+  const float2 ss = block_sum2(sq, sk, red);
+  const float iq = rsqrtf(ss.x / float(a.D) + a.eps), ik = rsqrtf(ss.y / float(a.D) + a.eps);
   if (!mine) return;
-  const int frame = a.f0 + n / (a.th * a.tw), row = (n / a.tw) % a.th, col = n % a.tw;
   const int slot = a.ring > 0 && frame >= a.sink ? a.sink + (frame - a.sink) % a.ring : frame;
   const int64_t crow = int64_t(b) * a.cache_rows + int64_t(slot) * (a.th * a.tw) + n % (a.th * a.tw);
-  float gq[kVec], gk[kVec];
-  load8(a.gq + d0, gq);
-  load8(a.gk + d0, gk);
   for (int i = 0; i < kVec / 2; ++i) {
-    const int j = (d0 / 2 + i) % (a.hd / 2);  // pair index inside the head
-    const float2 cs = j < a.pf            ? a.rope_f[frame * a.pf + j]
-                      : j < a.pf + a.phw ? a.rope_r[row * a.phw + (j - a.pf)]
-                                         : a.rope_c[col * a.phw + (j - a.pf - a.phw)];
     const float q0 = qv[2 * i] * iq * gq[2 * i], q1 = qv[2 * i + 1] * iq * gq[2 * i + 1];
     const float k0 = kv[2 * i] * ik * gk[2 * i], k1 = kv[2 * i + 1] * ik * gk[2 * i + 1];
-    qv[2 * i] = q0 * cs.x - q1 * cs.y;
-    qv[2 * i + 1] = q0 * cs.y + q1 * cs.x;
-    kv[2 * i] = k0 * cs.x - k1 * cs.y;
-    kv[2 * i + 1] = k0 * cs.y + k1 * cs.x;
+    qv[2 * i] = q0 * cs[i].x - q1 * cs[i].y;
+    qv[2 * i + 1] = q0 * cs[i].y + q1 * cs[i].x;
+    kv[2 * i] = k0 * cs[i].x - k1 * cs[i].y;
+    kv[2 * i + 1] = k0 * cs[i].y + k1 * cs[i].x;
   }
   store8(q + d0, qv);
   store8(a.cache_k + crow * a.D + d0, kv);
-  *reinterpret_cast<uint4*>(a.cache_v + crow * a.D + d0) = *reinterpret_cast<const uint4*>(q + 2 * a.D + d0);
+  *reinterpret_cast<uint4*>(a.cache_v + crow * a.D + d0) = vraw;
 }
 
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
@@ -310,11 +334,13 @@ struct WanDiTCuda::Impl {
   float2 *rope_f, *rope_r, *rope_c;
   // activations
   float *x_in, *x, *flow, *hout, *sinus, *t1, *e, *e0, *text_in;
+  float* modv;                     // the pass's modulation rows: [layer][6][D], then the head's [2][D]
+  const float** layer_mod = nullptr;  // device array of the layers' `mod` pointers
   bf16 *tok, *h, *qkv, *att, *y, *cq, *f1, *ctx, *te1, *te;
 
   std::map<int64_t, std::unique_ptr<Plans>> plans;  // by token count
   std::unique_ptr<LinearPlan> te0_plan, dd_text_plan;
-  std::map<std::pair<int64_t, int64_t>, cudaGraphExec_t> graphs;  // by (frames, start_frame)
+  std::map<std::tuple<int64_t, int64_t, bool>, cudaGraphExec_t> graphs;  // by (frames, start_frame, cache only)
   bool text_ready = false;
   // profile: events recorded after each step of a pass and the step each one closes
   std::vector<cudaEvent_t> events;
@@ -437,15 +463,15 @@ struct WanDiTCuda::Impl {
     return cuda_detail::flash_attention(a, stream);
   }
 
-  void add_norm(const bf16* yv, const float* ga, const float* gb, float mul_one, const float* ma, const float* mb,
-                const float* aa, const float* ab, int64_t N) {
-    AddNormArgs a{x, yv, ga, gb, mul_one, ma, mb, aa, ab, h, int(c.dim), float(c.eps)};
+  void add_norm(const bf16* yv, const float* gate, const float* mul, const float* add, int64_t N) {
+    AddNormArgs a{x, yv, gate, mul, add, h, int(c.dim), float(c.eps)};
     add_norm_kernel<<<unsigned(N), row_threads(c.dim), 0, stream>>>(a);
   }
 
-  // Everything of one pass after x_in and sinus are on the device, on `stream`.
-  Status enqueue(int64_t frames, int64_t start) {
-    const int64_t B = run.batch, S = frames * tpf, N = B * S, D = c.dim;
+  // Everything of one pass after x_in and sinus are on the device, on `stream`. cache_only (the
+  // refresh pass): stop once the last layer has written its K/V into the cache.
+  Status enqueue(int64_t frames, int64_t start, bool cache_only) {
+    const int64_t B = run.batch, S = frames * tpf, N = B * S, D = c.dim, nl = int64_t(layers.size());
     Plans& p = *plans.at(N);
     const int64_t n_tok = N * P;
     marks = 0;
@@ -457,13 +483,15 @@ struct WanDiTCuda::Impl {
     matvec_kernel<<<blocks_for(D, 8), 256, 0, stream>>>(time0_w, sinus, time0_b, t1, int(D), int(c.freq_dim), false);
     matvec_kernel<<<blocks_for(D, 8), 256, 0, stream>>>(time2_w, t1, time2_b, e, int(D), int(D), true);
     matvec_kernel<<<blocks_for(6 * D, 8), 256, 0, stream>>>(proj_w, e, proj_b, e0, int(6 * D), int(D), true);
+    mod_kernel<<<blocks_for((nl * 6 + 2) * D, 256), 256, 0, stream>>>(layer_mod, e0, head_mod, e, modv, int(nl), int(D));
     mark(kEmbed);
-    auto mrow = [&](const Layer& L, int r) { return L.mod + r * D; };
-    auto erow = [&](int r) { return e0 + r * D; };
-    add_norm(nullptr, nullptr, nullptr, 1.f, mrow(layers[0], 1), erow(1), mrow(layers[0], 0), erow(0), N);
+    // Row r of layer l's modulation (0 shift, 1 1 + scale, 2 gate; 3-5 the same for the FFN);
+    // layer nl is the head (0 shift, 1 1 + scale).
+    auto mrow = [&](int64_t l, int r) { return modv + (l * 6 + r) * D; };
+    add_norm(nullptr, nullptr, mrow(0, 1), mrow(0, 0), N);
     mark(kNorm);
-    for (size_t i = 0; i < layers.size(); ++i) {
-      const Layer& L = layers[i];
+    for (int64_t i = 0; i < nl; ++i) {
+      const Layer& L = layers[size_t(i)];
       MONARCHRT_RETURN_IF_ERROR(p.qkv.run(h, L.qkv_w, L.qkv_b, qkv, lt_ws, stream));
       mark(kQkvGemm);
       const auto pairs = wan_rope_pairs(c.head_dim());
@@ -473,11 +501,15 @@ struct WanDiTCuda::Impl {
                     float(c.eps)};
       qk_rope_kernel<<<unsigned(N), row_threads(D), 0, stream>>>(qa);
       mark(kQkRope);
+      if (cache_only && i + 1 == nl) {  // nothing after this feeds the cache
+        MONARCHRT_CUDA_CHECK(cudaGetLastError());
+        return Status();
+      }
       MONARCHRT_RETURN_IF_ERROR(self_attention(L, frames, start));
       mark(kSelfAttention);
       MONARCHRT_RETURN_IF_ERROR(p.dd.run(att, L.so_w, L.so_b, y, lt_ws, stream));
       mark(kProjGemm);
-      add_norm(y, mrow(L, 2), erow(2), 0.f, L.n3w, nullptr, L.n3b, nullptr, N);
+      add_norm(y, mrow(i, 2), L.n3w, L.n3b, N);
       mark(kNorm);
       MONARCHRT_RETURN_IF_ERROR(p.dd.run(h, L.cq_w, L.cq_b, cq, lt_ws, stream));
       mark(kProjGemm);
@@ -487,17 +519,12 @@ struct WanDiTCuda::Impl {
       mark(kCrossAttention);
       MONARCHRT_RETURN_IF_ERROR(p.dd.run(att, L.co_w, L.co_b, y, lt_ws, stream));
       mark(kProjGemm);
-      add_norm(y, nullptr, nullptr, 1.f, mrow(L, 4), erow(4), mrow(L, 3), erow(3), N);
+      add_norm(y, nullptr, mrow(i, 4), mrow(i, 3), N);
       mark(kNorm);
       MONARCHRT_RETURN_IF_ERROR(p.ffn0.run(h, L.f0_w, L.f0_b, f1, lt_ws, stream));
       MONARCHRT_RETURN_IF_ERROR(p.ffn2.run(f1, L.f2_w, L.f2_b, y, lt_ws, stream));
       mark(kFfnGemm);
-      if (i + 1 < layers.size()) {
-        const Layer& next = layers[i + 1];
-        add_norm(y, mrow(L, 5), erow(5), 1.f, mrow(next, 1), erow(1), mrow(next, 0), erow(0), N);
-      } else {  // head: shift = modulation[0] + e, scale = modulation[1] + e
-        add_norm(y, mrow(L, 5), erow(5), 1.f, head_mod + D, e, head_mod, e, N);
-      }
+      add_norm(y, mrow(i, 5), mrow(i + 1, 1), mrow(i + 1, 0), N);  // the next layer's norm, or the head's
       mark(kNorm);
     }
     MONARCHRT_RETURN_IF_ERROR(p.head.run(h, head_w, head_b, hout, lt_ws, stream));
@@ -671,6 +698,8 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
     cv.take(&m.t1, D, "activations");
     cv.take(&m.e, D, "activations");
     cv.take(&m.e0, 6 * D, "activations");
+    cv.take(&m.modv, (L * 6 + 2) * D, "activations");
+    cv.take(&m.layer_mod, L, "weights");
     cv.take(&m.text_in, T * c.text_dim, "text staging");
     cv.take(&m.ctx, T * c.text_dim, "text staging");
     cv.take(&m.te1, T * D, "text staging");
@@ -740,6 +769,9 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
                                                {m.time2_b, "time_embedding.2.bias"}, {m.proj_b, "time_projection.1.bias"},
                                                {m.head_mod, "head.modulation"},      {m.head_b, "head.head.bias"}};
   for (const auto& g : gv) MONARCHRT_RETURN_IF_ERROR(up_f32(g.first, *W(g.second)));
+  std::vector<const float*> mods;
+  for (const Impl::Layer& l : m.layers) mods.push_back(l.mod);
+  MONARCHRT_CUDA_CHECK(cudaMemcpy(m.layer_mod, mods.data(), mods.size() * sizeof(float*), cudaMemcpyHostToDevice));
   // RoPE tables (angles in double, as the CPU path).
   auto table = [&](float2* dst, int64_t positions, int64_t first_pair, int64_t count, int axis) -> Status {
     std::vector<float2> t(size_t(positions * count));
@@ -829,17 +861,18 @@ Status WanDiTCuda::forward(const float* x, int64_t frames, int64_t start_frame, 
                            ") do not fit the cache of " + std::to_string(m.run.max_frames) + " frames");
   }
   const int64_t N = m.run.batch * frames * m.tpf, nin = N * m.P, nout = N * m.O;
+  const bool cache_only = flow == nullptr;  // the refresh pass (wan.h)
   MONARCHRT_RETURN_IF_ERROR(m.make_plans(N));
   std::memcpy(m.pin_x, x, size_t(nin) * 4);
   wan_time_sinusoid(t, m.c.freq_dim, m.pin_sinus);
   MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.x_in, m.pin_x, size_t(nin) * 4, cudaMemcpyHostToDevice, m.stream));
   MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.sinus, m.pin_sinus, size_t(m.c.freq_dim) * 4, cudaMemcpyHostToDevice, m.stream));
   if (m.opt.cuda_graphs) {
-    const auto key = std::make_pair(frames, start_frame);
+    const auto key = std::make_tuple(frames, start_frame, cache_only);
     auto it = m.graphs.find(key);
     if (it == m.graphs.end()) {
       MONARCHRT_CUDA_CHECK(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal));
-      const Status s = m.enqueue(frames, start_frame);
+      const Status s = m.enqueue(frames, start_frame, cache_only);
       cudaGraph_t graph = nullptr;
       const cudaError_t end = cudaStreamEndCapture(m.stream, &graph);
       if (!s.ok()) {
@@ -855,11 +888,13 @@ Status WanDiTCuda::forward(const float* x, int64_t frames, int64_t start_frame, 
     }
     MONARCHRT_CUDA_CHECK(cudaGraphLaunch(it->second, m.stream));
   } else {
-    MONARCHRT_RETURN_IF_ERROR(m.enqueue(frames, start_frame));
+    MONARCHRT_RETURN_IF_ERROR(m.enqueue(frames, start_frame, cache_only));
   }
-  MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.pin_flow, m.flow, size_t(nout) * 4, cudaMemcpyDeviceToHost, m.stream));
+  if (!cache_only) {
+    MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.pin_flow, m.flow, size_t(nout) * 4, cudaMemcpyDeviceToHost, m.stream));
+  }
   MONARCHRT_CUDA_CHECK(cudaStreamSynchronize(m.stream));
-  std::memcpy(flow, m.pin_flow, size_t(nout) * 4);
+  if (!cache_only) std::memcpy(flow, m.pin_flow, size_t(nout) * 4);
   return m.events.empty() ? Status() : m.collect_profile();
 }
 

@@ -266,6 +266,7 @@ Status WanDiT::forward(const float* x, int64_t frames, int64_t start_frame, doub
 
 Status WanDiT::forward_full(const float* x, int64_t frames, double t, int64_t causal_chunk_frames, float* flow) {
   if (causal_chunk_frames < 0) return Status::invalid("causal_chunk_frames must be >= 0");
+  if (flow == nullptr) return Status::invalid("forward_full: flow must not be null");
   return pass(x, frames, 0, t, causal_chunk_frames, flow);
 }
 
@@ -362,6 +363,7 @@ Status WanDiT::pass(const float* x_in, int64_t F, int64_t start_frame, double t,
       vv = TensorView::contiguous(vc.data(), DType::kF32, B, used, H, hd);
       kv.stride[0] = vv.stride[0] = cache_rows * D;  // the cache holds cache_frames frames per batch
     }
+    if (flow == nullptr && i + 1 == c.num_layers) return Status();  // cache only (wan.h)
     MONARCHRT_RETURN_IF_ERROR(run_.monarch ? cpu::monarch_attention(qv, kv, vv, ov, ap)
                                            : cpu::dense_attention(qv, kv, vv, ov, ap));
     Vec y = linear(attn, N, D, w_->at(sa + "o.weight"), &w_->at(sa + "o.bias"), D);

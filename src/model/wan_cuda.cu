@@ -182,7 +182,7 @@ __global__ void add_norm_kernel(const AddNormArgs a) {
   }
 }
 
-// The modulation rows of one pass, for every layer and the head (spec 1.3.3 and 1.3.7), so that
+// The modulation rows of one pass, for every layer and the head (spec 1.3.5 and 1.3.7), so that
 // the row kernels read one vector per operand: layer l's row r is mod[l][r] + e0[r], plus 1 on the
 // scale rows (r = 1, 4); the head's rows are head_mod[r] + e, plus 1 on its scale row (r = 1).
 __global__ void mod_kernel(const float* const* layer_mod, const float* e0, const float* head_mod, const float* e,

@@ -4,6 +4,7 @@
 // every departure from the model (missing, misshapen, extra tensor) is an error naming it.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -209,6 +210,97 @@ TEST(WanDiT, SelfForcingLoopRunsAndRejectsBadCalls) {
   bad.latent_h = 5;  // not a multiple of the 2x2 patch
   WanDiT dit;
   EXPECT_EQ(dit.init(w, bad).code(), StatusCode::kInvalidArgument);
+}
+
+// A model that runs whole chunks (WanModel::denoise_chunk) the way the GPU engine does on its
+// device, here with the CPU DiT's passes and the sampler written out again: the loop must hand it
+// the chunk's noise, the three draws in order before the chunk, and a refresh for every chunk but
+// the last, and get the per-pass loop's latents.
+class WholeChunks : public WanModel {
+ public:
+  explicit WholeChunks(WanDiT& dit) : dit_(dit) {}
+  Status forward(const float*, int64_t, int64_t, double, float*) override {
+    return Status::internal("the loop must not call forward() on a model that runs whole chunks");
+  }
+  bool runs_chunks() const override { return true; }
+  Status denoise_chunk(const float* xt, const float* draws, int64_t frames, int64_t start, bool refresh,
+                       float* x0) override {
+    const size_t n = size_t(run().batch * frames * config().in_dim * run().latent_h * run().latent_w);
+    std::vector<float> x(xt, xt + n), v(n);
+    const std::vector<SelfForcingStep> steps = self_forcing_steps();
+    for (size_t j = 0; j < steps.size(); ++j) {
+      MONARCHRT_RETURN_IF_ERROR(dit_.forward(x.data(), frames, start, steps[j].t, v.data()));
+      for (size_t i = 0; i < n; ++i) x0[i] = sampler_x0(x[i], v[i], steps[j].sigma);
+      for (size_t i = 0; i < n && j + 1 < steps.size(); ++i) x[i] = sampler_renoise(x0[i], draws[j * n + i], steps[j + 1].sigma);
+    }
+    refreshes.push_back(refresh);
+    return refresh ? dit_.forward(x0, frames, start, 0.0, nullptr) : Status();
+  }
+  const WanRunConfig& run() const override { return dit_.run(); }
+  const WanConfig& config() const override { return dit_.config(); }
+  std::vector<bool> refreshes;
+
+ private:
+  WanDiT& dit_;
+};
+
+TEST(WanDiT, LoopHandsWholeChunksToModelsThatRunThem) {
+  const WanConfig c = tiny();
+  const WanWeights w = wan_random_weights(c, 13);
+  WanRunConfig run;
+  run.latent_h = 4;
+  run.latent_w = 6;
+  run.max_frames = 6;
+  run.monarch = true;
+  const int64_t n = 6 * c.in_dim * 4 * 6;
+  std::vector<float> text(size_t(c.text_len * c.text_dim), 0.25f), noise(static_cast<size_t>(n));
+  Rng rng(14);
+  for (float& x : noise) x = float(rng.normal());
+  std::vector<std::pair<int64_t, int>> asked;
+  SelfForcingCallbacks cb;
+  cb.renoise = [&](int64_t k, int step, float* dst, size_t m) {
+    asked.emplace_back(k, step);
+    Rng r(uint64_t(100 + 10 * k + step));
+    for (size_t i = 0; i < m; ++i) dst[i] = float(r.normal());
+  };
+  std::vector<float> want(noise.size()), got(noise.size());
+  {
+    WanDiT dit;
+    ASSERT_TRUE(dit.init(w, run).ok());
+    ASSERT_TRUE(dit.set_text(text.data()).ok());
+    ASSERT_TRUE(self_forcing_generate(dit, noise.data(), 6, 2, cb, want.data()).ok());
+  }
+  const std::vector<std::pair<int64_t, int>> order = asked;
+  asked.clear();
+  WanDiT dit;
+  ASSERT_TRUE(dit.init(w, run).ok());
+  ASSERT_TRUE(dit.set_text(text.data()).ok());
+  WholeChunks chunks(dit);
+  ASSERT_TRUE(self_forcing_generate(chunks, noise.data(), 6, 2, cb, got.data()).ok());
+  EXPECT_EQ(asked, order);  // the same draws in the same order
+  EXPECT_EQ(chunks.refreshes, (std::vector<bool>{true, true, false}));
+  for (float x : got) ASSERT_TRUE(std::isfinite(x));
+  EXPECT_EQ(got, want);
+}
+
+TEST(WanDiT, LoopRejectsAFlowOfAnotherShape) {
+  WanConfig c = tiny();
+  c.out_dim = c.in_dim + 1;
+  const WanWeights w = wan_random_weights(c, 15);
+  WanRunConfig run;
+  run.latent_h = 4;
+  run.latent_w = 6;
+  run.max_frames = 3;
+  WanDiT dit;
+  ASSERT_TRUE(dit.init(w, run).ok());
+  std::vector<float> text(size_t(c.text_len * c.text_dim), 0.25f), noise(size_t(3 * c.in_dim * 4 * 6), 0.5f),
+      out(noise.size());
+  ASSERT_TRUE(dit.set_text(text.data()).ok());
+  SelfForcingCallbacks cb;
+  cb.renoise = [](int64_t, int, float* dst, size_t m) { std::fill(dst, dst + m, 0.f); };
+  const Status s = self_forcing_generate(dit, noise.data(), 3, 3, cb, out.data());
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(s.to_string().find("out_dim"), std::string::npos) << s.to_string();
 }
 
 TEST(WanDiT, ScheduleMatchesTheSpecification) {

@@ -115,6 +115,63 @@ TEST(WanCuda, MatchesTheCpuEngineChunkByChunk) {
   }
 }
 
+// WanModel's pass-by-pass interface of a GPU engine only (runs_chunks() stays false), so that the
+// loop copies every pass in and out through the host.
+class PassByPass : public WanModel {
+ public:
+  explicit PassByPass(WanDiTCuda& gpu) : gpu_(gpu) {}
+  Status forward(const float* x, int64_t frames, int64_t start, double t, float* flow) override {
+    return gpu_.forward(x, frames, start, t, flow);
+  }
+  const WanRunConfig& run() const override { return gpu_.run(); }
+  const WanConfig& config() const override { return gpu_.config(); }
+
+ private:
+  WanDiTCuda& gpu_;
+};
+
+// The engine runs whole chunks on the device (sampler included, no host round trip between
+// passes): the same latents as the loop driving it pass by pass, with graphs and without, batch
+// 2, through a ring-buffer cache.
+TEST(WanCuda, WholeChunksOnTheDeviceMatchPassByPass) {
+  SKIP_WITHOUT_GPU();
+  const WanConfig c = small_config();
+  const WanWeights w = wan_random_weights(c, 31);
+  const int64_t B = 2, frames = 9, chunk = 3, Hl = 8, Wl = 12;
+  Rng rng(32);
+  std::vector<float> text(size_t(B * c.text_len * c.text_dim)), noise(size_t(B * frames * c.in_dim * Hl * Wl));
+  for (float& x : text) x = float(rng.normal());
+  for (float& x : noise) x = float(rng.normal());
+  WanRunConfig run;
+  run.batch = B;
+  run.latent_h = Hl;
+  run.latent_w = Wl;
+  run.max_frames = frames;
+  run.monarch = true;
+  run.sink_frames = 1;
+  run.window_frames = 3;
+  for (bool graphs : {true, false}) {
+    WanCudaOptions opt;
+    opt.cuda_graphs = graphs;
+    WanDiTCuda a, b;
+    ASSERT_TRUE(a.init(w, run, opt).ok());
+    ASSERT_TRUE(b.init(w, run, opt).ok());
+    ASSERT_TRUE(a.set_text(text.data()).ok());
+    ASSERT_TRUE(b.set_text(text.data()).ok());
+    ASSERT_TRUE(a.runs_chunks());
+    PassByPass bp(b);
+    const Video got = generate(a, noise, frames, chunk), want = generate(bp, noise, frames, chunk);
+    const std::vector<double> g(got.latents.begin(), got.latents.end());
+    ASSERT_TRUE(test::all_finite(g));
+    EXPECT_EQ(got.latents, want.latents) << "graphs " << graphs;  // the same passes on the same inputs
+  }
+  WanCudaOptions prof;
+  prof.profile = true;
+  WanDiTCuda p;
+  ASSERT_TRUE(p.init(w, run, prof).ok());
+  EXPECT_FALSE(p.runs_chunks());  // the profile times every pass on its own
+}
+
 // With a window smaller than the video the KV cache holds the sink and the window only (a ring),
 // so its memory does not grow with the number of frames.
 TEST(WanCuda, WindowedCacheHoldsOnlyTheWindow) {
@@ -215,7 +272,10 @@ TEST(WanCuda, RejectsWhatItCannotRun) {
   EXPECT_EQ(flow, flow2);
   const std::string report = prof.profile_report();
   EXPECT_NE(report.find("self-attention"), std::string::npos) << report;
-  EXPECT_NE(report.find("(1 passes)"), std::string::npos) << report;
+  EXPECT_NE(report.find("(1 passes, 0 of them cache refreshes)"), std::string::npos) << report;
+  ASSERT_TRUE(prof.forward(x.data(), 3, 3, 0.0, nullptr).ok());  // a refresh pass
+  EXPECT_NE(prof.profile_report().find("(2 passes, 1 of them cache refreshes)"), std::string::npos)
+      << prof.profile_report();
 }
 
 }  // namespace

@@ -560,7 +560,7 @@ const std::vector<OptionSpec> kGenerateOptions = {
     {"repeat", "N", "1", "generate the video N times (timings of each; the first includes CUDA-graph capture)"},
     {"device", "KIND", "auto", "cpu (fp32), cuda (bf16, one GPU) or auto (cuda where a GPU is usable)"},
     {"no-cuda-graph", nullptr, nullptr, "cuda: launch the kernels one by one instead of a graph per chunk"},
-    {"profile", nullptr, nullptr, "cuda: time every step of every pass (no graphs) and print where the time went"},
+    {"profile", nullptr, nullptr, "cuda: time every step of every pass (no graphs; each pass copied in, out and synchronized on its own) and print where the time went"},
     {"threads", "N", nullptr, "worker threads (default: all cores, or MONARCHRT_NUM_THREADS)"},
 };
 

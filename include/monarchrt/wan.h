@@ -5,6 +5,7 @@
 // prefix. Dimensions are a config so that tests can build tiny models.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -110,10 +111,20 @@ Status check_wan_model(const WanWeights& weights, const WanRunConfig& run);
 // window and returns the flow prediction in flow (same layout). Host pointers, fp32. flow ==
 // nullptr: only the cache is updated (the Self-Forcing refresh pass), and the work that feeds
 // nothing but the output (the last layer after its K/V, the head) is skipped.
+//
+// A model that can also run the Self-Forcing sampler itself (runs_chunks() true) gets whole chunks
+// through denoise_chunk(): from the noise xt [batch, frames, in_dim, h, w], the 4 denoising passes
+// of self_forcing_steps() with x0 = xt - sigma v and xt = (1 - sigma') x0 + sigma' draw after each
+// of the first three (draws: the 3 re-noising draws, each xt's size, in order), then the refresh
+// pass on x0 when `refresh`; writes x0. The GPU engine keeps the chunk on the device that way,
+// with no copy or synchronization between passes.
 class WanModel {
  public:
   virtual ~WanModel() = default;
   virtual Status forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow) = 0;
+  virtual bool runs_chunks() const { return false; }
+  virtual Status denoise_chunk(const float* xt, const float* draws, int64_t frames, int64_t start_frame, bool refresh,
+                               float* x0);
   virtual const WanRunConfig& run() const = 0;
   virtual const WanConfig& config() const = 0;
 };
@@ -150,14 +161,23 @@ struct SelfForcingStep {
   double t, sigma;
 };
 std::vector<SelfForcingStep> self_forcing_steps();
+// The sampler's arithmetic per element, in double with explicit fused multiply-adds so that every
+// implementation (the host loop, the GPU engine's kernel) rounds the same way: x0 = xt - sigma v,
+// and the re-noised xt = (1 - sigma') x0 + sigma' draw.
+inline float sampler_x0(float xt, float v, double sigma) { return float(std::fma(-sigma, double(v), double(xt))); }
+inline float sampler_renoise(float x0, float draw, double sigma_next) {
+  return float(std::fma(sigma_next, double(draw), (1.0 - sigma_next) * double(x0)));
+}
 
 // The Self-Forcing loop (spec 2.3) over `frames` latent frames in chunks of `chunk` frames:
 // per chunk, 4 denoising calls (x0 = xt - sigma v; re-noised to the next level with fresh
 // Gaussian noise) and one refresh call at t = 0 on the clean chunk (skipped after the last chunk:
 // its cache is never read). `noise` is the initial noise [batch, frames, in_dim, h, w];
 // `renoise(chunk, step, dst, n)` fills the n values of the noise for step 1..3 of a chunk
-// (layout [batch, chunk, in_dim, h, w]); `on_chunk(chunk, x0, seconds)` sees each finished chunk.
-// Writes the clean latents [batch, frames, in_dim, h, w]. set_text() must have run.
+// (layout [batch, chunk, in_dim, h, w]; all three before the chunk's first pass when the model
+// runs whole chunks); `on_chunk(chunk, x0, seconds)` sees each finished chunk. Writes the clean
+// latents [batch, frames, in_dim, h, w]. set_text() must have run; the flow must have the
+// latents' shape (out_dim == in_dim).
 struct SelfForcingCallbacks {
   std::function<void(int64_t chunk, int step, float* dst, size_t n)> renoise;
   std::function<void(int64_t chunk, const float* x0, double seconds)> on_chunk;

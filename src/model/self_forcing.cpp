@@ -18,31 +18,45 @@ Status self_forcing_generate(WanModel& dit, const float* noise, int64_t frames, 
                            std::to_string(run.max_frames) + " frames");
   }
   if (!cb.renoise) return Status::invalid("callbacks.renoise is required");
+  if (c.out_dim != c.in_dim) {
+    return Status::invalid("config.out_dim = " + std::to_string(c.out_dim) + " differs from config.in_dim = " +
+                           std::to_string(c.in_dim) + ": the sampler needs a flow of the latents' shape");
+  }
   const int64_t B = run.batch, frame = c.in_dim * run.latent_h * run.latent_w, per = chunk * frame;
   const std::vector<SelfForcingStep> steps = self_forcing_steps();
   std::vector<float> xt(size_t(B * per)), x0(xt.size()), v(xt.size()), fresh(xt.size());
+  std::vector<float> draws(dit.runs_chunks() ? (steps.size() - 1) * xt.size() : 0);  // [3][B * per]
   for (int64_t k = 0; k * chunk < frames; ++k) {
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t s = k * chunk;
     for (int64_t b = 0; b < B; ++b)
       std::copy(noise + (b * frames + s) * frame, noise + (b * frames + s + chunk) * frame, xt.begin() + b * per);
-    for (size_t j = 0; j < steps.size(); ++j) {
-      MONARCHRT_RETURN_IF_ERROR(dit.forward(xt.data(), chunk, s, steps[j].t, v.data()));
-      for (size_t i = 0; i < xt.size(); ++i) x0[i] = float(double(xt[i]) - steps[j].sigma * double(v[i]));
-      if (j + 1 < steps.size()) {
-        cb.renoise(k, int(j + 1), fresh.data(), fresh.size());
-        const double sn = steps[j + 1].sigma;
-        for (size_t i = 0; i < xt.size(); ++i) xt[i] = float((1.0 - sn) * x0[i] + sn * fresh[i]);
+    if (!draws.empty()) {  // the whole chunk, refresh pass included, on the model's device
+      for (size_t j = 1; j < steps.size(); ++j) cb.renoise(k, int(j), draws.data() + (j - 1) * xt.size(), xt.size());
+      MONARCHRT_RETURN_IF_ERROR(dit.denoise_chunk(xt.data(), draws.data(), chunk, s, s + chunk < frames, x0.data()));
+    } else {
+      for (size_t j = 0; j < steps.size(); ++j) {
+        MONARCHRT_RETURN_IF_ERROR(dit.forward(xt.data(), chunk, s, steps[j].t, v.data()));
+        for (size_t i = 0; i < xt.size(); ++i) x0[i] = sampler_x0(xt[i], v[i], steps[j].sigma);
+        if (j + 1 < steps.size()) {
+          cb.renoise(k, int(j + 1), fresh.data(), fresh.size());
+          const double sn = steps[j + 1].sigma;
+          for (size_t i = 0; i < xt.size(); ++i) xt[i] = sampler_renoise(x0[i], fresh[i], sn);
+        }
       }
+      // the refresh pass: the clean chunk's K/V into the cache (its output is not needed)
+      if (s + chunk < frames) MONARCHRT_RETURN_IF_ERROR(dit.forward(x0.data(), chunk, s, 0.0, nullptr));
     }
     for (int64_t b = 0; b < B; ++b)
       std::copy(x0.begin() + b * per, x0.begin() + (b + 1) * per, latents + (b * frames + s) * frame);
-    // the refresh pass: the clean chunk's K/V into the cache (its output is not needed)
-    if (s + chunk < frames) MONARCHRT_RETURN_IF_ERROR(dit.forward(x0.data(), chunk, s, 0.0, nullptr));
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (cb.on_chunk) cb.on_chunk(k, x0.data(), secs);
   }
   return Status();
+}
+
+Status WanModel::denoise_chunk(const float*, const float*, int64_t, int64_t, bool, float*) {
+  return Status::unsupported("this model does not run whole chunks (runs_chunks() is false)");
 }
 
 }  // namespace monarchrt

@@ -134,6 +134,19 @@ __global__ void to_bf16_kernel(const float* in, bf16* out, int64_t n) {
   if (i < n) out[i] = __float2bfloat16_rn(in[i]);
 }
 
+// One step of the Self-Forcing sampler on the device (WanModel::denoise_chunk), rounded as the
+// host loop rounds (sampler_x0 / sampler_renoise, wan.h): x0 = xt - sigma v; then xt = (1 -
+// sigma_next) x0 + sigma_next draw in place (the next pass's input), or, without a draw (the last
+// step), xt = x0 (the refresh pass's input).
+__global__ void sampler_kernel(float* xt, const float* v, const float* draw, float* x0, double sigma,
+                               double sigma_next, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float clean = float(fma(-sigma, double(v[i]), double(xt[i])));
+  x0[i] = clean;
+  xt[i] = draw ? float(fma(sigma_next, double(draw[i]), __dmul_rn(1.0 - sigma_next, double(clean)))) : clean;
+}
+
 // One token per block: optional residual x += y * gate (gate null: the plain residual), then
 // LayerNorm (no affine) and h = n * mul + add, with mul / add the modulation rows of the pass
 // (mod_kernel: 1 + scale, shift) or norm3's weight and bias. Every vector is one load per thread:
@@ -336,6 +349,7 @@ struct WanDiTCuda::Impl {
   float2 *rope_f, *rope_r, *rope_c;
   // activations
   float *x_in, *x, *flow, *hout, *sinus, *t1, *e, *e0, *text_in;
+  float *draws, *x0;  // denoise_chunk: the chunk's 3 re-noising draws, its clean latents
   float* modv;                     // the pass's modulation rows: [layer][6][D], then the head's [2][D]
   const float** layer_mod = nullptr;  // device array of the layers' `mod` pointers
   bf16 *tok, *h, *qkv, *att, *y, *cq, *f1, *ctx, *te1, *te;
@@ -349,14 +363,14 @@ struct WanDiTCuda::Impl {
   std::vector<int> event_step;
   size_t marks = 0;
   double step_ms[kSteps] = {};
-  int64_t passes = 0;
+  int64_t passes = 0, refresh_passes = 0;  // refresh passes: cache only, no last-layer tail
 
   void mark(int step) {
     if (events.empty()) return;
     cudaEventRecord(events[marks], stream);
     event_step[marks++] = step;
   }
-  Status collect_profile() {
+  Status collect_profile(bool cache_only) {
     for (size_t i = 1; i < marks; ++i) {
       float ms = 0.f;
       MONARCHRT_CUDA_CHECK(cudaEventElapsedTime(&ms, events[i - 1], events[i]));
@@ -364,6 +378,7 @@ struct WanDiTCuda::Impl {
     }
     marks = 0;
     ++passes;
+    refresh_passes += cache_only;
     return Status();
   }
 
@@ -382,6 +397,9 @@ struct WanDiTCuda::Impl {
     cudaFreeHost(pin_text);
     if (stream) cudaStreamDestroy(stream);
   }
+
+  Status check_call(int64_t frames, int64_t start_frame) const;
+  Status launch_pass(int64_t frames, int64_t start_frame, bool cache_only);
 
   Status make_plans(int64_t M) {
     if (plans.count(M)) return Status();
@@ -566,8 +584,9 @@ std::string WanDiTCuda::profile_report() const {
                   m.step_ms[i] / double(std::max<int64_t>(1, m.passes)), 100.0 * m.step_ms[i] / std::max(total, 1e-9));
     s += buf;
   }
-  std::snprintf(buf, sizeof(buf), "%-36s %10.1f %10.2f  (%lld passes)\n", "all GPU work", total,
-                total / double(std::max<int64_t>(1, m.passes)), (long long)m.passes);
+  std::snprintf(buf, sizeof(buf), "%-36s %10.1f %10.2f  (%lld passes, %lld of them cache refreshes)\n", "all GPU work",
+                total, total / double(std::max<int64_t>(1, m.passes)), (long long)m.passes,
+                (long long)m.refresh_passes);
   return s + buf;
 }
 
@@ -686,6 +705,8 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
     cv.take(&m.rope_r, m.th * pairs.hw, "weights");
     cv.take(&m.rope_c, m.tw * pairs.hw, "weights");
     cv.take(&m.x_in, N * P, "activations");
+    cv.take(&m.draws, 3 * N * P, "activations");
+    cv.take(&m.x0, N * P, "activations");
     cv.take(&m.tok, N * P, "activations");
     cv.take(&m.x, N * D, "activations");
     cv.take(&m.h, N * D, "activations");
@@ -821,9 +842,11 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
     m.event_step.resize(m.events.size());
     for (cudaEvent_t& e : m.events) MONARCHRT_CUDA_CHECK(cudaEventCreate(&e));
   }
-  MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_x, size_t(N * P) * 4));
-  MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_flow, size_t(N * O) * 4));
-  MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_sinus, size_t(c.freq_dim) * 4));
+  // pin_x: a pass's input, or denoise_chunk's noise and 3 draws; pin_sinus: one sinusoid per
+  // pass of a chunk (its copies are queued together).
+  MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_x, size_t(4 * N * P) * 4));
+  MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_flow, size_t(N * std::max(O, P)) * 4));
+  MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_sinus, (self_forcing_steps().size() + 1) * size_t(c.freq_dim) * 4));
   MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_text, size_t(T * c.text_dim) * 4));
   MONARCHRT_CUDA_CHECK(cudaDeviceSynchronize());
   impl_ = std::move(impl);
@@ -851,17 +874,49 @@ Status WanDiTCuda::set_text(const float* context) {
   return Status();
 }
 
-Status WanDiTCuda::forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow) {
-  if (!impl_ || !impl_->text_ready) return Status::invalid("WanDiTCuda: init() and set_text() first");
-  Impl& m = *impl_;
-  if (frames < 1 || frames > m.opt.max_chunk_frames) {
+Status WanDiTCuda::Impl::check_call(int64_t frames, int64_t start_frame) const {
+  if (!text_ready) return Status::invalid("WanDiTCuda: init() and set_text() first");
+  if (frames < 1 || frames > opt.max_chunk_frames) {
     return Status::invalid("frames = " + std::to_string(frames) + " must be in [1, max_chunk_frames = " +
-                           std::to_string(m.opt.max_chunk_frames) + "]");
+                           std::to_string(opt.max_chunk_frames) + "]");
   }
-  if (start_frame < 0 || start_frame + frames > m.run.max_frames) {
+  if (start_frame < 0 || start_frame + frames > run.max_frames) {
     return Status::invalid("frames [" + std::to_string(start_frame) + ", " + std::to_string(start_frame + frames) +
-                           ") do not fit the cache of " + std::to_string(m.run.max_frames) + " frames");
+                           ") do not fit the cache of " + std::to_string(run.max_frames) + " frames");
   }
+  return Status();
+}
+
+// One pass on the stream, its inputs (x_in, sinus) queued before: the captured graph of this
+// (frames, start_frame, cache_only), captured on its first use, or direct launches.
+Status WanDiTCuda::Impl::launch_pass(int64_t frames, int64_t start_frame, bool cache_only) {
+  if (!opt.cuda_graphs) return enqueue(frames, start_frame, cache_only);
+  const auto key = std::make_tuple(frames, start_frame, cache_only);
+  auto it = graphs.find(key);
+  if (it == graphs.end()) {
+    MONARCHRT_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    const Status s = enqueue(frames, start_frame, cache_only);
+    cudaGraph_t graph = nullptr;
+    const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+    if (!s.ok()) {
+      if (graph) cudaGraphDestroy(graph);
+      return s;
+    }
+    if (end != cudaSuccess) return cuda_detail::cuda_error(end, "cudaStreamEndCapture", __FILE__, __LINE__);
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    if (inst != cudaSuccess) return cuda_detail::cuda_error(inst, "cudaGraphInstantiate", __FILE__, __LINE__);
+    it = graphs.emplace(key, exec).first;
+  }
+  MONARCHRT_CUDA_CHECK(cudaGraphLaunch(it->second, stream));
+  return Status();
+}
+
+Status WanDiTCuda::forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow) {
+  if (!impl_) return Status::invalid("WanDiTCuda: init() and set_text() first");
+  Impl& m = *impl_;
+  MONARCHRT_RETURN_IF_ERROR(m.check_call(frames, start_frame));
   const int64_t N = m.run.batch * frames * m.tpf, nin = N * m.P, nout = N * m.O;
   const bool cache_only = flow == nullptr;  // the refresh pass (wan.h)
   MONARCHRT_RETURN_IF_ERROR(m.make_plans(N));
@@ -869,35 +924,52 @@ Status WanDiTCuda::forward(const float* x, int64_t frames, int64_t start_frame, 
   wan_time_sinusoid(t, m.c.freq_dim, m.pin_sinus);
   MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.x_in, m.pin_x, size_t(nin) * 4, cudaMemcpyHostToDevice, m.stream));
   MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.sinus, m.pin_sinus, size_t(m.c.freq_dim) * 4, cudaMemcpyHostToDevice, m.stream));
-  if (m.opt.cuda_graphs) {
-    const auto key = std::make_tuple(frames, start_frame, cache_only);
-    auto it = m.graphs.find(key);
-    if (it == m.graphs.end()) {
-      MONARCHRT_CUDA_CHECK(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal));
-      const Status s = m.enqueue(frames, start_frame, cache_only);
-      cudaGraph_t graph = nullptr;
-      const cudaError_t end = cudaStreamEndCapture(m.stream, &graph);
-      if (!s.ok()) {
-        if (graph) cudaGraphDestroy(graph);
-        return s;
-      }
-      if (end != cudaSuccess) return cuda_detail::cuda_error(end, "cudaStreamEndCapture", __FILE__, __LINE__);
-      cudaGraphExec_t exec = nullptr;
-      const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
-      cudaGraphDestroy(graph);
-      if (inst != cudaSuccess) return cuda_detail::cuda_error(inst, "cudaGraphInstantiate", __FILE__, __LINE__);
-      it = m.graphs.emplace(key, exec).first;
-    }
-    MONARCHRT_CUDA_CHECK(cudaGraphLaunch(it->second, m.stream));
-  } else {
-    MONARCHRT_RETURN_IF_ERROR(m.enqueue(frames, start_frame, cache_only));
-  }
+  MONARCHRT_RETURN_IF_ERROR(m.launch_pass(frames, start_frame, cache_only));
   if (!cache_only) {
     MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.pin_flow, m.flow, size_t(nout) * 4, cudaMemcpyDeviceToHost, m.stream));
   }
   MONARCHRT_CUDA_CHECK(cudaStreamSynchronize(m.stream));
   if (!cache_only) std::memcpy(flow, m.pin_flow, size_t(nout) * 4);
-  return m.events.empty() ? Status() : m.collect_profile();
+  return m.events.empty() ? Status() : m.collect_profile(cache_only);
+}
+
+bool WanDiTCuda::runs_chunks() const { return impl_ && !impl_->opt.profile && impl_->c.out_dim == impl_->c.in_dim; }
+
+Status WanDiTCuda::denoise_chunk(const float* xt, const float* draws, int64_t frames, int64_t start_frame,
+                                 bool refresh, float* x0) {
+  if (!impl_) return Status::invalid("WanDiTCuda: init() and set_text() first");
+  if (!runs_chunks()) {
+    return Status::invalid("WanDiTCuda::denoise_chunk: not with options.profile (every pass is timed on its own) "
+                           "or out_dim != in_dim");
+  }
+  Impl& m = *impl_;
+  MONARCHRT_RETURN_IF_ERROR(m.check_call(frames, start_frame));
+  const int64_t N = m.run.batch * frames * m.tpf, nin = N * m.P;
+  MONARCHRT_RETURN_IF_ERROR(m.make_plans(N));
+  const std::vector<SelfForcingStep> steps = self_forcing_steps();
+  const int64_t fd = m.c.freq_dim, nsteps = int64_t(steps.size());
+  std::memcpy(m.pin_x, xt, size_t(nin) * 4);
+  std::memcpy(m.pin_x + nin, draws, size_t((nsteps - 1) * nin) * 4);
+  for (int64_t j = 0; j <= nsteps; ++j) wan_time_sinusoid(j < nsteps ? steps[size_t(j)].t : 0.0, fd, m.pin_sinus + j * fd);
+  MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.x_in, m.pin_x, size_t(nin) * 4, cudaMemcpyHostToDevice, m.stream));
+  MONARCHRT_CUDA_CHECK(
+      cudaMemcpyAsync(m.draws, m.pin_x + nin, size_t((nsteps - 1) * nin) * 4, cudaMemcpyHostToDevice, m.stream));
+  for (int64_t j = 0; j <= nsteps; ++j) {
+    if (j == nsteps && !refresh) break;
+    MONARCHRT_CUDA_CHECK(
+        cudaMemcpyAsync(m.sinus, m.pin_sinus + j * fd, size_t(fd) * 4, cudaMemcpyHostToDevice, m.stream));
+    MONARCHRT_RETURN_IF_ERROR(m.launch_pass(frames, start_frame, j == nsteps));
+    if (j < nsteps) {  // x0 from this pass's flow; x_in becomes the next pass's input
+      const double sigma = steps[size_t(j)].sigma, next = j + 1 < nsteps ? steps[size_t(j + 1)].sigma : 0.0;
+      sampler_kernel<<<blocks_for(nin, 256), 256, 0, m.stream>>>(m.x_in, m.flow, j + 1 < nsteps ? m.draws + j * nin : nullptr,
+                                                                 m.x0, sigma, next, nin);
+      MONARCHRT_CUDA_CHECK(cudaGetLastError());
+    }
+  }
+  MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.pin_flow, m.x0, size_t(nin) * 4, cudaMemcpyDeviceToHost, m.stream));
+  MONARCHRT_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  std::memcpy(x0, m.pin_flow, size_t(nin) * 4);
+  return Status();
 }
 
 }  // namespace monarchrt

@@ -152,10 +152,25 @@ __device__ __forceinline__ void scale_rows(float (&o)[D / 8][4], const float (&c
   }
 }
 
-// online_softmax_p, then o = o * corr + P V with mma.sync, where V's NT * 8 rows (keys) start at
-// v with row pitch ld (elements) in shared memory, or (Swizzled) lie in the 128-byte-swizzled
-// tiles of common/tma.cuh (tiles of NT * 8 rows x 64 features; ld unused); o holds the D features
-// from 16-byte chunk chunk0 (feature 8 * chunk0) on.
+// o += P V for 16 keys with mma.sync: pa the P fragments of the keys (online_softmax_p), vrow
+// where this lane's V row starts in shared memory (key ((lane / 8) % 2) * 8 + lane % 8, the row
+// ldmatrix_x4_trans takes from this lane; pitch-free, so the 16 rows may lie anywhere), at the
+// first of o's D features.
+template <typename T, int D>
+__device__ __forceinline__ void pv16_at(float (&o)[D / 8][4], const uint32_t (&pa)[4], const T* vrow, int lane) {
+#pragma unroll
+  for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+    uint32_t bv[4];
+    ldmatrix_x4_trans(bv, vrow + (dt2 * 2 + lane / 16) * 8);
+    Mma<T>::run(o[2 * dt2], pa, bv[0], bv[1]);
+    Mma<T>::run(o[2 * dt2 + 1], pa, bv[2], bv[3]);
+  }
+}
+
+// online_softmax_p, then o = o * corr + P V, where V's NT * 8 rows (keys) start at v with row
+// pitch ld (elements) in shared memory, or (Swizzled) lie in the 128-byte-swizzled tiles of
+// common/tma.cuh (tiles of NT * 8 rows x 64 features; ld unused); o holds the D features from
+// 16-byte chunk chunk0 (feature 8 * chunk0) on.
 template <typename T, int D, int NT, bool Swizzled = false>
 __device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row_max)[2], float (&row_sum)[2],
                                                   float (&o)[D / 8][4], const T* v, int ld, int lane,
@@ -166,20 +181,22 @@ __device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row
   scale_rows<D>(o, corr);
 #pragma unroll
   for (int kk = 0; kk < NT / 2; ++kk) {
+    const int row = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+    if constexpr (!Swizzled) {
+      pv16_at<T, D>(o, pa[kk], v + row * ld + chunk0 * 8, lane);
+    } else {
 #pragma unroll
-    for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-      uint32_t bv[4];
-      const int row = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8, chunk = chunk0 + dt2 * 2 + lane / 16;
-      ldmatrix_x4_trans(bv, v + (Swizzled ? sw128_offset(row, chunk, NT * 8) : row * ld + chunk * 8));
-      Mma<T>::run(o[2 * dt2], pa[kk], bv[0], bv[1]);
-      Mma<T>::run(o[2 * dt2 + 1], pa[kk], bv[2], bv[3]);
+      for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, v + sw128_offset(row, chunk0 + dt2 * 2 + lane / 16, NT * 8));
+        Mma<T>::run(o[2 * dt2], pa[kk], bv[0], bv[1]);
+        Mma<T>::run(o[2 * dt2 + 1], pa[kk], bv[2], bv[3]);
+      }
     }
   }
 }
 
-// online_softmax_pv for 16 keys whose V rows lie anywhere in shared memory: vrow is where this
-// lane's row, key ((lane / 8) % 2) * 8 + lane % 8 (the row ldmatrix_x4_trans takes from this
-// lane), starts.
+// online_softmax_pv for 16 keys whose V rows lie anywhere in shared memory (vrow: pv16_at).
 template <typename T, int D>
 __device__ __forceinline__ void online_softmax_pv16_at(float (&u)[2][4], float (&row_max)[2], float (&row_sum)[2],
                                                        float (&o)[D / 8][4], const T* vrow, int lane) {
@@ -187,13 +204,7 @@ __device__ __forceinline__ void online_softmax_pv16_at(float (&u)[2][4], float (
   uint32_t pa[1][4];
   online_softmax_p<T, 2>(u, row_max, row_sum, corr, pa);
   scale_rows<D>(o, corr);
-#pragma unroll
-  for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-    uint32_t bv[4];
-    ldmatrix_x4_trans(bv, vrow + (dt2 * 2 + lane / 16) * 8);
-    Mma<T>::run(o[2 * dt2], pa[0], bv[0], bv[1]);
-    Mma<T>::run(o[2 * dt2 + 1], pa[0], bv[2], bv[3]);
-  }
+  pv16_at<T, D>(o, pa[0], vrow, lane);
 }
 
 // Final normalization and store of the warp's 16 x D output rows (row0 / row1: nullptr skips).

@@ -159,6 +159,10 @@ TEST(WanCuda, WholeChunksOnTheDeviceMatchPassByPass) {
     ASSERT_TRUE(a.set_text(text.data()).ok());
     ASSERT_TRUE(b.set_text(text.data()).ok());
     ASSERT_TRUE(a.runs_chunks());
+    std::vector<float> out(noise.size());
+    EXPECT_EQ(a.denoise_chunk(noise.data(), nullptr, chunk, 0, true, out.data()).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(a.denoise_chunk(noise.data(), noise.data(), chunk + 1, 0, true, out.data()).code(),
+              StatusCode::kInvalidArgument);  // more frames than a chunk holds
     PassByPass bp(b);
     const Video got = generate(a, noise, frames, chunk), want = generate(bp, noise, frames, chunk);
     const std::vector<double> g(got.latents.begin(), got.latents.end());

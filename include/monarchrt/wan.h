@@ -174,8 +174,10 @@ inline float sampler_renoise(float x0, float draw, double sigma_next) {
 // Gaussian noise) and one refresh call at t = 0 on the clean chunk (skipped after the last chunk:
 // its cache is never read). `noise` is the initial noise [batch, frames, in_dim, h, w];
 // `renoise(chunk, step, dst, n)` fills the n values of the noise for step 1..3 of a chunk
-// (layout [batch, chunk, in_dim, h, w]; all three before the chunk's first pass when the model
-// runs whole chunks); `on_chunk(chunk, x0, seconds)` sees each finished chunk. Writes the clean
+// (layout [batch, chunk, in_dim, h, w]); when the model runs whole chunks, all three before the
+// chunk, and those of chunk k + 1 on a helper thread while chunk k runs (never at the same time
+// as another callback; the calls keep their order). `on_chunk(chunk, x0, seconds)` sees each
+// finished chunk. Writes the clean
 // latents [batch, frames, in_dim, h, w]. set_text() must have run; the flow must have the
 // latents' shape (out_dim == in_dim).
 struct SelfForcingCallbacks {

@@ -942,6 +942,9 @@ Status WanDiTCuda::denoise_chunk(const float* xt, const float* draws, int64_t fr
     return Status::invalid("WanDiTCuda::denoise_chunk: not with options.profile (every pass is timed on its own) "
                            "or out_dim != in_dim");
   }
+  if (xt == nullptr || draws == nullptr || x0 == nullptr) {
+    return Status::invalid("WanDiTCuda::denoise_chunk: xt, draws and x0 must not be null");
+  }
   Impl& m = *impl_;
   MONARCHRT_RETURN_IF_ERROR(m.check_call(frames, start_frame));
   const int64_t N = m.run.batch * frames * m.tpf, nin = N * m.P;

@@ -169,6 +169,29 @@ TEST(WanCuda, WholeChunksOnTheDeviceMatchPassByPass) {
     ASSERT_TRUE(test::all_finite(g));
     EXPECT_EQ(got.latents, want.latents) << "graphs " << graphs;  // the same passes on the same inputs
   }
+  {  // the first chunk on its own: x0 comes back while its refresh pass may still run, and the
+     // engine is destroyed right after (it waits for that pass before freeing anything)
+    const int64_t per = chunk * c.in_dim * Hl * Wl;
+    std::vector<float> xt(size_t(B * per)), draws(size_t(3 * B * per)), x0(xt.size());
+    for (int64_t b = 0; b < B; ++b)
+      std::copy(noise.begin() + b * frames / chunk * per, noise.begin() + (b * frames / chunk + 1) * per,
+                xt.begin() + b * per);
+    for (int step = 1; step <= 3; ++step) {  // generate()'s draws for chunk 0
+      Rng r(uint64_t(1000 + step));
+      for (int64_t i = 0; i < B * per; ++i) draws[size_t((step - 1) * B * per + i)] = float(r.normal());
+    }
+    WanDiTCuda one;
+    ASSERT_TRUE(one.init(w, run).ok());
+    ASSERT_TRUE(one.set_text(text.data()).ok());
+    ASSERT_TRUE(one.denoise_chunk(xt.data(), draws.data(), chunk, 0, true, x0.data()).ok());
+    WanDiTCuda ref;
+    ASSERT_TRUE(ref.init(w, run).ok());
+    ASSERT_TRUE(ref.set_text(text.data()).ok());
+    const Video video = generate(ref, noise, frames, chunk);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < per; ++i)
+        ASSERT_EQ(x0[size_t(b * per + i)], video.latents[size_t(b * frames / chunk * per + i)]) << b << " " << i;
+  }
   WanCudaOptions prof;
   prof.profile = true;
   WanDiTCuda p;

@@ -116,8 +116,9 @@ Status check_wan_model(const WanWeights& weights, const WanRunConfig& run);
 // through denoise_chunk(): from the noise xt [batch, frames, in_dim, h, w], the 4 denoising passes
 // of self_forcing_steps() with x0 = xt - sigma v and xt = (1 - sigma') x0 + sigma' draw after each
 // of the first three (draws: the 3 re-noising draws, each xt's size, in order), then the refresh
-// pass on x0 when `refresh`; writes x0. The GPU engine keeps the chunk on the device that way,
-// with no copy or synchronization between passes.
+// pass on x0 when `refresh`; writes x0, possibly before the refresh pass is done (the model's next
+// call waits for it). The GPU engine keeps the chunk on the device that way, with no copy or
+// synchronization between passes, and hands x0 out while its refresh pass runs.
 class WanModel {
  public:
   virtual ~WanModel() = default;

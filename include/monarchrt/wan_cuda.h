@@ -38,7 +38,8 @@ class WanDiTCuda : public WanModel {
   // flow out (the only host synchronization).
   Status forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow) override;
   // WanModel::denoise_chunk on the device: the noise and draws copied in once, the passes and the
-  // sampler queued back to back (no copy or synchronization between them), x0 copied out once.
+  // sampler queued back to back (no copy or synchronization between them), x0 copied out once and
+  // returned while the refresh pass runs (every later call, and the destructor, waits for it).
   // Not with options.profile, which times and synchronizes every pass on its own.
   bool runs_chunks() const override;
   Status denoise_chunk(const float* xt, const float* draws, int64_t frames, int64_t start_frame, bool refresh,

@@ -359,6 +359,7 @@ struct WanDiTCuda::Impl {
   std::map<std::tuple<int64_t, int64_t, bool>, cudaGraphExec_t> graphs;  // by (frames, start_frame, cache only)
   bool text_ready = false;
   // profile: events recorded after each step of a pass and the step each one closes
+  cudaEvent_t x0_ready = nullptr;  // denoise_chunk: x0 is on the host (the refresh pass may follow)
   std::vector<cudaEvent_t> events;
   std::vector<int> event_step;
   size_t marks = 0;
@@ -383,6 +384,8 @@ struct WanDiTCuda::Impl {
   }
 
   ~Impl() {
+    if (stream) cudaStreamSynchronize(stream);  // a refresh pass of denoise_chunk may still run
+    if (x0_ready) cudaEventDestroy(x0_ready);
     for (cudaEvent_t e : events) cudaEventDestroy(e);
     for (auto& g : graphs) cudaGraphExecDestroy(g.second);
     plans.clear();
@@ -848,6 +851,7 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
   MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_flow, size_t(N * std::max(O, P)) * 4));
   MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_sinus, (self_forcing_steps().size() + 1) * size_t(c.freq_dim) * 4));
   MONARCHRT_CUDA_CHECK(cudaMallocHost(&m.pin_text, size_t(T * c.text_dim) * 4));
+  MONARCHRT_CUDA_CHECK(cudaEventCreateWithFlags(&m.x0_ready, cudaEventDisableTiming));
   MONARCHRT_CUDA_CHECK(cudaDeviceSynchronize());
   impl_ = std::move(impl);
   return Status();
@@ -957,20 +961,27 @@ Status WanDiTCuda::denoise_chunk(const float* xt, const float* draws, int64_t fr
   MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.x_in, m.pin_x, size_t(nin) * 4, cudaMemcpyHostToDevice, m.stream));
   MONARCHRT_CUDA_CHECK(
       cudaMemcpyAsync(m.draws, m.pin_x + nin, size_t((nsteps - 1) * nin) * 4, cudaMemcpyHostToDevice, m.stream));
-  for (int64_t j = 0; j <= nsteps; ++j) {
-    if (j == nsteps && !refresh) break;
+  for (int64_t j = 0; j < nsteps; ++j) {
     MONARCHRT_CUDA_CHECK(
         cudaMemcpyAsync(m.sinus, m.pin_sinus + j * fd, size_t(fd) * 4, cudaMemcpyHostToDevice, m.stream));
-    MONARCHRT_RETURN_IF_ERROR(m.launch_pass(frames, start_frame, j == nsteps));
-    if (j < nsteps) {  // x0 from this pass's flow; x_in becomes the next pass's input
-      const double sigma = steps[size_t(j)].sigma, next = j + 1 < nsteps ? steps[size_t(j + 1)].sigma : 0.0;
-      sampler_kernel<<<blocks_for(nin, 256), 256, 0, m.stream>>>(m.x_in, m.flow, j + 1 < nsteps ? m.draws + j * nin : nullptr,
-                                                                 m.x0, sigma, next, nin);
-      MONARCHRT_CUDA_CHECK(cudaGetLastError());
-    }
+    MONARCHRT_RETURN_IF_ERROR(m.launch_pass(frames, start_frame, false));
+    // x0 from this pass's flow; x_in becomes the next pass's input (after the last: x0 itself)
+    const double sigma = steps[size_t(j)].sigma, next = j + 1 < nsteps ? steps[size_t(j + 1)].sigma : 0.0;
+    sampler_kernel<<<blocks_for(nin, 256), 256, 0, m.stream>>>(m.x_in, m.flow, j + 1 < nsteps ? m.draws + j * nin : nullptr,
+                                                               m.x0, sigma, next, nin);
+    MONARCHRT_CUDA_CHECK(cudaGetLastError());
+  }
+  // The refresh pass's sinusoid is copied before x0 goes out, so that once x0 has arrived every
+  // copy from the pinned buffers is done and the next call may refill them; the refresh pass itself
+  // runs after this call returns (whatever comes next on the stream waits for it).
+  if (refresh) {
+    MONARCHRT_CUDA_CHECK(
+        cudaMemcpyAsync(m.sinus, m.pin_sinus + nsteps * fd, size_t(fd) * 4, cudaMemcpyHostToDevice, m.stream));
   }
   MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.pin_flow, m.x0, size_t(nin) * 4, cudaMemcpyDeviceToHost, m.stream));
-  MONARCHRT_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  MONARCHRT_CUDA_CHECK(cudaEventRecord(m.x0_ready, m.stream));
+  if (refresh) MONARCHRT_RETURN_IF_ERROR(m.launch_pass(frames, start_frame, true));
+  MONARCHRT_CUDA_CHECK(cudaEventSynchronize(m.x0_ready));
   std::memcpy(x0, m.pin_flow, size_t(nin) * 4);
   return Status();
 }

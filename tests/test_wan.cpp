@@ -214,8 +214,8 @@ TEST(WanDiT, SelfForcingLoopRunsAndRejectsBadCalls) {
 
 // A model that runs whole chunks (WanModel::denoise_chunk) the way the GPU engine does on its
 // device, here with the CPU DiT's passes and the sampler written out again: the loop must hand it
-// the chunk's noise, the three draws in order before the chunk, and a refresh for every chunk but
-// the last, and get the per-pass loop's latents.
+// the chunk's noise, the three draws in order, and a refresh for every chunk but the last, and get
+// the per-pass loop's latents.
 class WholeChunks : public WanModel {
  public:
   explicit WholeChunks(WanDiT& dit) : dit_(dit) {}
@@ -223,15 +223,17 @@ class WholeChunks : public WanModel {
     return Status::internal("the loop must not call forward() on a model that runs whole chunks");
   }
   bool runs_chunks() const override { return true; }
-  Status denoise_chunk(const float* xt, const float* draws, int64_t frames, int64_t start, bool refresh,
-                       float* x0) override {
+  Status denoise_chunk(const float* xt, const std::function<void(int, float*)>& draw, int64_t frames, int64_t start,
+                       bool refresh, float* x0) override {
     const size_t n = size_t(run().batch * frames * config().in_dim * run().latent_h * run().latent_w);
-    std::vector<float> x(xt, xt + n), v(n);
+    std::vector<float> x(xt, xt + n), v(n), d(n);
     const std::vector<SelfForcingStep> steps = self_forcing_steps();
     for (size_t j = 0; j < steps.size(); ++j) {
       MONARCHRT_RETURN_IF_ERROR(dit_.forward(x.data(), frames, start, steps[j].t, v.data()));
       for (size_t i = 0; i < n; ++i) x0[i] = sampler_x0(x[i], v[i], steps[j].sigma);
-      for (size_t i = 0; i < n && j + 1 < steps.size(); ++i) x[i] = sampler_renoise(x0[i], draws[j * n + i], steps[j + 1].sigma);
+      if (j + 1 == steps.size()) break;
+      draw(int(j + 1), d.data());
+      for (size_t i = 0; i < n; ++i) x[i] = sampler_renoise(x0[i], d[i], steps[j + 1].sigma);
     }
     refreshes.push_back(refresh);
     return refresh ? dit_.forward(x0, frames, start, 0.0, nullptr) : Status();

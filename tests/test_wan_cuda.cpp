@@ -5,6 +5,7 @@
 // launches bit for bit; bad configurations and calls are rejected.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -160,8 +161,9 @@ TEST(WanCuda, WholeChunksOnTheDeviceMatchPassByPass) {
     ASSERT_TRUE(b.set_text(text.data()).ok());
     ASSERT_TRUE(a.runs_chunks());
     std::vector<float> out(noise.size());
+    const auto unused = [](int, float*) {};  // both calls are rejected before any draw
     EXPECT_EQ(a.denoise_chunk(noise.data(), nullptr, chunk, 0, true, out.data()).code(), StatusCode::kInvalidArgument);
-    EXPECT_EQ(a.denoise_chunk(noise.data(), noise.data(), chunk + 1, 0, true, out.data()).code(),
+    EXPECT_EQ(a.denoise_chunk(noise.data(), unused, chunk + 1, 0, true, out.data()).code(),
               StatusCode::kInvalidArgument);  // more frames than a chunk holds
     PassByPass bp(b);
     const Video got = generate(a, noise, frames, chunk), want = generate(bp, noise, frames, chunk);
@@ -172,18 +174,21 @@ TEST(WanCuda, WholeChunksOnTheDeviceMatchPassByPass) {
   {  // the first chunk on its own: x0 comes back while its refresh pass may still run, and the
      // engine is destroyed right after (it waits for that pass before freeing anything)
     const int64_t per = chunk * c.in_dim * Hl * Wl;
-    std::vector<float> xt(size_t(B * per)), draws(size_t(3 * B * per)), x0(xt.size());
+    std::vector<float> xt(size_t(B * per)), x0(xt.size());
     for (int64_t b = 0; b < B; ++b)
       std::copy(noise.begin() + b * frames / chunk * per, noise.begin() + (b * frames / chunk + 1) * per,
                 xt.begin() + b * per);
-    for (int step = 1; step <= 3; ++step) {  // generate()'s draws for chunk 0
+    std::vector<int> steps;
+    const auto draw = [&](int step, float* dst) {  // generate()'s draws for chunk 0
+      steps.push_back(step);
       Rng r(uint64_t(1000 + step));
-      for (int64_t i = 0; i < B * per; ++i) draws[size_t((step - 1) * B * per + i)] = float(r.normal());
-    }
+      for (int64_t i = 0; i < B * per; ++i) dst[i] = float(r.normal());
+    };
     WanDiTCuda one;
     ASSERT_TRUE(one.init(w, run).ok());
     ASSERT_TRUE(one.set_text(text.data()).ok());
-    ASSERT_TRUE(one.denoise_chunk(xt.data(), draws.data(), chunk, 0, true, x0.data()).ok());
+    ASSERT_TRUE(one.denoise_chunk(xt.data(), draw, chunk, 0, true, x0.data()).ok());
+    EXPECT_EQ(steps, (std::vector<int>{1, 2, 3}));
     WanDiTCuda ref;
     ASSERT_TRUE(ref.init(w, run).ok());
     ASSERT_TRUE(ref.set_text(text.data()).ok());

@@ -115,17 +115,19 @@ Status check_wan_model(const WanWeights& weights, const WanRunConfig& run);
 // A model that can also run the Self-Forcing sampler itself (runs_chunks() true) gets whole chunks
 // through denoise_chunk(): from the noise xt [batch, frames, in_dim, h, w], the 4 denoising passes
 // of self_forcing_steps() with x0 = xt - sigma v and xt = (1 - sigma') x0 + sigma' draw after each
-// of the first three (draws: the 3 re-noising draws, each xt's size, in order), then the refresh
-// pass on x0 when `refresh`; writes x0, possibly before the refresh pass is done (the model's next
-// call waits for it). The GPU engine keeps the chunk on the device that way, with no copy or
-// synchronization between passes, and hands x0 out while its refresh pass runs.
+// of the first three, then the refresh pass on x0 when `refresh`; writes x0, possibly before the
+// refresh pass is done (the model's next call waits for it). draw(step, dst) fills dst (xt's size)
+// with re-noising draw step = 1, 2, 3, called in that order, each before the model needs it. The
+// GPU engine keeps the chunk on its device that way, with no copy or synchronization between
+// passes; it asks for each draw while the pass before it runs, and hands x0 out while its refresh
+// pass runs.
 class WanModel {
  public:
   virtual ~WanModel() = default;
   virtual Status forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow) = 0;
   virtual bool runs_chunks() const { return false; }
-  virtual Status denoise_chunk(const float* xt, const float* draws, int64_t frames, int64_t start_frame, bool refresh,
-                               float* x0);
+  virtual Status denoise_chunk(const float* xt, const std::function<void(int step, float* dst)>& draw, int64_t frames,
+                               int64_t start_frame, bool refresh, float* x0);
   virtual const WanRunConfig& run() const = 0;
   virtual const WanConfig& config() const = 0;
 };
@@ -175,10 +177,9 @@ inline float sampler_renoise(float x0, float draw, double sigma_next) {
 // Gaussian noise) and one refresh call at t = 0 on the clean chunk (skipped after the last chunk:
 // its cache is never read). `noise` is the initial noise [batch, frames, in_dim, h, w];
 // `renoise(chunk, step, dst, n)` fills the n values of the noise for step 1..3 of a chunk
-// (layout [batch, chunk, in_dim, h, w]); when the model runs whole chunks, all three before the
-// chunk, and those of chunk k + 1 on a helper thread while chunk k runs (never at the same time
-// as another callback; the calls keep their order). `on_chunk(chunk, x0, seconds)` sees each
-// finished chunk. Writes the clean
+// (layout [batch, chunk, in_dim, h, w]; in that order, from the caller's thread, also when the
+// model runs whole chunks). `on_chunk(chunk, x0, seconds)` sees each finished chunk. Writes the
+// clean
 // latents [batch, frames, in_dim, h, w]. set_text() must have run; the flow must have the
 // latents' shape (out_dim == in_dim).
 struct SelfForcingCallbacks {

@@ -37,13 +37,14 @@ class WanDiTCuda : public WanModel {
   // WanModel::forward with host buffers: copies x in, runs the pass on the device, copies the
   // flow out (the only host synchronization).
   Status forward(const float* x, int64_t frames, int64_t start_frame, double t, float* flow) override;
-  // WanModel::denoise_chunk on the device: the noise and draws copied in once, the passes and the
-  // sampler queued back to back (no copy or synchronization between them), x0 copied out once and
-  // returned while the refresh pass runs (every later call, and the destructor, waits for it).
-  // Not with options.profile, which times and synchronizes every pass on its own.
+  // WanModel::denoise_chunk on the device: the noise copied in, the passes and the sampler queued
+  // back to back with no synchronization between them (each draw made on the host and copied in
+  // while the pass before it runs), x0 copied out once and returned while the refresh pass runs
+  // (every later call, and the destructor, waits for it). Not with options.profile, which times
+  // and synchronizes every pass on its own.
   bool runs_chunks() const override;
-  Status denoise_chunk(const float* xt, const float* draws, int64_t frames, int64_t start_frame, bool refresh,
-                       float* x0) override;
+  Status denoise_chunk(const float* xt, const std::function<void(int step, float* dst)>& draw, int64_t frames,
+                       int64_t start_frame, bool refresh, float* x0) override;
   const WanRunConfig& run() const override;
   const WanConfig& config() const override;
   // Device bytes allocated by init(), and what they hold, for messages.

@@ -1,6 +1,5 @@
 // The Self-Forcing autoregressive loop (../shared/docs/self-forcing-spec.md section 2.3).
 #include <chrono>
-#include <future>
 
 #include "monarchrt/wan.h"
 
@@ -26,25 +25,14 @@ Status self_forcing_generate(WanModel& dit, const float* noise, int64_t frames, 
   const int64_t B = run.batch, frame = c.in_dim * run.latent_h * run.latent_w, per = chunk * frame;
   const std::vector<SelfForcingStep> steps = self_forcing_steps();
   std::vector<float> xt(size_t(B * per)), x0(xt.size()), v(xt.size()), fresh(xt.size());
-  // A model that runs whole chunks gets the chunk's re-noising draws [3][B * per] up front; those
-  // of the next chunk are made on a helper thread while the model works on this one.
-  std::vector<float> draws(dit.runs_chunks() ? (steps.size() - 1) * xt.size() : 0), next(draws.size());
-  auto make_draws = [&](int64_t k, float* dst) {
-    for (size_t j = 1; j < steps.size(); ++j) cb.renoise(k, int(j), dst + (j - 1) * xt.size(), xt.size());
-  };
   for (int64_t k = 0; k * chunk < frames; ++k) {
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t s = k * chunk;
-    if (!draws.empty() && k == 0) make_draws(0, draws.data());
     for (int64_t b = 0; b < B; ++b)
       std::copy(noise + (b * frames + s) * frame, noise + (b * frames + s + chunk) * frame, xt.begin() + b * per);
-    if (!draws.empty()) {  // the whole chunk, refresh pass included, on the model's device
-      std::future<void> ahead;
-      if (s + chunk < frames) ahead = std::async(std::launch::async, make_draws, k + 1, next.data());
-      const Status st = dit.denoise_chunk(xt.data(), draws.data(), chunk, s, s + chunk < frames, x0.data());
-      if (ahead.valid()) ahead.get();  // done before anything else calls back (or returns)
-      MONARCHRT_RETURN_IF_ERROR(st);
-      draws.swap(next);
+    if (dit.runs_chunks()) {  // the whole chunk, refresh pass included, on the model's device
+      const auto draw = [&](int step, float* dst) { cb.renoise(k, step, dst, xt.size()); };
+      MONARCHRT_RETURN_IF_ERROR(dit.denoise_chunk(xt.data(), draw, chunk, s, s + chunk < frames, x0.data()));
     } else {
       for (size_t j = 0; j < steps.size(); ++j) {
         MONARCHRT_RETURN_IF_ERROR(dit.forward(xt.data(), chunk, s, steps[j].t, v.data()));
@@ -66,7 +54,7 @@ Status self_forcing_generate(WanModel& dit, const float* noise, int64_t frames, 
   return Status();
 }
 
-Status WanModel::denoise_chunk(const float*, const float*, int64_t, int64_t, bool, float*) {
+Status WanModel::denoise_chunk(const float*, const std::function<void(int, float*)>&, int64_t, int64_t, bool, float*) {
   return Status::unsupported("this model does not run whole chunks (runs_chunks() is false)");
 }
 

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <string>
 #include <tuple>
@@ -939,15 +940,15 @@ Status WanDiTCuda::forward(const float* x, int64_t frames, int64_t start_frame, 
 
 bool WanDiTCuda::runs_chunks() const { return impl_ && !impl_->opt.profile && impl_->c.out_dim == impl_->c.in_dim; }
 
-Status WanDiTCuda::denoise_chunk(const float* xt, const float* draws, int64_t frames, int64_t start_frame,
-                                 bool refresh, float* x0) {
+Status WanDiTCuda::denoise_chunk(const float* xt, const std::function<void(int step, float* dst)>& draw,
+                                 int64_t frames, int64_t start_frame, bool refresh, float* x0) {
   if (!impl_) return Status::invalid("WanDiTCuda: init() and set_text() first");
   if (!runs_chunks()) {
     return Status::invalid("WanDiTCuda::denoise_chunk: not with options.profile (every pass is timed on its own) "
                            "or out_dim != in_dim");
   }
-  if (xt == nullptr || draws == nullptr || x0 == nullptr) {
-    return Status::invalid("WanDiTCuda::denoise_chunk: xt, draws and x0 must not be null");
+  if (xt == nullptr || !draw || x0 == nullptr) {
+    return Status::invalid("WanDiTCuda::denoise_chunk: xt, draw and x0 are required");
   }
   Impl& m = *impl_;
   MONARCHRT_RETURN_IF_ERROR(m.check_call(frames, start_frame));
@@ -955,20 +956,25 @@ Status WanDiTCuda::denoise_chunk(const float* xt, const float* draws, int64_t fr
   MONARCHRT_RETURN_IF_ERROR(m.make_plans(N));
   const std::vector<SelfForcingStep> steps = self_forcing_steps();
   const int64_t fd = m.c.freq_dim, nsteps = int64_t(steps.size());
+  // pin_x: [xt, draw 1, draw 2, draw 3]; each part is written once per call, before its copy is
+  // queued, and every copy of the previous call finished before that call returned.
   std::memcpy(m.pin_x, xt, size_t(nin) * 4);
-  std::memcpy(m.pin_x + nin, draws, size_t((nsteps - 1) * nin) * 4);
   for (int64_t j = 0; j <= nsteps; ++j) wan_time_sinusoid(j < nsteps ? steps[size_t(j)].t : 0.0, fd, m.pin_sinus + j * fd);
   MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(m.x_in, m.pin_x, size_t(nin) * 4, cudaMemcpyHostToDevice, m.stream));
-  MONARCHRT_CUDA_CHECK(
-      cudaMemcpyAsync(m.draws, m.pin_x + nin, size_t((nsteps - 1) * nin) * 4, cudaMemcpyHostToDevice, m.stream));
   for (int64_t j = 0; j < nsteps; ++j) {
     MONARCHRT_CUDA_CHECK(
         cudaMemcpyAsync(m.sinus, m.pin_sinus + j * fd, size_t(fd) * 4, cudaMemcpyHostToDevice, m.stream));
     MONARCHRT_RETURN_IF_ERROR(m.launch_pass(frames, start_frame, false));
+    float* next_draw = nullptr;
+    if (j + 1 < nsteps) {  // the draw the sampler needs next, made on the host while the pass runs
+      draw(int(j + 1), m.pin_x + (j + 1) * nin);
+      next_draw = m.draws + j * nin;
+      MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(next_draw, m.pin_x + (j + 1) * nin, size_t(nin) * 4, cudaMemcpyHostToDevice,
+                                           m.stream));
+    }
     // x0 from this pass's flow; x_in becomes the next pass's input (after the last: x0 itself)
     const double sigma = steps[size_t(j)].sigma, next = j + 1 < nsteps ? steps[size_t(j + 1)].sigma : 0.0;
-    sampler_kernel<<<blocks_for(nin, 256), 256, 0, m.stream>>>(m.x_in, m.flow, j + 1 < nsteps ? m.draws + j * nin : nullptr,
-                                                               m.x0, sigma, next, nin);
+    sampler_kernel<<<blocks_for(nin, 256), 256, 0, m.stream>>>(m.x_in, m.flow, next_draw, m.x0, sigma, next, nin);
     MONARCHRT_CUDA_CHECK(cudaGetLastError());
   }
   // The refresh pass's sinusoid is copied before x0 goes out, so that once x0 has arrived every

@@ -179,8 +179,7 @@ inline float sampler_renoise(float x0, float draw, double sigma_next) {
 // `renoise(chunk, step, dst, n)` fills the n values of the noise for step 1..3 of a chunk
 // (layout [batch, chunk, in_dim, h, w]; in that order, from the caller's thread, also when the
 // model runs whole chunks). `on_chunk(chunk, x0, seconds)` sees each finished chunk. Writes the
-// clean
-// latents [batch, frames, in_dim, h, w]. set_text() must have run; the flow must have the
+// clean latents [batch, frames, in_dim, h, w]. set_text() must have run; the flow must have the
 // latents' shape (out_dim == in_dim).
 struct SelfForcingCallbacks {
   std::function<void(int64_t chunk, int step, float* dst, size_t n)> renoise;

@@ -359,8 +359,8 @@ struct WanDiTCuda::Impl {
   std::unique_ptr<LinearPlan> te0_plan, dd_text_plan;
   std::map<std::tuple<int64_t, int64_t, bool>, cudaGraphExec_t> graphs;  // by (frames, start_frame, cache only)
   bool text_ready = false;
-  // profile: events recorded after each step of a pass and the step each one closes
   cudaEvent_t x0_ready = nullptr;  // denoise_chunk: x0 is on the host (the refresh pass may follow)
+  // profile: events recorded after each step of a pass and the step each one closes
   std::vector<cudaEvent_t> events;
   std::vector<int> event_step;
   size_t marks = 0;
@@ -967,7 +967,12 @@ Status WanDiTCuda::denoise_chunk(const float* xt, const std::function<void(int s
     MONARCHRT_RETURN_IF_ERROR(m.launch_pass(frames, start_frame, false));
     float* next_draw = nullptr;
     if (j + 1 < nsteps) {  // the draw the sampler needs next, made on the host while the pass runs
-      draw(int(j + 1), m.pin_x + (j + 1) * nin);
+      try {
+        draw(int(j + 1), m.pin_x + (j + 1) * nin);
+      } catch (...) {  // the caller's code: leave no copy from the pinned buffers in flight
+        cudaStreamSynchronize(m.stream);
+        throw;
+      }
       next_draw = m.draws + j * nin;
       MONARCHRT_CUDA_CHECK(cudaMemcpyAsync(next_draw, m.pin_x + (j + 1) * nin, size_t(nin) * 4, cudaMemcpyHostToDevice,
                                            m.stream));

@@ -2,7 +2,8 @@
 // the fp32 CPU engine (itself checked against the independent PyTorch implementation, see
 // python/tests/test_wan_parity.py) on a small random model, through the whole Self-Forcing loop:
 // dense and Monarch self-attention, batch 2, a sink + window cache; graph replay equals direct
-// launches bit for bit; bad configurations and calls are rejected.
+// launches bit for bit; whole chunks with the sampler on the device equal the pass-by-pass loop
+// bit for bit; bad configurations and calls are rejected.
 #include <gtest/gtest.h>
 
 #include <algorithm>

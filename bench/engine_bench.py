@@ -4,7 +4,9 @@ generator_ema/model.* keys, bf16), random text features and injected noise. Runs
 
   1. `monarchrt generate --device cuda` with Monarch (released 30x52 tiles, and f_tied = 3) and
      with dense self-attention, twice each (the first video captures the CUDA graphs), and reads
-     its per-chunk timings; with --profile also the GPU time per kind of step;
+     its per-chunk timings; Monarch once more with the command's own seeded re-noising draws (its
+     default, made on the host during the passes) instead of the injected ones; with --profile
+     also the GPU time per kind of step;
   2. parity: the independent PyTorch implementation (python/tests/wan_reference.py) on the same
      card in float32 (TF32 off) on the same weights and noise; relative L2 per chunk;
   3. the same pipeline in PyTorch eager in bf16 (SDPA for dense, the reference's einsum Monarch),
@@ -70,18 +72,21 @@ def random_weights(seed):
     return sd
 
 
-def run_engine(cli, files, attention, frames, repeat, profile=False, tiling="1,1,1"):
+def run_engine(cli, files, attention, frames, repeat, profile=False, tiling="1,1,1", injected=True):
+    out = files[f"out_{attention}" if injected else "out_seeded"]
     cmd = [cli, "generate", "--device", "cuda", "--dit", files["dit"], "--ema", "--heads", str(HEADS),
-           "--text", files["text"], "--frames", str(frames), "--noise", files["noise"], "--renoise", files["renoise"],
-           "--attention", attention, "--tiling", tiling, "--repeat", str(repeat), "--out", files[f"out_{attention}"]]
+           "--text", files["text"], "--frames", str(frames), "--noise", files["noise"],
+           "--attention", attention, "--tiling", tiling, "--repeat", str(repeat), "--out", out]
+    if injected:
+        cmd += ["--renoise", files["renoise"]]
     if profile:
         cmd.append("--profile")
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr}")
-    print(f"engine {attention}{' --profile' if profile else ''}: {time.time() - t0:.1f} s wall (loading included)",
-          flush=True)
+    print(f"engine {attention}{' --profile' if profile else ''}{'' if injected else ' (seeded draws)'}: "
+          f"{time.time() - t0:.1f} s wall (loading included)", flush=True)
     if profile:
         print(r.stderr[r.stderr.index("GPU time per step"):r.stderr.index("wrote ")], flush=True)
     videos, chunks = [], []
@@ -94,7 +99,7 @@ def run_engine(cli, files, attention, frames, repeat, profile=False, tiling="1,1
             chunks = []
         if line.startswith("GPU memory"):
             print("  " + line)
-    return videos, np.load(files[f"out_{attention}"])
+    return videos, np.load(out)
 
 
 def eager(sd, text, noise, renoise, attention, dtype):
@@ -134,7 +139,8 @@ def main():
     sd = random_weights(1)
     files = {k: os.path.join(args.workdir, v) for k, v in
              dict(dit="self_forcing_dmd.pt", text="text.npy", noise="noise.npy", renoise="renoise.npy",
-                  out_monarch="latents_monarch.npy", out_dense="latents_dense.npy").items()}
+                  out_monarch="latents_monarch.npy", out_dense="latents_dense.npy",
+                  out_seeded="latents_seeded.npy").items()}
     torch.save({"generator_ema": OrderedDict(("model." + k, v.cpu()) for k, v in sd.items())}, files["dit"])
     g = torch.Generator().manual_seed(2)
     text = torch.randn(TEXT_LEN, TEXT_DIM, generator=g)
@@ -160,6 +166,8 @@ def main():
         if attention == "monarch":
             videos3, _ = run_engine(args.cli, files, attention, T, 2, tiling="3,1,1")
             rows.append(("engine monarch f_tied=3 (90x52 tiles)", videos3[-1], videos3[0]))
+            seeded, _ = run_engine(args.cli, files, attention, T, 2, injected=False)
+            rows.append(("engine monarch, the CLI's seeded draws", seeded[-1], seeded[0]))
         if not args.skip_parity:
             want, _ = eager(sd, text[None], noise, renoise, attention, torch.float32)
             errs = [((lat[:, s:s + 3] - want[:, s:s + 3]).norm() / want[:, s:s + 3].norm()).item()

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "monarchrt/attention.h"
 #include "monarchrt/status.h"
 #include "monarchrt/tensor.h"
 
@@ -33,11 +34,16 @@ struct FlashArgs {
   int causal_tokens;
   float scale;            // softmax scale
   DType dtype;            // bf16 or fp16, all four tensors
+  int max_ctas;           // the persistent Hopper kernel's CTAs at most (0: one per SM; tests set it)
 };
 
 // Launches on `stream` (a cudaStream_t). Checks only what the kernel itself needs (dtype, D,
 // alignment, segment count); callers check shapes.
 Status flash_attention(const FlashArgs& args, void* stream);
+// cuda::dense_attention's checks of its arguments and the kernel's arguments they give (the
+// attended cache frames as token ranges); cuda::dense_attention is this and flash_attention.
+Status dense_attention_args(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                            const AttentionParams& params, FlashArgs* args);
 Status prepare_flash();
 
 }  // namespace cuda_detail

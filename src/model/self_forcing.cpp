@@ -24,7 +24,8 @@ Status self_forcing_generate(WanModel& dit, const float* noise, int64_t frames, 
   }
   const int64_t B = run.batch, frame = c.in_dim * run.latent_h * run.latent_w, per = chunk * frame;
   const std::vector<SelfForcingStep> steps = self_forcing_steps();
-  std::vector<float> xt(size_t(B * per)), x0(xt.size()), v(xt.size()), fresh(xt.size());
+  std::vector<float> xt(size_t(B * per)), x0(xt.size());
+  std::vector<float> v(dit.runs_chunks() ? 0 : xt.size()), fresh(v.size());  // the pass-by-pass loop's
   for (int64_t k = 0; k * chunk < frames; ++k) {
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t s = k * chunk;

@@ -358,12 +358,12 @@ __global__ void __launch_bounds__(FlashWgConfig<T, D>::kThreads + (Tma ? FlashWg
         cp_async_commit();
       }
     };
-    // Scores of tile t: scaled and masked into a copy (the score registers, wgmma accumulators,
-    // are only read while P V is in flight), then the online softmax: P as A fragments, and corr.
     float o[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    // Scores of tile t: scaled and masked into a copy (the score registers, wgmma accumulators,
+    // are only read while P V is in flight), then the online softmax: P as A fragments, and corr.
     auto softmax = [&](const float (&sc)[8][4], int t, float (&corr)[2], uint32_t (&pa)[C::kBc / 16][4]) {
       float u[8][4];
 #pragma unroll

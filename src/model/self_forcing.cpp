@@ -24,14 +24,15 @@ Status self_forcing_generate(WanModel& dit, const float* noise, int64_t frames, 
   }
   const int64_t B = run.batch, frame = c.in_dim * run.latent_h * run.latent_w, per = chunk * frame;
   const std::vector<SelfForcingStep> steps = self_forcing_steps();
+  const bool whole_chunks = dit.runs_chunks();
   std::vector<float> xt(size_t(B * per)), x0(xt.size());
-  std::vector<float> v(dit.runs_chunks() ? 0 : xt.size()), fresh(v.size());  // the pass-by-pass loop's
+  std::vector<float> v(whole_chunks ? 0 : xt.size()), fresh(v.size());  // the pass-by-pass loop's
   for (int64_t k = 0; k * chunk < frames; ++k) {
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t s = k * chunk;
     for (int64_t b = 0; b < B; ++b)
       std::copy(noise + (b * frames + s) * frame, noise + (b * frames + s + chunk) * frame, xt.begin() + b * per);
-    if (dit.runs_chunks()) {  // the whole chunk, refresh pass included, on the model's device
+    if (whole_chunks) {  // the whole chunk, refresh pass included, on the model's device
       const auto draw = [&](int step, float* dst) { cb.renoise(k, step, dst, xt.size()); };
       MONARCHRT_RETURN_IF_ERROR(dit.denoise_chunk(xt.data(), draw, chunk, s, s + chunk < frames, x0.data()));
     } else {

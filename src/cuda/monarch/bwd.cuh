@@ -548,6 +548,203 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
   }
 }
 
+// Hopper variant of step 2 (rows of up to 64 keys, use_wgmma(), the forward stage 1's tensor
+// maps): one warpgroup per (m, k), its 64 columns j as the wgmma's M. Thread 0 copies by TMA the
+// K and V rows (n, k) of the allowed key tiles (row tiles of b2 tokens, as the forward's stage 1)
+// into a ring of four slots, two key rows ahead (copy i: the K row of the CTA's (i / 2)-th key
+// row for even i, its V row for odd i; slot i % 4, phase i / 4), and the daL / dY rows (m, j, n,
+// k) of every column j through the workspace maps (tma.al / tma.y: one box of 64 features x b2
+// columns per 64 features) into one buffer, refilled for the next key row as soon as the dR
+// products are done. Products by wgmma with fp32 accumulators in mma.sync's fragment layout, so
+// the register code between them is the portable kernel's: S = Q K^T (Q as register A fragments,
+// K as K-major B), dR = daL K^T + dY V^T (daL / dY as K-major A from shared memory), dq += dz K
+// (dz as register A fragments, K as MN-major B). Pad key rows and pad columns (b2..63) are never
+// written by the copies and stay zero.
+template <typename T, int D>
+struct Dq1WgConfig {
+  static constexpr size_t kTileBytes = size_t(64) * D * sizeof(T);  // 64 rows (keys or columns) x D
+  static constexpr int kSlots = 4;
+  // 1008 bytes to align the tiles to 1024 (the 128-byte swizzle), the ring, the daL and dY
+  // tiles, one mbarrier per slot and one for daL / dY: 97 KB at D = 128, 2 CTAs per SM.
+  static constexpr size_t kSmem = 1008 + (kSlots + 2) * kTileBytes + (kSlots + 1) * sizeof(uint64_t);
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128, 2)
+    monarch_bwd_dq1_wg_kernel(const MonarchBwdParams bp, const __grid_constant__ Stage1Tma tma) {
+  const MonarchFwdParams& p = bp.f;
+  using C = Dq1WgConfig<T, D>;
+  using MM = Mma<T>;
+  constexpr float kLn2 = 0.6931471805599453f;
+  constexpr int kNT = 8;  // 8-key tiles of a 64-key row
+  constexpr size_t kTile = C::kTileBytes / sizeof(T);
+  // The A query tiles of a key row are neighbours in launch order (they read the same K / V rows).
+  const int m = blockIdx.x, k = blockIdx.y, bh = blockIdx.z;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  T* ring = reinterpret_cast<T*>(smem);  // [slot][D / 64][64][64], swizzled
+  T* dLs = ring + C::kSlots * kTile;     // [D / 64][64 columns][64], swizzled
+  T* dYs = dLs + kTile;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + (C::kSlots + 2) * C::kTileBytes);
+  uint64_t* d_full = full + C::kSlots;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, c = (lane % 4) * 2;
+  const int b = bh / p.H, h = bh % p.H;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+  T* dqg = static_cast<T*>(bp.dq) + b * bp.dq_stride[0] + h * bp.dq_stride[2];
+
+  for (int i = tid; i < int((C::kSlots + 2) * C::kTileBytes / 16); i += blockDim.x) {
+    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
+  }
+  fence_proxy_async_smem();  // the zero pad rows are read by wgmma
+  if (tid == 0) {
+    for (int i = 0; i <= C::kSlots; ++i) mbar_init(&full[i], 1);
+    fence_mbar_init();
+  }
+  const int k_off = row_offset(p, k), ntu = (p.b2 + 7) / 8, slab = bh * p.A + m;
+  const int j_row[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
+  const int q_tok = tile_base(p, m) + k_off;
+  uint32_t qa[D / 16][4];
+  load_a_rows<T, D>(qa, j_row[0] < p.b2 ? qg + int64_t(q_tok + j_row[0]) * p.q_stride[1] : nullptr,
+                    j_row[1] < p.b2 ? qg + int64_t(q_tok + j_row[1]) * p.q_stride[1] : nullptr, lane);
+  auto issue = [&](const CUtensorMap* map, int n, int i) {  // copy i of the ring: key row (n, k)
+    const int slot = i % C::kSlots;
+    const int tok = key_tile_base(p, n) + k_off;
+    mbar_expect(&full[slot], (D / 64) * uint32_t(p.b2) * 128);
+#pragma unroll
+    for (int hf = 0; hf < D / 64; ++hf) tma_load_tile(ring + slot * kTile + hf * 64 * 64, map, hf * 64, tok, h, b, &full[slot]);
+  };
+  auto issue_d = [&](int n) {  // daL and dY of key row (n, k), every column j
+    mbar_expect(d_full, 2 * (D / 64) * uint32_t(p.b2) * 128);
+#pragma unroll
+    for (int hf = 0; hf < D / 64; ++hf) {
+      tma_load_tile(dLs + hf * 64 * 64, &tma.al, hf * 64, n * p.b1 + k, 0, slab, d_full);
+      tma_load_tile(dYs + hf * 64 * 64, &tma.y, hf * 64, n * p.b1 + k, 0, slab, d_full);
+    }
+  };
+  auto wait_copy = [&](int i) { mbar_wait(&full[i % C::kSlots], (i / C::kSlots) & 1); };
+  // K-major operand (S's and dR's B, dR's A): 16 features are 32 bytes into a 64-feature tile.
+  auto kmajor = [](const T* tile, int ks) { return wgmma_desc_sw128(tile + (ks / 4) * 64 * 64 + (ks % 4) * 16, 1024); };
+  __syncthreads();
+  int n = next_allowed(p, m, 0);
+  int n1 = n < p.F ? next_allowed(p, m, n + 1) : p.F;
+  if (tid == 0 && n < p.F) {
+    issue(&tma.k, n, 0);
+    issue(&tma.v, n, 1);
+    issue_d(n);
+    if (n1 < p.F) {
+      issue(&tma.k, n1, 2);
+      issue(&tma.v, n1, 3);
+    }
+  }
+  float acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  for (int it = 0; n < p.F; ++it) {
+    const int n2 = n1 < p.F ? next_allowed(p, m, n1 + 1) : p.F;
+    const T* Kr = ring + ((2 * it) % C::kSlots) * kTile;
+    const T* Vr = ring + ((2 * it + 1) % C::kSlots) * kTile;
+    int64_t row[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) row[hr] = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
+    // S = Q_k K^T, then dR = daL K^T + dY V^T (64 columns x 64 keys each; the first wgmma of
+    // each overwrites its accumulator)
+    float s[kNT][4], dr[kNT][4];
+    wait_copy(2 * it);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16<T, false>(s, qa[ks], kmajor(Kr, ks), ks > 0);
+    wgmma_commit();
+    mbar_wait(d_full, it & 1);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(dr, kmajor(dLs, ks), kmajor(Kr, ks), ks > 0);
+    wait_copy(2 * it + 1);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(dr, kmajor(dYs, ks), kmajor(Vr, ks), true);
+    wgmma_commit();
+    wgmma_wait<0>();
+    __syncthreads();  // every warp is done with daL, dY of (n, k): those of the next row load now
+    if (tid == 0 && n1 < p.F) issue_d(n1);
+    // R = softmax(s) within the row, log R, then dz = R (dR + dcL log R - D1) (as the portable kernel)
+    float M[2];
+    stage1_row_max<kNT>(s, ntu, p, M, lane);
+    float Z[2] = {0.f, 0.f};
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) Z[e / 2] += ex2_ftz(s[t][e] - M[e / 2]);  // masked keys: ex2(-inf) = 0
+    }
+    float lse[2], dcl[2], d1[2] = {0.f, 0.f};
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 1);
+      Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 2);
+      lse[hr] = M[hr] + log2f(Z[hr]);
+      dcl[hr] = row[hr] >= 0 ? p.ws_cl[row[hr]] : 0.f;
+    }
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float z = s[t][e] - lse[e / 2];  // log2 R
+        const float R = ex2_ftz(z);
+        dr[t][e] = R == 0.f ? 0.f : dr[t][e] + dcl[e / 2] * kLn2 * z;
+        s[t][e] = R;
+        d1[e / 2] += R * dr[t][e];
+      }
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      d1[hr] += __shfl_xor_sync(0xffffffffu, d1[hr], 1);
+      d1[hr] += __shfl_xor_sync(0xffffffffu, d1[hr], 2);
+      if (row[hr] >= 0 && lane % 4 == 0) bp.ws_d1[row[hr]] = d1[hr];  // for the dK / dV kernel
+    }
+    // dq += dz K (the scale is in dz; keys past b2 have R = 0, so dz = 0, and zero K rows)
+    uint32_t pa[kNT / 2][4];
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      float z[2][4];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) z[u][e] = bp.scale * s[2 * kk + u][e] * (dr[2 * kk + u][e] - d1[e / 2]);
+      }
+      pa[kk][0] = MM::pack(z[0][0], z[0][1]);
+      pa[kk][1] = MM::pack(z[0][2], z[0][3]);
+      pa[kk][2] = MM::pack(z[1][0], z[1][1]);
+      pa[kk][3] = MM::pack(z[1][2], z[1][3]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int half = 0; half < D / 64; ++half) {
+      float(&ah)[8][4] = *reinterpret_cast<float(*)[8][4]>(&acc[8 * half]);
+#pragma unroll
+      for (int kk = 0; kk < kNT / 2; ++kk) {
+        wgmma_m64n64k16<T, true>(ah, pa[kk], wgmma_desc_sw128(Kr + half * 64 * 64 + kk * 16 * 64, 1024), true);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    __syncthreads();  // every warp is done with the K and V rows of (n, k): row it + 2 takes their slots
+    if (tid == 0 && n2 < p.F) {
+      issue(&tma.k, n2, 2 * it + 4);
+      issue(&tma.v, n2, 2 * it + 5);
+    }
+    n = n1;
+    n1 = n2;
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    if (j_row[hr] >= p.b2) continue;
+    const float* part = bp.dq_acc + query_index(p, bh, m, k, j_row[hr]) * D;
+    T* dst = dqg + int64_t(q_tok + j_row[hr]) * bp.dq_stride[1];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const float2 x = *reinterpret_cast<const float2*>(part + i * 8 + c);
+      *reinterpret_cast<uint32_t*>(dst + i * 8 + c) = MM::pack(acc[i][2 * hr] + x.x, acc[i][2 * hr + 1] + x.y);
+    }
+  }
+}
+
 // ---- 3. stage-1 backward, key orientation: dK, dV ------------------------------------------
 
 template <typename T, int D, int B2Max = (D == 128 ? 64 : 128)>

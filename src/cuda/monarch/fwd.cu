@@ -166,6 +166,22 @@ bool stage1_store_maps(const MonarchFwdParams& p, int B, Stage1Tma* tma) {
          encode_tensor_map(&tma->y, p.ws_y, type, 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B).ok();
 }
 
+}  // namespace
+
+bool stage1_maps(const MonarchFwdParams& p, int B, DType dtype, int D, Stage1Tma* tma) {
+  if (p.b2 > 64 || !use_wgmma()) return false;
+  const bool bf16 = dtype == DType::kBF16;
+  const int64_t k_shape[4] = {B, p.k_tokens, p.H, D}, v_shape[4] = {B, p.v_tokens, p.H, D};
+  if (!encode_row_tiles(&tma->k, p.k, bf16, k_shape, p.k_stride, p.b2).ok() ||
+      !encode_row_tiles(&tma->v, p.v, bf16, v_shape, p.v_stride, p.b2).ok()) {
+    return false;
+  }
+  if (bf16) return D == 128 ? stage1_store_maps<__nv_bfloat16, 128>(p, B, tma) : stage1_store_maps<__nv_bfloat16, 64>(p, B, tma);
+  return D == 128 ? stage1_store_maps<__half, 128>(p, B, tma) : stage1_store_maps<__half, 64>(p, B, tma);
+}
+
+namespace {
+
 // How many CTAs share the key tiles of one (query tile, row) in stage 1 (MonarchFwdParams::
 // key_parts). The launch has A * b1 * B * H CTAs whatever the key length (1080 for a
 // Self-Forcing chunk, about two waves of 4 CTAs per SM on an H100), each walking all its key
@@ -193,10 +209,7 @@ Status launch_stage1_typed(MonarchFwdParams p, int B, cudaStream_t stream) {
   // Hopper: one warpgroup, rows by TMA, S, aL and Y by wgmma. Views the copy engine cannot
   // describe (its encoder refuses, e.g. a zero stride that broadcasts K over heads) take the
   // portable kernel.
-  const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
-  const int64_t k_shape[4] = {B, p.k_tokens, p.H, D}, v_shape[4] = {B, p.v_tokens, p.H, D};
-  if (p.b2 <= 64 && use_wgmma() && encode_row_tiles(&tma.k, p.k, bf16, k_shape, p.k_stride, p.b2).ok() &&
-      encode_row_tiles(&tma.v, p.v, bf16, v_shape, p.v_stride, p.b2).ok() && stage1_store_maps<T, D>(p, B, &tma)) {
+  if (stage1_maps(p, B, std::is_same<T, __nv_bfloat16>::value ? DType::kBF16 : DType::kF16, D, &tma)) {
     monarch_stage1_kernel<T, D, 64, true><<<grid1, 128, TwoPassConfig<T, D, 64, true>::smem1_wg(p.b2), stream>>>(p, tma);
   } else if (p.b2 > C::kB2Max) {  // rows wider than the default stage-1 buffers
     monarch_stage1_kernel<T, D, 128><<<grid1, 32 * ((p.b2 + 15) / 16), TwoPassConfig<T, D, 128>::kSmem1, stream>>>(p, tma);

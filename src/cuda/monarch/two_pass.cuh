@@ -96,6 +96,9 @@ __device__ __forceinline__ int64_t ws_row(const MonarchFwdParams& p, int bh, int
 struct Stage1Tma {
   CUtensorMap k, v, al, y;
 };
+// Encodes them (fwd.cu); false where the Hopper stage 1 cannot run (no sm_90a device, rows wider
+// than 64 keys, a view the encoder refuses). The backward's dq kernel reads daL / dY through al / y.
+bool stage1_maps(const MonarchFwdParams& p, int B, DType dtype, int D, Stage1Tma* tma);
 
 template <typename T, int D, int B2Max, bool Wg = false>
 __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)

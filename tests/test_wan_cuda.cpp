@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <vector>
 
 #include "monarchrt/cuda.h"
@@ -203,6 +204,44 @@ TEST(WanCuda, WholeChunksOnTheDeviceMatchPassByPass) {
   WanDiTCuda p;
   ASSERT_TRUE(p.init(w, run, prof).ok());
   EXPECT_FALSE(p.runs_chunks());  // the profile times every pass on its own
+}
+
+// A draw callback that throws: the exception reaches the caller after the engine's stream has
+// drained (no copy from its pinned buffers left in flight), and the engine stays usable: the same
+// chunk run again gives what a fresh engine gives, bit for bit.
+TEST(WanCuda, ThrowingDrawLeavesTheEngineUsable) {
+  SKIP_WITHOUT_GPU();
+  const WanConfig c = small_config();
+  const WanWeights w = wan_random_weights(c, 33);
+  const int64_t B = 1, frames = 6, chunk = 3, Hl = 8, Wl = 12, per = chunk * c.in_dim * Hl * Wl;
+  Rng rng(34);
+  std::vector<float> text(size_t(B * c.text_len * c.text_dim)), xt(size_t(B * per));
+  for (float& x : text) x = float(rng.normal());
+  for (float& x : xt) x = float(rng.normal());
+  WanRunConfig run;
+  run.batch = B;
+  run.latent_h = Hl;
+  run.latent_w = Wl;
+  run.max_frames = frames;
+  run.monarch = true;
+  const auto draw = [&](int step, float* dst) {
+    Rng r(uint64_t(2000 + step));
+    for (int64_t i = 0; i < B * per; ++i) dst[i] = float(r.normal());
+  };
+  WanDiTCuda a, fresh;
+  for (WanDiTCuda* e : {&a, &fresh}) {
+    ASSERT_TRUE(e->init(w, run).ok());
+    ASSERT_TRUE(e->set_text(text.data()).ok());
+  }
+  std::vector<float> x0(xt.size()), want(xt.size());
+  const auto throwing = [&](int step, float* dst) {
+    if (step == 2) throw std::runtime_error("draw failed");
+    draw(step, dst);
+  };
+  EXPECT_THROW((void)a.denoise_chunk(xt.data(), throwing, chunk, 0, true, x0.data()), std::runtime_error);
+  ASSERT_TRUE(a.denoise_chunk(xt.data(), draw, chunk, 0, true, x0.data()).ok());
+  ASSERT_TRUE(fresh.denoise_chunk(xt.data(), draw, chunk, 0, true, want.data()).ok());
+  EXPECT_EQ(x0, want);
 }
 
 // With a window smaller than the video the KV cache holds the sink and the window only (a ring),

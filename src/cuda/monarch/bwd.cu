@@ -114,8 +114,9 @@ Status prepare_backward_typed() {
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq1_kernel<T, D, kNarrow>, Dq1Config<T, D, kNarrow>::kSmem, d3));
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dkv_kernel<T, D, kNarrow>, DkvConfig<T, D, kNarrow>::kSmem, d4));
   if (use_wgmma()) {
-    static std::atomic<uint64_t> d8{0};
+    static std::atomic<uint64_t> d8{0}, d9{0};
     MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq1_wg_kernel<T, D>, Dq1WgConfig<T, D>::kSmem, d8));
+    MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dkv_wg_kernel<T, D>, DkvWgConfig<T, D>::kSmem, d9));
   }
   if (D == 128) {  // the wide configuration, where the device has the shared memory for it
     if (size_t(optin) >= Dq1Config<T, D, 128>::kSmem && size_t(optin) >= DkvConfig<T, D, 128>::kSmem) {
@@ -155,10 +156,14 @@ Status launch_backward(const MonarchBwdParams& bp, int B, bool zero_dkv, int64_t
   const int warps = (p.b2 + 15) / 16;
   constexpr int kNarrow = D == 128 ? 64 : 128;
   Stage1Tma tma{};
-  if (stage1_maps(p, B, dtype, D, &tma)) {  // Hopper, rows of up to 64 keys (the maps of the stage-1 recompute)
+  CUtensorMap qmap{};
+  const int64_t q_shape[4] = {B, int64_t(p.A) * p.b1 * p.b2, p.H, D};
+  // Hopper, rows of up to 64 keys: the maps of the stage-1 recompute, and q in the same row tiles
+  if (stage1_maps(p, B, dtype, D, &tma) &&
+      encode_row_tiles(&qmap, p.q, dtype == DType::kBF16, q_shape, p.q_stride, p.b2).ok()) {
     monarch_bwd_dq1_wg_kernel<T, D><<<dim3(p.A, p.b1, BH), 128, Dq1WgConfig<T, D>::kSmem, s>>>(bp, tma);
     MONARCHRT_CUDA_CHECK(cudaGetLastError());
-    monarch_bwd_dkv_kernel<T, D, kNarrow><<<dim3(p.b1, p.F, BH), 32 * warps, DkvConfig<T, D, kNarrow>::kSmem, s>>>(bp);
+    monarch_bwd_dkv_wg_kernel<T, D><<<dim3(p.b1, p.F, BH), 128, DkvWgConfig<T, D>::kSmem, s>>>(bp, tma, qmap);
   } else if (p.b2 <= kNarrow) {
     monarch_bwd_dq1_kernel<T, D, kNarrow><<<dim3(p.b1, p.A, BH), 32 * warps, Dq1Config<T, D, kNarrow>::kSmem, s>>>(bp);
     MONARCHRT_CUDA_CHECK(cudaGetLastError());

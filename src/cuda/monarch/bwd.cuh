@@ -887,6 +887,195 @@ __global__ void __launch_bounds__(256) monarch_bwd_dkv_kernel(const MonarchBwdPa
   }
 }
 
+// Hopper variant of step 3 (rows of up to 64 keys, use_wgmma(), the stage-1 maps and a map of q
+// in the same row tiles): one warpgroup per key row (n, k), its 64 keys i as the wgmma's M, so
+// dK and dV (64 keys x D, fp32) stay in registers. Thread 0 copies by TMA the K and V rows once,
+// then per allowed query tile m the q row (m, k) and the daL / dY rows (m, j, n, k) of every
+// column j, each into one buffer: daL / dY are refilled for the next tile as soon as the
+// products that read them (dR^T, dV, the first half of dK) are done, q after the last one, and
+// the next tile starts with dR^T, so its daL / dY copy overlaps the dz q product. Products:
+// S^T = K q^T and dR^T = K daL^T + V dY^T with both operands in shared memory (K-major), then
+// dV += R dY and dK += R daL + s dz q with R / s dz as register A fragments and the column rows
+// as MN-major B. The per-column lse1, D1 and dcL come through shared memory. Pad keys (b2..63) give rows that are never stored; pad columns are zero
+// in q / daL / dY and get R = dz = 0.
+template <typename T, int D>
+struct DkvWgConfig {
+  static constexpr size_t kTileBytes = size_t(64) * D * sizeof(T);  // 64 rows (keys or columns) x D
+  // 1008 bytes to align the tiles to 1024 (the 128-byte swizzle), K, V, q, daL and dY tiles,
+  // the per-column floats, three mbarriers: 81 KB at D = 128, 2 CTAs per SM.
+  static constexpr size_t kSmem = 1008 + 5 * kTileBytes + 3 * 64 * sizeof(float) + 3 * sizeof(uint64_t);
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128, 2)
+    monarch_bwd_dkv_wg_kernel(const MonarchBwdParams bp, const __grid_constant__ Stage1Tma tma,
+                              const __grid_constant__ CUtensorMap qmap) {
+  const MonarchFwdParams& p = bp.f;
+  using C = DkvWgConfig<T, D>;
+  using MM = Mma<T>;
+  constexpr float kLn2 = 0.6931471805599453f;
+  constexpr int kNT = 8;  // 8-column tiles of a 64-column row
+  constexpr size_t kTile = C::kTileBytes / sizeof(T);
+  const int k = blockIdx.x, n = blockIdx.y, bh = blockIdx.z;
+  int m = 0;
+  while (m < p.A && !tile_allowed(p, m, n)) ++m;
+  if (m == p.A) return;  // dk, dv of this row stay zero (KV-cache mode zeroes them first)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  T* Ks = reinterpret_cast<T*>(smem);  // each [D / 64][64][64], swizzled
+  T* Vs = Ks + kTile;
+  T* Qs = Vs + kTile;
+  T* dLs = Qs + kTile;
+  T* dYs = dLs + kTile;
+  float* cs = reinterpret_cast<float*>(smem + 5 * C::kTileBytes);  // [lse1, D1, dcL][64 columns]
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(cs + 3 * 64);
+  uint64_t* q_full = kv_full + 1;
+  uint64_t* d_full = kv_full + 2;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, c = (lane % 4) * 2;
+  const int b = bh / p.H, h = bh % p.H;
+  for (int i = tid; i < int(5 * C::kTileBytes / 16); i += blockDim.x) {
+    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
+  }
+  fence_proxy_async_smem();  // the zero pad rows are read by wgmma
+  if (tid == 0) {
+    for (int i = 0; i < 3; ++i) mbar_init(&kv_full[i], 1);
+    fence_mbar_init();
+  }
+  const int k_off = row_offset(p, k);
+  const int64_t key_base = key_tile_base(p, n) + k_off;
+  const uint32_t row_bytes = (D / 64) * uint32_t(p.b2) * 128;
+  auto issue_q = [&](int mm) {
+    mbar_expect(q_full, row_bytes);
+#pragma unroll
+    for (int hf = 0; hf < D / 64; ++hf) tma_load_tile(Qs + hf * 64 * 64, &qmap, hf * 64, tile_base(p, mm) + k_off, h, b, q_full);
+  };
+  auto issue_d = [&](int mm) {  // daL and dY of query tile mm, every column j
+    mbar_expect(d_full, 2 * row_bytes);
+#pragma unroll
+    for (int hf = 0; hf < D / 64; ++hf) {
+      tma_load_tile(dLs + hf * 64 * 64, &tma.al, hf * 64, n * p.b1 + k, 0, bh * p.A + mm, d_full);
+      tma_load_tile(dYs + hf * 64 * 64, &tma.y, hf * 64, n * p.b1 + k, 0, bh * p.A + mm, d_full);
+    }
+  };
+  // K-major operand: 16 features are 32 bytes into a 64-feature tile.
+  auto kmajor = [](const T* tile, int ks) { return wgmma_desc_sw128(tile + (ks / 4) * 64 * 64 + (ks % 4) * 16, 1024); };
+  __syncthreads();
+  if (tid == 0) {
+    mbar_expect(kv_full, 2 * row_bytes);
+#pragma unroll
+    for (int hf = 0; hf < D / 64; ++hf) {
+      tma_load_tile(Ks + hf * 64 * 64, &tma.k, hf * 64, int(key_base), h, b, kv_full);
+      tma_load_tile(Vs + hf * 64 * 64, &tma.v, hf * 64, int(key_base), h, b, kv_full);
+    }
+    issue_d(m);
+    issue_q(m);
+  }
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int t = 0; t < D / 8; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
+  }
+  mbar_wait(kv_full, 0);
+  for (int it = 0; m < p.A; ++it) {
+    int m1 = m + 1;
+    while (m1 < p.A && !tile_allowed(p, m1, n)) ++m1;
+    if (tid < p.b2) {  // (the previous tile's were last read before its closing barriers)
+      const int64_t row = ws_row(p, bh, m, tid, n, k);
+      cs[tid] = p.ws_lse1[row];
+      cs[64 + tid] = bp.ws_d1[row];
+      cs[128 + tid] = p.ws_cl[row];
+    }
+    // dR^T = K daL^T + V dY^T, then S^T = K q^T (64 keys x 64 columns each)
+    float s[kNT][4], dr[kNT][4];
+    mbar_wait(d_full, it & 1);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(dr, kmajor(Ks, ks), kmajor(dLs, ks), ks > 0);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(dr, kmajor(Vs, ks), kmajor(dYs, ks), true);
+    wgmma_commit();
+    mbar_wait(q_full, it & 1);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(s, kmajor(Ks, ks), kmajor(Qs, ks), ks > 0);
+    wgmma_commit();
+    __syncthreads();  // the per-column floats are in shared memory
+    wgmma_wait<0>();
+    // R = 2^(s scale_log2 - lse1), dz = R (dR + dcL log R - D1), as the portable kernel
+    uint32_t pr[kNT / 2][4], pz[kNT / 2][4];
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      float R[2][4], z[2][4];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = (2 * kk + u) * 8 + c + e % 2;
+          float pj = 0.f, dz = 0.f;
+          if (j < p.b2) {
+            const float lr = s[2 * kk + u][e] * p.scale_log2 - cs[j];  // log2 R
+            pj = ex2_ftz(lr);
+            dz = pj * (dr[2 * kk + u][e] + cs[128 + j] * kLn2 * lr - cs[64 + j]);
+          }
+          R[u][e] = pj;
+          z[u][e] = bp.scale * dz;
+        }
+      }
+      pr[kk][0] = MM::pack(R[0][0], R[0][1]);
+      pr[kk][1] = MM::pack(R[0][2], R[0][3]);
+      pr[kk][2] = MM::pack(R[1][0], R[1][1]);
+      pr[kk][3] = MM::pack(R[1][2], R[1][3]);
+      pz[kk][0] = MM::pack(z[0][0], z[0][1]);
+      pz[kk][1] = MM::pack(z[0][2], z[0][3]);
+      pz[kk][2] = MM::pack(z[1][0], z[1][1]);
+      pz[kk][3] = MM::pack(z[1][2], z[1][3]);
+    }
+    // dV += R dY, dK += R daL (released together), then dK += s dz q
+    wgmma_fence();
+#pragma unroll
+    for (int half = 0; half < D / 64; ++half) {
+      float(&vh)[8][4] = *reinterpret_cast<float(*)[8][4]>(&dv[8 * half]);
+      float(&kh)[8][4] = *reinterpret_cast<float(*)[8][4]>(&dk[8 * half]);
+#pragma unroll
+      for (int kk = 0; kk < kNT / 2; ++kk) {
+        wgmma_m64n64k16<T, true>(vh, pr[kk], wgmma_desc_sw128(dYs + half * 64 * 64 + kk * 16 * 64, 1024), true);
+        wgmma_m64n64k16<T, true>(kh, pr[kk], wgmma_desc_sw128(dLs + half * 64 * 64 + kk * 16 * 64, 1024), true);
+      }
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int half = 0; half < D / 64; ++half) {
+      float(&kh)[8][4] = *reinterpret_cast<float(*)[8][4]>(&dk[8 * half]);
+#pragma unroll
+      for (int kk = 0; kk < kNT / 2; ++kk) {
+        wgmma_m64n64k16<T, true>(kh, pz[kk], wgmma_desc_sw128(Qs + half * 64 * 64 + kk * 16 * 64, 1024), true);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    __syncthreads();  // every warp is done with daL, dY of tile m: those of the next tile load now
+    if (tid == 0 && m1 < p.A) issue_d(m1);
+    wgmma_wait<0>();
+    __syncthreads();  // and with q
+    if (tid == 0 && m1 < p.A) issue_q(m1);
+    m = m1;
+  }
+  T* dkg = static_cast<T*>(bp.dk) + b * bp.dk_stride[0] + h * bp.dk_stride[2];
+  T* dvg = static_cast<T*>(bp.dv) + b * bp.dv_stride[0] + h * bp.dv_stride[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int i = warp * 16 + lane / 4 + hr * 8;
+    if (i >= p.b2) continue;
+    T* kd = dkg + (key_base + i) * bp.dk_stride[1];
+    T* vd = dvg + (key_base + i) * bp.dv_stride[1];
+#pragma unroll
+    for (int t = 0; t < D / 8; ++t) {
+      *reinterpret_cast<uint32_t*>(kd + t * 8 + c) = MM::pack(dk[t][2 * hr], dk[t][2 * hr + 1]);
+      *reinterpret_cast<uint32_t*>(vd + t * 8 + c) = MM::pack(dv[t][2 * hr], dv[t][2 * hr + 1]);
+    }
+  }
+}
+
 // Zeroes rows [0, rows) of a [B, rows, H, D] view (16-byte chunks).
 template <int D>
 __global__ void zero_rows_kernel(void* data, int64_t s0, int64_t s1, int64_t s2, int B, int64_t rows, int H,

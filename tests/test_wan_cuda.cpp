@@ -36,6 +36,24 @@ WanConfig small_config() {
   return c;
 }
 
+// n standard normal draws.
+std::vector<float> normals(int64_t n, Rng& rng) {
+  std::vector<float> x(static_cast<size_t>(n));
+  for (float& v : x) v = float(rng.normal());
+  return x;
+}
+
+// A run of `frames` frames of Hl x Wl latents, batch B.
+WanRunConfig test_run(int64_t B, int64_t frames, int64_t Hl, int64_t Wl, bool monarch) {
+  WanRunConfig run;
+  run.batch = B;
+  run.latent_h = Hl;
+  run.latent_w = Wl;
+  run.max_frames = frames;
+  run.monarch = monarch;
+  return run;
+}
+
 struct Video {
   std::vector<float> latents;
   std::vector<double> chunk_seconds;
@@ -63,9 +81,7 @@ TEST(WanCuda, MatchesTheCpuEngineChunkByChunk) {
   const int64_t B = 2, frames = 9, chunk = 3, Hl = 8, Wl = 12;
   const int64_t frame = c.in_dim * Hl * Wl;
   Rng rng(22);
-  std::vector<float> text(size_t(B * c.text_len * c.text_dim)), noise(size_t(B * frames * frame));
-  for (float& x : text) x = float(rng.normal());
-  for (float& x : noise) x = float(rng.normal());
+  const std::vector<float> text = normals(B * c.text_len * c.text_dim, rng), noise = normals(B * frames * frame, rng);
   struct Mode {
     bool monarch;
     MonarchLayout layout;
@@ -73,12 +89,7 @@ TEST(WanCuda, MatchesTheCpuEngineChunkByChunk) {
   };
   for (const Mode& mode : {Mode{false, {1, 1, 1}, 0, 0}, Mode{true, {1, 1, 1}, 0, 0}, Mode{true, {1, 2, 1}, 0, 0},
                            Mode{false, {1, 1, 1}, 1, 3}, Mode{true, {1, 1, 1}, 1, 3}}) {
-    WanRunConfig run;
-    run.batch = B;
-    run.latent_h = Hl;
-    run.latent_w = Wl;
-    run.max_frames = frames;
-    run.monarch = mode.monarch;
+    WanRunConfig run = test_run(B, frames, Hl, Wl, mode.monarch);
     run.layout = mode.layout;
     run.sink_frames = mode.sink;
     run.window_frames = mode.window;
@@ -142,15 +153,9 @@ TEST(WanCuda, WholeChunksOnTheDeviceMatchPassByPass) {
   const WanWeights w = wan_random_weights(c, 31);
   const int64_t B = 2, frames = 9, chunk = 3, Hl = 8, Wl = 12;
   Rng rng(32);
-  std::vector<float> text(size_t(B * c.text_len * c.text_dim)), noise(size_t(B * frames * c.in_dim * Hl * Wl));
-  for (float& x : text) x = float(rng.normal());
-  for (float& x : noise) x = float(rng.normal());
-  WanRunConfig run;
-  run.batch = B;
-  run.latent_h = Hl;
-  run.latent_w = Wl;
-  run.max_frames = frames;
-  run.monarch = true;
+  const std::vector<float> text = normals(B * c.text_len * c.text_dim, rng),
+                           noise = normals(B * frames * c.in_dim * Hl * Wl, rng);
+  WanRunConfig run = test_run(B, frames, Hl, Wl, true);
   run.sink_frames = 1;
   run.window_frames = 3;
   for (bool graphs : {true, false}) {
@@ -215,15 +220,8 @@ TEST(WanCuda, ThrowingDrawLeavesTheEngineUsable) {
   const WanWeights w = wan_random_weights(c, 33);
   const int64_t B = 1, frames = 6, chunk = 3, Hl = 8, Wl = 12, per = chunk * c.in_dim * Hl * Wl;
   Rng rng(34);
-  std::vector<float> text(size_t(B * c.text_len * c.text_dim)), xt(size_t(B * per));
-  for (float& x : text) x = float(rng.normal());
-  for (float& x : xt) x = float(rng.normal());
-  WanRunConfig run;
-  run.batch = B;
-  run.latent_h = Hl;
-  run.latent_w = Wl;
-  run.max_frames = frames;
-  run.monarch = true;
+  const std::vector<float> text = normals(B * c.text_len * c.text_dim, rng), xt = normals(B * per, rng);
+  const WanRunConfig run = test_run(B, frames, Hl, Wl, true);
   const auto draw = [&](int step, float* dst) {
     Rng r(uint64_t(2000 + step));
     for (int64_t i = 0; i < B * per; ++i) dst[i] = float(r.normal());
@@ -277,15 +275,8 @@ TEST(WanCuda, RefreshWithoutOutputWritesTheSameCache) {
   const WanWeights w = wan_random_weights(c, 5);
   const int64_t chunk = 3, n = chunk * c.in_dim * 8 * 12;
   Rng rng(6);
-  std::vector<float> text(size_t(c.text_len * c.text_dim)), x0(static_cast<size_t>(n)), x1(static_cast<size_t>(n));
-  for (float& v : text) v = float(rng.normal());
-  for (float& v : x0) v = float(rng.normal());
-  for (float& v : x1) v = float(rng.normal());
-  WanRunConfig run;
-  run.latent_h = 8;
-  run.latent_w = 12;
-  run.max_frames = 2 * chunk;
-  run.monarch = true;
+  const std::vector<float> text = normals(c.text_len * c.text_dim, rng), x0 = normals(n, rng), x1 = normals(n, rng);
+  const WanRunConfig run = test_run(1, 2 * chunk, 8, 12, true);
   std::vector<float> next[2];
   for (int with_output = 0; with_output < 2; ++with_output) {
     WanDiTCuda gpu;

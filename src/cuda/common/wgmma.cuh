@@ -138,6 +138,22 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], const uint32_t
 #endif
 }
 
+// acc (64 x D, the warpgroup's fp32 fragments, D / 8 tiles of 8 columns) += A X with K = 64: A
+// as register fragments a[kk] of columns 16 kk .. 16 kk + 15 (e.g. probabilities), X a tile of
+// 64 rows (K) x D with the 128-byte swizzle, [D / 64][64][64] (TMA's row tiles), read as the
+// MN-major B. Issued, not committed.
+template <typename T, int D>
+__device__ __forceinline__ void wgmma_acc_rows64(float (&acc)[D / 8][4], const uint32_t (&a)[4][4], const T* X) {
+#pragma unroll
+  for (int half = 0; half < D / 64; ++half) {
+    float(&ah)[8][4] = *reinterpret_cast<float(*)[8][4]>(&acc[8 * half]);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      wgmma_m64n64k16<T, true>(ah, a[kk], wgmma_desc_sw128(X + half * 64 * 64 + kk * 16 * 64, 1024), true);
+    }
+  }
+}
+
 #define MONARCHRT_WGMMA_M64N64K16_SS(TYPE)                                                                \
   "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                          \
   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE                                            \

@@ -359,6 +359,74 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
 
 // ---- 2. stage-1 backward, query orientation: dq -------------------------------------------
 
+// The softmax part of step 2, shared by both dq1 kernels. In: s, the scores of the thread's two
+// columns against a key row in log2 units (keys past b2 masked inside); dr = daL . K_i + dY . V_i.
+// Out: s = s dz = s R (dR - D1) with R the row softmax and dR = dr + dcL log R; D1 = sum_i R_i
+// dR_i of each workspace row (row[hr] >= 0) is kept for step 3, so that dq and dK see the same
+// fp32 R.
+template <int NT>
+__device__ __forceinline__ void dq1_row_dz(float (&s)[NT][4], float (&dr)[NT][4], int ntu, const MonarchBwdParams& bp,
+                                           const int64_t (&row)[2], int lane) {
+  constexpr float kLn2 = 0.6931471805599453f;
+  float M[2];
+  stage1_row_max<NT>(s, ntu, bp.f, M, lane);
+  float Z[2] = {0.f, 0.f};
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) Z[e / 2] += ex2_ftz(s[t][e] - M[e / 2]);  // masked keys: ex2(-inf) = 0
+  }
+  float lse[2], dcl[2], d1[2] = {0.f, 0.f};
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 1);
+    Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 2);
+    lse[hr] = M[hr] + log2f(Z[hr]);
+    dcl[hr] = row[hr] >= 0 ? bp.f.ws_cl[row[hr]] : 0.f;
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float z = s[t][e] - lse[e / 2];  // log2 R
+      const float R = ex2_ftz(z);
+      dr[t][e] = R == 0.f ? 0.f : dr[t][e] + dcl[e / 2] * kLn2 * z;
+      s[t][e] = R;
+      d1[e / 2] += R * dr[t][e];
+    }
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    d1[hr] += __shfl_xor_sync(0xffffffffu, d1[hr], 1);
+    d1[hr] += __shfl_xor_sync(0xffffffffu, d1[hr], 2);
+    if (row[hr] >= 0 && lane % 4 == 0) bp.ws_d1[row[hr]] = d1[hr];  // for the dK / dV kernel
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[t][e] = bp.scale * s[t][e] * (dr[t][e] - d1[e / 2]);
+  }
+}
+
+// dq of the thread's two query rows j_row of (m, k) (dst: the row of query 0 of that tile row):
+// the stage-2 part from the workspace plus acc = s sum dz K, in the input dtype.
+template <typename T, int D>
+__device__ __forceinline__ void store_dq_rows(const MonarchBwdParams& bp, const float (&acc)[D / 8][4], T* dst,
+                                              int bh, int m, int k, const int (&j_row)[2], int lane) {
+  const int c = (lane % 4) * 2;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    if (j_row[hr] >= bp.f.b2) continue;
+    const float* part = bp.dq_acc + query_index(bp.f, bh, m, k, j_row[hr]) * D;
+    T* row = dst + int64_t(j_row[hr]) * bp.dq_stride[1];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const float2 x = *reinterpret_cast<const float2*>(part + i * 8 + c);
+      *reinterpret_cast<uint32_t*>(row + i * 8 + c) = Mma<T>::pack(acc[i][2 * hr] + x.x, acc[i][2 * hr + 1] + x.y);
+    }
+  }
+}
+
 // B2Max: the widest key row held (64 at head dim 128 keeps 2 CTAs per SM; 128 serves 720p's
 // 45 x 80 tiles at the price of register spills and one CTA per SM, Hopper's shared memory only).
 template <typename T, int D, int B2Max = (D == 128 ? 64 : 128)>
@@ -376,12 +444,11 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
   const MonarchFwdParams& p = bp.f;
   using C = Dq1Config<T, D, B2Max>;
   using MM = Mma<T>;
-  constexpr float kLn2 = 0.6931471805599453f;
   constexpr int kNT = C::kB2Max / 8;
   const int k = blockIdx.x, m = blockIdx.y, bh = blockIdx.z;
   extern __shared__ __align__(128) unsigned char smem[];
   T* bufs = reinterpret_cast<T*>(smem);  // [stage][K, V][kB2Max][kLd]
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, c = (lane % 4) * 2;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int b = bh / p.H, h = bh % p.H;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
   const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[2];
@@ -477,53 +544,13 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
     __syncthreads();
     if (n_next < p.F) load_d(n_next);
     cp_async_commit();
-    // R = softmax(s) within the row, log R, then dz = R (dR + dcL log R - D1).
-    float M[2];
-    stage1_row_max<kNT>(s, ntu, p, M, lane);
-    float Z[2] = {0.f, 0.f};
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) Z[e / 2] += ex2_ftz(s[t][e] - M[e / 2]);  // masked keys: ex2(-inf) = 0
-    }
-    float lse[2], dcl[2], d1[2] = {0.f, 0.f};
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 1);
-      Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 2);
-      lse[hr] = M[hr] + log2f(Z[hr]);
-      dcl[hr] = row[hr] >= 0 ? p.ws_cl[row[hr]] : 0.f;
-    }
-    // s becomes R, dr the full dR = daL . K + dY . V + dcL log R; D1 = sum R dR.
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float z = s[t][e] - lse[e / 2];  // log2 R
-        const float R = ex2_ftz(z);
-        dr[t][e] = R == 0.f ? 0.f : dr[t][e] + dcl[e / 2] * kLn2 * z;
-        s[t][e] = R;
-        d1[e / 2] += R * dr[t][e];
-      }
-    }
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      d1[hr] += __shfl_xor_sync(0xffffffffu, d1[hr], 1);
-      d1[hr] += __shfl_xor_sync(0xffffffffu, d1[hr], 2);
-      if (row[hr] >= 0 && lane % 4 == 0) bp.ws_d1[row[hr]] = d1[hr];  // for the dK / dV kernel
-    }
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[t][e] = bp.scale * s[t][e] * (dr[t][e] - d1[e / 2]);
-    }
+    dq1_row_dz<kNT>(s, dr, ntu, bp, row, lane);  // s becomes s dz
     // dq += dz K (the scale is in dz)
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {
       if (kk < kku) {
-        const uint32_t pa[4] = {MM::pack(s[2 * kk][0], s[2 * kk][1]), MM::pack(s[2 * kk][2], s[2 * kk][3]),
-                                MM::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                MM::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        uint32_t pa[4];
+        pack_a16<T>(pa, s, kk);
 #pragma unroll
         for (int dt2 = 0; dt2 < D / 16; ++dt2) {
           uint32_t bv[4];
@@ -535,17 +562,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
     }
     n = n_next;  // the next iteration's barrier protects both buffers
   }
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    if (j_row[hr] >= p.b2) continue;
-    const float* part = bp.dq_acc + query_index(p, bh, m, k, j_row[hr]) * D;
-    T* dst = dqg + int64_t(q_tok + j_row[hr]) * bp.dq_stride[1];
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const float2 x = *reinterpret_cast<const float2*>(part + i * 8 + c);
-      *reinterpret_cast<uint32_t*>(dst + i * 8 + c) = MM::pack(acc[i][2 * hr] + x.x, acc[i][2 * hr + 1] + x.y);
-    }
-  }
+  store_dq_rows<T, D>(bp, acc, dqg + int64_t(q_tok) * bp.dq_stride[1], bh, m, k, j_row, lane);
 }
 
 // Hopper variant of step 2 (rows of up to 64 keys, use_wgmma(), the forward stage 1's tensor
@@ -575,7 +592,6 @@ __global__ void __launch_bounds__(128, 2)
   const MonarchFwdParams& p = bp.f;
   using C = Dq1WgConfig<T, D>;
   using MM = Mma<T>;
-  constexpr float kLn2 = 0.6931471805599453f;
   constexpr int kNT = 8;  // 8-key tiles of a 64-key row
   constexpr size_t kTile = C::kTileBytes / sizeof(T);
   // The A query tiles of a key row are neighbours in launch order (they read the same K / V rows).
@@ -587,7 +603,7 @@ __global__ void __launch_bounds__(128, 2)
   T* dYs = dLs + kTile;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + (C::kSlots + 2) * C::kTileBytes);
   uint64_t* d_full = full + C::kSlots;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, c = (lane % 4) * 2;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int b = bh / p.H, h = bh % p.H;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
   T* dqg = static_cast<T*>(bp.dq) + b * bp.dq_stride[0] + h * bp.dq_stride[2];
@@ -664,64 +680,13 @@ __global__ void __launch_bounds__(128, 2)
     wgmma_wait<0>();
     __syncthreads();  // every warp is done with daL, dY of (n, k): those of the next row load now
     if (tid == 0 && n1 < p.F) issue_d(n1);
-    // R = softmax(s) within the row, log R, then dz = R (dR + dcL log R - D1) (as the portable kernel)
-    float M[2];
-    stage1_row_max<kNT>(s, ntu, p, M, lane);
-    float Z[2] = {0.f, 0.f};
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) Z[e / 2] += ex2_ftz(s[t][e] - M[e / 2]);  // masked keys: ex2(-inf) = 0
-    }
-    float lse[2], dcl[2], d1[2] = {0.f, 0.f};
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 1);
-      Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 2);
-      lse[hr] = M[hr] + log2f(Z[hr]);
-      dcl[hr] = row[hr] >= 0 ? p.ws_cl[row[hr]] : 0.f;
-    }
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float z = s[t][e] - lse[e / 2];  // log2 R
-        const float R = ex2_ftz(z);
-        dr[t][e] = R == 0.f ? 0.f : dr[t][e] + dcl[e / 2] * kLn2 * z;
-        s[t][e] = R;
-        d1[e / 2] += R * dr[t][e];
-      }
-    }
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      d1[hr] += __shfl_xor_sync(0xffffffffu, d1[hr], 1);
-      d1[hr] += __shfl_xor_sync(0xffffffffu, d1[hr], 2);
-      if (row[hr] >= 0 && lane % 4 == 0) bp.ws_d1[row[hr]] = d1[hr];  // for the dK / dV kernel
-    }
-    // dq += dz K (the scale is in dz; keys past b2 have R = 0, so dz = 0, and zero K rows)
+    // s dz (as the portable kernel), then dq += s dz K (keys past b2 have R = 0, so dz = 0, and zero K rows)
+    dq1_row_dz<kNT>(s, dr, ntu, bp, row, lane);
     uint32_t pa[kNT / 2][4];
 #pragma unroll
-    for (int kk = 0; kk < kNT / 2; ++kk) {
-      float z[2][4];
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) z[u][e] = bp.scale * s[2 * kk + u][e] * (dr[2 * kk + u][e] - d1[e / 2]);
-      }
-      pa[kk][0] = MM::pack(z[0][0], z[0][1]);
-      pa[kk][1] = MM::pack(z[0][2], z[0][3]);
-      pa[kk][2] = MM::pack(z[1][0], z[1][1]);
-      pa[kk][3] = MM::pack(z[1][2], z[1][3]);
-    }
+    for (int kk = 0; kk < kNT / 2; ++kk) pack_a16<T>(pa[kk], s, kk);
     wgmma_fence();
-#pragma unroll
-    for (int half = 0; half < D / 64; ++half) {
-      float(&ah)[8][4] = *reinterpret_cast<float(*)[8][4]>(&acc[8 * half]);
-#pragma unroll
-      for (int kk = 0; kk < kNT / 2; ++kk) {
-        wgmma_m64n64k16<T, true>(ah, pa[kk], wgmma_desc_sw128(Kr + half * 64 * 64 + kk * 16 * 64, 1024), true);
-      }
-    }
+    wgmma_acc_rows64<T, D>(acc, pa, Kr);
     wgmma_commit();
     wgmma_wait<0>();
     __syncthreads();  // every warp is done with the K and V rows of (n, k): row it + 2 takes their slots
@@ -732,17 +697,7 @@ __global__ void __launch_bounds__(128, 2)
     n = n1;
     n1 = n2;
   }
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    if (j_row[hr] >= p.b2) continue;
-    const float* part = bp.dq_acc + query_index(p, bh, m, k, j_row[hr]) * D;
-    T* dst = dqg + int64_t(q_tok + j_row[hr]) * bp.dq_stride[1];
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const float2 x = *reinterpret_cast<const float2*>(part + i * 8 + c);
-      *reinterpret_cast<uint32_t*>(dst + i * 8 + c) = MM::pack(acc[i][2 * hr] + x.x, acc[i][2 * hr + 1] + x.y);
-    }
-  }
+  store_dq_rows<T, D>(bp, acc, dqg + int64_t(q_tok) * bp.dq_stride[1], bh, m, k, j_row, lane);
 }
 
 // ---- 3. stage-1 backward, key orientation: dK, dV ------------------------------------------
@@ -1001,7 +956,7 @@ __global__ void __launch_bounds__(128, 2)
     wgmma_commit();
     __syncthreads();  // the per-column floats are in shared memory
     wgmma_wait<0>();
-    // R = 2^(s scale_log2 - lse1), dz = R (dR + dcL log R - D1), as the portable kernel
+    // R = 2^(s scale_log2 - lse1), s dz = s R (dR + dcL log R - D1), as the portable kernel
     uint32_t pr[kNT / 2][4], pz[kNT / 2][4];
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {
@@ -1021,36 +976,15 @@ __global__ void __launch_bounds__(128, 2)
           z[u][e] = bp.scale * dz;
         }
       }
-      pr[kk][0] = MM::pack(R[0][0], R[0][1]);
-      pr[kk][1] = MM::pack(R[0][2], R[0][3]);
-      pr[kk][2] = MM::pack(R[1][0], R[1][1]);
-      pr[kk][3] = MM::pack(R[1][2], R[1][3]);
-      pz[kk][0] = MM::pack(z[0][0], z[0][1]);
-      pz[kk][1] = MM::pack(z[0][2], z[0][3]);
-      pz[kk][2] = MM::pack(z[1][0], z[1][1]);
-      pz[kk][3] = MM::pack(z[1][2], z[1][3]);
+      pack_a16<T>(pr[kk], R, 0);
+      pack_a16<T>(pz[kk], z, 0);
     }
     // dV += R dY, dK += R daL (released together), then dK += s dz q
     wgmma_fence();
-#pragma unroll
-    for (int half = 0; half < D / 64; ++half) {
-      float(&vh)[8][4] = *reinterpret_cast<float(*)[8][4]>(&dv[8 * half]);
-      float(&kh)[8][4] = *reinterpret_cast<float(*)[8][4]>(&dk[8 * half]);
-#pragma unroll
-      for (int kk = 0; kk < kNT / 2; ++kk) {
-        wgmma_m64n64k16<T, true>(vh, pr[kk], wgmma_desc_sw128(dYs + half * 64 * 64 + kk * 16 * 64, 1024), true);
-        wgmma_m64n64k16<T, true>(kh, pr[kk], wgmma_desc_sw128(dLs + half * 64 * 64 + kk * 16 * 64, 1024), true);
-      }
-    }
+    wgmma_acc_rows64<T, D>(dv, pr, dYs);
+    wgmma_acc_rows64<T, D>(dk, pr, dLs);
     wgmma_commit();
-#pragma unroll
-    for (int half = 0; half < D / 64; ++half) {
-      float(&kh)[8][4] = *reinterpret_cast<float(*)[8][4]>(&dk[8 * half]);
-#pragma unroll
-      for (int kk = 0; kk < kNT / 2; ++kk) {
-        wgmma_m64n64k16<T, true>(kh, pz[kk], wgmma_desc_sw128(Qs + half * 64 * 64 + kk * 16 * 64, 1024), true);
-      }
-    }
+    wgmma_acc_rows64<T, D>(dk, pz, Qs);
     wgmma_commit();
     wgmma_wait<1>();
     __syncthreads();  // every warp is done with daL, dY of tile m: those of the next tile load now

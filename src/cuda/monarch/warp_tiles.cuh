@@ -8,6 +8,16 @@
 namespace monarchrt {
 namespace cuda_detail {
 
+// The m16n8k16 A fragment of columns 16 kk .. 16 kk + 15 of a row of C fragments x (x[2 kk] and
+// x[2 kk + 1]), rounded to T: probabilities or gradients as the next product's A operand.
+template <typename T, int NT>
+__device__ __forceinline__ void pack_a16(uint32_t (&a)[4], const float (&x)[NT][4], int kk) {
+  a[0] = Mma<T>::pack(x[2 * kk][0], x[2 * kk][1]);
+  a[1] = Mma<T>::pack(x[2 * kk][2], x[2 * kk][3]);
+  a[2] = Mma<T>::pack(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+  a[3] = Mma<T>::pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+}
+
 // A fragments of a 16 x D block whose rows lane / 4 and lane / 4 + 8 start at row0 / row1
 // (nullptr: a padding row of zeros), read straight from global memory.
 template <typename T, int D>
@@ -132,12 +142,7 @@ __device__ __forceinline__ void online_softmax_p(float (&u)[NT][4], float (&row_
   row_sum[0] = row_sum[0] * corr[0] + local[0];
   row_sum[1] = row_sum[1] * corr[1] + local[1];
 #pragma unroll
-  for (int kk = 0; kk < NT / 2; ++kk) {
-    pa[kk][0] = MM::pack(u[2 * kk][0], u[2 * kk][1]);
-    pa[kk][1] = MM::pack(u[2 * kk][2], u[2 * kk][3]);
-    pa[kk][2] = MM::pack(u[2 * kk + 1][0], u[2 * kk + 1][1]);
-    pa[kk][3] = MM::pack(u[2 * kk + 1][2], u[2 * kk + 1][3]);
-  }
+  for (int kk = 0; kk < NT / 2; ++kk) pack_a16<T>(pa[kk], u, kk);
 }
 
 // Scales the warp's 16 x D accumulator rows by corr (rows lane / 4 and lane / 4 + 8).

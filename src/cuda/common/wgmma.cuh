@@ -163,7 +163,8 @@ __device__ __forceinline__ void wgmma_acc_rows64(float (&acc)[D / 8][4], const u
 // d (+)= A * B with both operands in shared memory, K-major (A[m][k] = X[m][k] with rows m of the
 // descriptor's tile, e.g. daL rows; B as the K-major B above).
 template <typename T>
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
+                                                   bool accumulate) {
 #ifdef MONARCHRT_WGMMA_DEVICE
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     asm volatile(MONARCHRT_WGMMA_M64N64K16_SS("bf16")

@@ -627,7 +627,9 @@ __global__ void __launch_bounds__(128, 2)
     const int tok = key_tile_base(p, n) + k_off;
     mbar_expect(&full[slot], (D / 64) * uint32_t(p.b2) * 128);
 #pragma unroll
-    for (int hf = 0; hf < D / 64; ++hf) tma_load_tile(ring + slot * kTile + hf * 64 * 64, map, hf * 64, tok, h, b, &full[slot]);
+    for (int hf = 0; hf < D / 64; ++hf) {
+      tma_load_tile(ring + slot * kTile + hf * 64 * 64, map, hf * 64, tok, h, b, &full[slot]);
+    }
   };
   auto issue_d = [&](int n) {  // daL and dY of key row (n, k), every column j
     mbar_expect(d_full, 2 * (D / 64) * uint32_t(p.b2) * 128);
@@ -847,12 +849,13 @@ __global__ void __launch_bounds__(256) monarch_bwd_dkv_kernel(const MonarchBwdPa
 // dK and dV (64 keys x D, fp32) stay in registers. Thread 0 copies by TMA the K and V rows once,
 // then per allowed query tile m the q row (m, k) and the daL / dY rows (m, j, n, k) of every
 // column j, each into one buffer: daL / dY are refilled for the next tile as soon as the
-// products that read them (dR^T, dV, the first half of dK) are done, q after the last one, and
-// the next tile starts with dR^T, so its daL / dY copy overlaps the dz q product. Products:
+// products that read them (dR^T, dV += R dY, dK += R daL) are done, q after the last one, and
+// the next tile starts with dR^T, so its daL / dY copy overlaps the s dz q product. Products:
 // S^T = K q^T and dR^T = K daL^T + V dY^T with both operands in shared memory (K-major), then
 // dV += R dY and dK += R daL + s dz q with R / s dz as register A fragments and the column rows
-// as MN-major B. The per-column lse1, D1 and dcL come through shared memory. Pad keys (b2..63) give rows that are never stored; pad columns are zero
-// in q / daL / dY and get R = dz = 0.
+// as MN-major B. The per-column lse1, D1 and dcL come through shared memory. Pad keys
+// (b2..63) give rows that are never stored; pad columns are zero in q / daL / dY and get
+// R = dz = 0.
 template <typename T, int D>
 struct DkvWgConfig {
   static constexpr size_t kTileBytes = size_t(64) * D * sizeof(T);  // 64 rows (keys or columns) x D
@@ -902,7 +905,9 @@ __global__ void __launch_bounds__(128, 2)
   auto issue_q = [&](int mm) {
     mbar_expect(q_full, row_bytes);
 #pragma unroll
-    for (int hf = 0; hf < D / 64; ++hf) tma_load_tile(Qs + hf * 64 * 64, &qmap, hf * 64, tile_base(p, mm) + k_off, h, b, q_full);
+    for (int hf = 0; hf < D / 64; ++hf) {
+      tma_load_tile(Qs + hf * 64 * 64, &qmap, hf * 64, tile_base(p, mm) + k_off, h, b, q_full);
+    }
   };
   auto issue_d = [&](int mm) {  // daL and dY of query tile mm, every column j
     mbar_expect(d_full, 2 * row_bytes);

@@ -97,7 +97,8 @@ struct Stage1Tma {
   CUtensorMap k, v, al, y;
 };
 // Encodes them (fwd.cu); false where the Hopper stage 1 cannot run (no sm_90a device, rows wider
-// than 64 keys, a view the encoder refuses). The backward's dq kernel reads daL / dY through al / y.
+// than 64 keys, a view the encoder refuses). The backward's Hopper dq1 and dkv kernels read K / V and
+// daL / dY through them.
 bool stage1_maps(const MonarchFwdParams& p, int B, DType dtype, int D, Stage1Tma* tma);
 
 template <typename T, int D, int B2Max, bool Wg = false>

@@ -14,6 +14,7 @@
 #include "checkpoint_writers.h"
 #include "monarchrt/wan.h"
 #include "monarchrt/workload.h"
+#include "wan_test_util.h"
 
 namespace monarchrt {
 namespace {
@@ -175,12 +176,7 @@ TEST(WanDiT, SelfForcingLoopRunsAndRejectsBadCalls) {
   const WanConfig c = tiny();
   const WanWeights w = wan_random_weights(c, 7);
   for (bool monarch : {false, true}) {
-    WanRunConfig run;
-    run.batch = 2;
-    run.latent_h = 4;
-    run.latent_w = 6;
-    run.max_frames = 6;
-    run.monarch = monarch;
+    const WanRunConfig run = test::test_run(2, 6, 4, 6, monarch);
     WanDiT dit;
     ASSERT_TRUE(dit.init(w, run).ok());
     std::vector<float> text(size_t(2 * c.text_len * c.text_dim), 0.5f), noise(size_t(2 * 6 * 4 * 4 * 6));
@@ -249,15 +245,11 @@ class WholeChunks : public WanModel {
 TEST(WanDiT, LoopHandsWholeChunksToModelsThatRunThem) {
   const WanConfig c = tiny();
   const WanWeights w = wan_random_weights(c, 13);
-  WanRunConfig run;
-  run.latent_h = 4;
-  run.latent_w = 6;
-  run.max_frames = 6;
-  run.monarch = true;
+  const WanRunConfig run = test::test_run(1, 6, 4, 6, true);
   const int64_t n = 6 * c.in_dim * 4 * 6;
-  std::vector<float> text(size_t(c.text_len * c.text_dim), 0.25f), noise(static_cast<size_t>(n));
+  std::vector<float> text(size_t(c.text_len * c.text_dim), 0.25f);
   Rng rng(14);
-  for (float& x : noise) x = float(rng.normal());
+  const std::vector<float> noise = test::normals(n, rng);
   std::vector<std::pair<int64_t, int>> asked;
   SelfForcingCallbacks cb;
   cb.renoise = [&](int64_t k, int step, float* dst, size_t m) {
@@ -289,10 +281,7 @@ TEST(WanDiT, LoopRejectsAFlowOfAnotherShape) {
   WanConfig c = tiny();
   c.out_dim = c.in_dim + 1;
   const WanWeights w = wan_random_weights(c, 15);
-  WanRunConfig run;
-  run.latent_h = 4;
-  run.latent_w = 6;
-  run.max_frames = 3;
+  const WanRunConfig run = test::test_run(1, 3, 4, 6, false);
   WanDiT dit;
   ASSERT_TRUE(dit.init(w, run).ok());
   std::vector<float> text(size_t(c.text_len * c.text_dim), 0.25f), noise(size_t(3 * c.in_dim * 4 * 6), 0.5f),
@@ -328,16 +317,10 @@ TEST(WanDiT, ChunksThroughTheCacheEqualTheBlockCausalFullSequence) {
   const WanWeights w = wan_random_weights(c, 11);
   const int64_t B = 2, T = 6, chunk = 2, Hl = 4, Wl = 6, frame = c.in_dim * Hl * Wl;
   Rng rng(12);
-  std::vector<float> text(size_t(B * c.text_len * c.text_dim)), x(size_t(B * T * frame));
-  for (float& v : text) v = float(rng.normal());
-  for (float& v : x) v = float(rng.normal());
+  const std::vector<float> text = test::normals(B * c.text_len * c.text_dim, rng),
+                           x = test::normals(B * T * frame, rng);
   for (bool monarch : {false, true}) {
-    WanRunConfig run;
-    run.batch = B;
-    run.latent_h = Hl;
-    run.latent_w = Wl;
-    run.max_frames = T;
-    run.monarch = monarch;
+    const WanRunConfig run = test::test_run(B, T, Hl, Wl, monarch);
     WanDiT dit;
     ASSERT_TRUE(dit.init(w, run).ok());
     ASSERT_TRUE(dit.set_text(text.data()).ok());
@@ -367,19 +350,12 @@ TEST(WanDiT, RefreshWithoutOutputWritesTheSameCache) {
   const WanWeights w = wan_random_weights(c, 21);
   const int64_t B = 1, chunk = 2, Hl = 4, Wl = 6, n = B * chunk * c.in_dim * Hl * Wl;
   Rng rng(22);
-  std::vector<float> text(size_t(B * c.text_len * c.text_dim)), x0(static_cast<size_t>(n)), x1(static_cast<size_t>(n));
-  for (float& v : text) v = float(rng.normal());
-  for (float& v : x0) v = float(rng.normal());
-  for (float& v : x1) v = float(rng.normal());
+  const std::vector<float> text = test::normals(B * c.text_len * c.text_dim, rng), x0 = test::normals(n, rng),
+                           x1 = test::normals(n, rng);
   for (bool monarch : {false, true}) {
     std::vector<float> next[2];
     for (int with_output = 0; with_output < 2; ++with_output) {
-      WanRunConfig run;
-      run.batch = B;
-      run.latent_h = Hl;
-      run.latent_w = Wl;
-      run.max_frames = 2 * chunk;
-      run.monarch = monarch;
+      const WanRunConfig run = test::test_run(B, 2 * chunk, Hl, Wl, monarch);
       WanDiT dit;
       ASSERT_TRUE(dit.init(w, run).ok());
       ASSERT_TRUE(dit.set_text(text.data()).ok());

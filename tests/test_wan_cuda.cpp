@@ -15,9 +15,13 @@
 #include "monarchrt/wan_cuda.h"
 #include "monarchrt/workload.h"
 #include "test_util.h"
+#include "wan_test_util.h"
 
 namespace monarchrt {
 namespace {
+
+using test::normals;
+using test::test_run;
 
 #define SKIP_WITHOUT_GPU()                                        \
   do {                                                            \
@@ -34,24 +38,6 @@ WanConfig small_config() {
   c.text_dim = 64;
   c.text_len = 7;
   return c;
-}
-
-// n standard normal draws.
-std::vector<float> normals(int64_t n, Rng& rng) {
-  std::vector<float> x(static_cast<size_t>(n));
-  for (float& v : x) v = float(rng.normal());
-  return x;
-}
-
-// A run of `frames` frames of Hl x Wl latents, batch B.
-WanRunConfig test_run(int64_t B, int64_t frames, int64_t Hl, int64_t Wl, bool monarch) {
-  WanRunConfig run;
-  run.batch = B;
-  run.latent_h = Hl;
-  run.latent_w = Wl;
-  run.max_frames = frames;
-  run.monarch = monarch;
-  return run;
 }
 
 struct Video {

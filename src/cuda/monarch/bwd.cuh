@@ -591,7 +591,6 @@ __global__ void __launch_bounds__(128, 2)
     monarch_bwd_dq1_wg_kernel(const MonarchBwdParams bp, const __grid_constant__ Stage1Tma tma) {
   const MonarchFwdParams& p = bp.f;
   using C = Dq1WgConfig<T, D>;
-  using MM = Mma<T>;
   constexpr int kNT = 8;  // 8-key tiles of a 64-key row
   constexpr size_t kTile = C::kTileBytes / sizeof(T);
   // The A query tiles of a key row are neighbours in launch order (they read the same K / V rows).

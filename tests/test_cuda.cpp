@@ -71,6 +71,9 @@ const Case kCases[] = {
     {{2, 6, 10}, {2, 2, 1}, 1, 1, 0, 10, 2, 4},   // KV cache with f_tied 2
     {{3, 4, 10}, {1, 1, 1}, 1, 2, 0, 12, 3, 6},   // 40-token frames: sink + window key ranges
                                                   // (dense on Hopper: copied as 8-token boxes)
+    {{3, 23, 7}, {1, 1, 1}, 1, 2, 1, 0, 0, 0},    // b1 = 23 (17..32: the stage-2 backward's two
+                                                  // key groups), block-causal
+    {{3, 18, 6}, {1, 1, 1}, 1, 1, 0, 12, 3, 6},   // b1 = 18, KV cache, sink 3 + window 6
 };
 
 // Tiles wider than 64 columns (720p's 45 x 80): the two-pass path only at head dim 128.
@@ -693,12 +696,15 @@ TEST(CudaBackward, MatchesReferenceEveryModeDtypeAndHeadDim) {
   }
 }
 
-// A small set for compute-sanitizer (scripts/gpu_check.sh): block-causal, odd tiles, KV window.
+// A small set for compute-sanitizer (scripts/gpu_check.sh): block-causal, odd tiles, KV window,
+// the stage-2 kernel with two key groups (b1 = 23, 18).
 TEST(CudaBackward, SanitizerSet) {
   SKIP_WITHOUT_GPU();
   Rng rng(202);
   for (int64_t D : {64, 128})
-    for (const Case& c : {kCases[3], kCases[7], kCases[11]}) run_backward_case(c, DType::kBF16, D, rng, 0);
+    for (const Case& c : {kCases[3], kCases[7], kCases[11], kCases[14], kCases[15]}) {
+      run_backward_case(c, DType::kBF16, D, rng, 0);
+    }
 }
 
 // Stage 1 with the key tiles of each (query tile, row) split between several CTAs, as the

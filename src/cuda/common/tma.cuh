@@ -160,6 +160,18 @@ __device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, int c0, i
   __trap();
 #endif
 }
+// The same for a tile of a 2-D map (c0 innermost).
+__device__ __forceinline__ void tma_store_tile_2d(const CUtensorMap* map, int c0, int c1, const void* src) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(smem_addr(src))
+               : "memory");
+#else
+  (void)map, (void)c0, (void)c1, (void)src;
+  __trap();
+#endif
+}
 // Closes the thread's current bulk group.
 __device__ __forceinline__ void bulk_commit() {
 #ifdef MONARCHRT_TMA_DEVICE

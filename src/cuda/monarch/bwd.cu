@@ -100,7 +100,7 @@ Status check_backward(const TensorView& q, const TensorView& k, const TensorView
 
 template <typename T, int D>
 Status prepare_backward_typed() {
-  static std::atomic<uint64_t> d1{0}, d2{0}, d3{0}, d4{0}, d5{0}, d6{0}, d7{0};
+  static std::atomic<uint64_t> d0{0}, d1{0}, d2{0}, d3{0}, d4{0}, d5{0}, d6{0}, d7{0};
   constexpr int kNarrow = D == 128 ? 64 : 128;
   int device = 0, optin = 0;
   MONARCHRT_CUDA_CHECK(cudaGetDevice(&device));
@@ -108,13 +108,19 @@ Status prepare_backward_typed() {
   // The stage-2 kernel for up to 64, 128 and 256 query rows (as much shared memory as the device
   // has: taller tiles than it serves are rejected by check_backward).
   using C2 = Bwd2Config<T, D>;
-  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 4>, std::min<size_t>(C2::smem(64), optin), d1));
-  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 8>, std::min<size_t>(C2::smem(128), optin), d2));
-  MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 16>, std::min<size_t>(C2::smem(256), optin), d7));
+  MONARCHRT_RETURN_IF_ERROR(
+      ensure_smem(monarch_bwd_stage2_kernel<T, D, 4, 2>, std::min<size_t>(C2::smem(32), optin), d0));
+  MONARCHRT_RETURN_IF_ERROR(
+      ensure_smem(monarch_bwd_stage2_kernel<T, D, 4, 1>, std::min<size_t>(C2::smem(64), optin), d1));
+  MONARCHRT_RETURN_IF_ERROR(
+      ensure_smem(monarch_bwd_stage2_kernel<T, D, 8, 1>, std::min<size_t>(C2::smem(128), optin), d2));
+  MONARCHRT_RETURN_IF_ERROR(
+      ensure_smem(monarch_bwd_stage2_kernel<T, D, 16, 1>, std::min<size_t>(C2::smem(256), optin), d7));
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq1_kernel<T, D, kNarrow>, Dq1Config<T, D, kNarrow>::kSmem, d3));
   MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dkv_kernel<T, D, kNarrow>, DkvConfig<T, D, kNarrow>::kSmem, d4));
   if (use_wgmma()) {
-    static std::atomic<uint64_t> d8{0}, d9{0};
+    static std::atomic<uint64_t> d8{0}, d9{0}, d10{0};
+    MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 4, 2, true>, C2::smem(32, true), d10));
     MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq1_wg_kernel<T, D>, Dq1WgConfig<T, D>::kSmem, d8));
     MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dkv_wg_kernel<T, D>, DkvWgConfig<T, D>::kSmem, d9));
   }
@@ -127,6 +133,20 @@ Status prepare_backward_typed() {
   return Status();
 }
 
+// The Hopper stage-2 kernel's tensor maps over the workspace planes (false: the encoder refused,
+// or the rows do not fit its 32-bit coordinates; the portable copies run).
+template <typename T, int D>
+bool stage2_bwd_maps(const MonarchFwdParams& p, int B, Bwd2Tma* tma) {
+  const int64_t rows = int64_t(B) * p.H * p.A * p.b2 * p.F * p.b1;
+  if (rows >= (int64_t(1) << 31)) return false;
+  const CUtensorMapDataType type =
+      std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const cuuint64_t dims[2] = {cuuint64_t(D), cuuint64_t(rows)}, pitch[1] = {cuuint64_t(D) * sizeof(T)};
+  const cuuint32_t box[2] = {64, cuuint32_t(p.b1)};
+  return encode_tensor_map(&tma->al, p.ws_al, type, 2, dims, pitch, box, CU_TENSOR_MAP_SWIZZLE_128B).ok() &&
+         encode_tensor_map(&tma->y, p.ws_y, type, 2, dims, pitch, box, CU_TENSOR_MAP_SWIZZLE_128B).ok();
+}
+
 template <typename T, int D>
 Status launch_backward(const MonarchBwdParams& bp, int B, bool zero_dkv, int64_t k_rows, cudaStream_t s) {
   const MonarchFwdParams& p = bp.f;
@@ -135,15 +155,22 @@ Status launch_backward(const MonarchBwdParams& bp, int B, bool zero_dkv, int64_t
   MONARCHRT_RETURN_IF_ERROR(launch_stage1(p, B, dtype, D, s));
   const int BH = B * p.H;
   const dim3 grid2(p.b2, p.A, BH);
-  // One warp per 16 query rows, at least four (the others only help with daL / dY).
+  // One warp per 16 query rows, at least four (the others only help with daL / dY); with 17 to
+  // 32 rows, two warps per 16 rows, each taking half of every chunk's virtual keys, and on Hopper
+  // the workspace copied by TMA.
   const int warps2 = std::max(4, (p.b1 + 15) / 16);
   const size_t smem2 = Bwd2Config<T, D>::smem(p.b1);
-  if (warps2 <= 4) {
-    monarch_bwd_stage2_kernel<T, D, 4><<<grid2, 32 * warps2, smem2, s>>>(bp);
+  Bwd2Tma tma2{};
+  if (p.b1 > 16 && p.b1 <= 32 && use_wgmma() && stage2_bwd_maps<T, D>(p, B, &tma2)) {
+    monarch_bwd_stage2_kernel<T, D, 4, 2, true><<<grid2, 128, Bwd2Config<T, D>::smem(p.b1, true), s>>>(bp, tma2);
+  } else if (p.b1 > 16 && p.b1 <= 32) {
+    monarch_bwd_stage2_kernel<T, D, 4, 2><<<grid2, 128, smem2, s>>>(bp, tma2);
+  } else if (warps2 <= 4) {
+    monarch_bwd_stage2_kernel<T, D, 4, 1><<<grid2, 32 * warps2, smem2, s>>>(bp, tma2);
   } else if (warps2 <= 8) {
-    monarch_bwd_stage2_kernel<T, D, 8><<<grid2, 32 * warps2, smem2, s>>>(bp);
+    monarch_bwd_stage2_kernel<T, D, 8, 1><<<grid2, 32 * warps2, smem2, s>>>(bp, tma2);
   } else {
-    monarch_bwd_stage2_kernel<T, D, 16><<<grid2, 32 * warps2, smem2, s>>>(bp);
+    monarch_bwd_stage2_kernel<T, D, 16, 1><<<grid2, 32 * warps2, smem2, s>>>(bp, tma2);
   }
   MONARCHRT_CUDA_CHECK(cudaGetLastError());
   if (zero_dkv) {

@@ -60,44 +60,71 @@ __device__ __forceinline__ void ldmatrix_a(uint32_t (&a)[4], const void* block, 
 // ---- 1. stage-2 backward: one CTA per query column (m, j) ----------------------------------
 
 // The column's b1 queries against its F * b1 virtual keys (n, k), in chunks of kChunk keys of
-// one key tile. Warp w owns queries 16 w .. 16 w + 15 (MMA rows). A first sweep gives each
+// one key tile. Warp w owns queries 16 (w % warps) .. + 15 (MMA rows) and, with KG = 2 key
+// groups, keys 16 (w / warps) .. + 15 of each chunk (so that four warps share the work of two
+// row groups; their partial sums meet in shared memory in a fixed order). A first sweep gives each
 // query's stage-2 log-sum-exp and Delta = sum L (dO . Y) = dO . out; the second recomputes
 // L and du = L (dO . Y - Delta) per chunk, adds s du aL to dq (registers), and writes L and s du
 // to shared memory, from which the CTA forms the chunk's daL = s du^T q, dY = L^T dO (the sums
 // over the column's queries run along the MMA's K) and dcL = -sum du, written over the chunk's
 // aL, Y, cL rows: every workspace row belongs to one column, so one CTA reads and writes it.
+// On Hopper (Tma, b1 of 17 to 32: one chunk per key tile) the copies of aL / Y go through the copy
+// engine both ways: a chunk lands by TMA in 128-byte-swizzled tiles (box: 64 features x b1 rows),
+// cL by a bulk copy; daL / dY are stored over the consumed tiles with stmatrix and leave by TMA.
 template <typename T, int D>
 struct Bwd2Config {
   static constexpr int kLd = D + 8;        // row pitch of q, dO, aL, Y: ldmatrix rows hit distinct banks
   static constexpr int kChunk = 32;        // virtual keys per step
   static constexpr int kPLd = kChunk + 8;  // row pitch of the L and s du tiles
   static constexpr size_t kStage = size_t(2 * kChunk) * kLd * sizeof(T) + kChunk * sizeof(float);
-  // q and dO of the column (b1 rows rounded up to 16), two stages of aL / Y / cL, L and s du,
-  // and the per-warp column sums of du.
-  static constexpr size_t smem(int b1) {
-    return size_t(2 * ((b1 + 15) / 16 * 16)) * (kLd + kPLd) * sizeof(T) + 2 * kStage +
-           size_t((b1 + 15) / 16) * kChunk * sizeof(float);
+  // Tma: aL tiles, Y tiles (64 features x kChunk rows each), then cL from the 16-byte boundary at
+  // or before the chunk's first row (kClCopy floats), padded to keep the tiles 1024-byte aligned.
+  static constexpr int kClCopy = kChunk + 4;
+  static constexpr size_t kTile = size_t(kChunk) * 64 * sizeof(T);
+  static constexpr size_t kStageTma = 2 * (D / 64) * kTile + 1024;
+  // two stages of aL / Y / cL, q and dO of the column (b1 rows rounded up to 16), L and s du,
+  // and the per-warp column sums of du; Tma: 1024 bytes of alignment slack and two mbarriers.
+  static constexpr size_t smem(int b1, bool tma = false) {
+    return (tma ? 1024 + 2 * kStageTma + 16 : 2 * kStage) +
+           size_t(2 * ((b1 + 15) / 16 * 16)) * (kLd + kPLd) * sizeof(T) + size_t((b1 + 15) / 16) * kChunk * sizeof(float);
   }
 };
 
-template <typename T, int D, int MaxWarps>
-__global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const MonarchBwdParams bp) {
+// The Hopper stage-2 backward's tensor maps over the workspace planes, [rows][D], boxes of 64
+// features x b1 rows (one key tile of a column), 128-byte swizzle.
+struct Bwd2Tma {
+  CUtensorMap al, y;
+};
+
+template <typename T, int D, int MaxWarps, int KG, bool Tma = false>
+__global__ void __launch_bounds__(32 * MaxWarps)
+    monarch_bwd_stage2_kernel(const MonarchBwdParams bp, const __grid_constant__ Bwd2Tma tma) {
   const MonarchFwdParams& p = bp.f;
   using C = Bwd2Config<T, D>;
   using MM = Mma<T>;
   constexpr float kLog2e = 1.4426950408889634f;
   constexpr int kCh = C::kChunk;
-  extern __shared__ __align__(128) unsigned char smem[];
-  // warps: one per 16 query rows; any further warps of the CTA (nwarps) join the daL / dY
-  // products and the copies only.
+  constexpr int kW = kCh / KG;  // virtual keys of a chunk per warp
+  static_assert(KG == 1 || KG == 2, "one or two key groups");
+  // with two key groups (b1 <= 32) the second group's dq part passes through the stages
+  static_assert(KG == 1 || size_t(2 * (D / 8) * 32) * sizeof(float4) <= 2 * C::kStage, "stages too small");
+  static_assert(!Tma || KG == 2, "the Hopper variant serves b1 of 17 to 32");
+  constexpr size_t kStageB = Tma ? C::kStageTma : C::kStage;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* stages = smem_raw + (Tma ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u);
+  // warps: one per 16 query rows and key group (the launch gives at least warps * KG); any
+  // further warps of the CTA (nwarps) join the daL / dY products and the copies only.
   const int qp = (p.b1 + 15) / 16 * 16, warps = qp / 16, nwarps = int(blockDim.x) / 32;
-  T* Qs = reinterpret_cast<T*>(smem);  // [qp][kLd]
+  // stages: 2 x [aL, Y][kCh][kLd], cL[kCh]; Tma: 2 x [aL tiles][Y tiles][cL]
+  T* Qs = reinterpret_cast<T*>(stages + 2 * kStageB);  // [qp][kLd]
   T* dOs = Qs + qp * C::kLd;
-  unsigned char* stages = reinterpret_cast<unsigned char*>(dOs + qp * C::kLd);  // 2 x [aL, Y][kCh][kLd], cL[kCh]
-  T* Ls = reinterpret_cast<T*>(stages + 2 * C::kStage);  // [qp][kPLd]
+  T* Ls = dOs + qp * C::kLd;  // [qp][kPLd]
   T* dUs = Ls + qp * C::kPLd;
   float* dcl_part = reinterpret_cast<float*>(dUs + qp * C::kPLd);  // [warps][kCh]
+  uint64_t* full = reinterpret_cast<uint64_t*>(dcl_part + warps * kCh);  // Tma: one mbarrier per stage
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
+  const int rg = warp % warps, kh = warp / warps;  // the warp's query rows and key group
+  const bool row_warp = kh < KG;
   const int j = blockIdx.x, m = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
   const T* dog = static_cast<const T*>(bp.dout) + b * bp.do_stride[0] + h * bp.do_stride[2];
@@ -105,9 +132,15 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
   T* y_ws = static_cast<T*>(p.ws_y);
 
   // Stage rows past a chunk's end are read by the MMAs (and masked): zero them once.
-  for (int i = tid; i < int(2 * C::kStage / 16); i += blockDim.x) {
+  for (int i = tid; i < int(2 * kStageB / 16); i += blockDim.x) {
     reinterpret_cast<uint4*>(stages)[i] = make_uint4(0, 0, 0, 0);
   }
+  if (Tma && tid == 0) {
+    mbar_init(&full[0], 1);
+    mbar_init(&full[1], 1);
+    fence_mbar_init();
+  }
+  if constexpr (Tma) fence_proxy_async_smem();  // the zeros before the copy engine's writes
   __syncthreads();
   const int q_base = tile_base(p, m);
   for (int idx = tid; idx < qp * (D / 8); idx += blockDim.x) {
@@ -119,6 +152,20 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
   }
   cp_async_commit();
   auto load = [&](int n, int k0, int stage) {
+    if constexpr (Tma) {  // by thread 0; k0 = 0, the chunk is the key tile's b1 rows
+      const int64_t row0 = ws_row(p, bh, m, j, n, 0);
+      unsigned char* st = stages + stage * kStageB;
+      const uint32_t cl_bytes = uint32_t((p.b1 + 3 + 3) / 4 * 16);
+      mbar_expect(&full[stage], uint32_t(2 * (D / 64) * p.b1 * 64 * sizeof(T)) + cl_bytes);
+#pragma unroll
+      for (int hf = 0; hf < D / 64; ++hf) {
+        tma_load_tile_2d(st + hf * C::kTile, &tma.al, hf * 64, int(row0), &full[stage]);
+        tma_load_tile_2d(st + (D / 64 + hf) * C::kTile, &tma.y, hf * 64, int(row0), &full[stage]);
+      }
+      // cL from the 16-byte boundary at or before row0 (the lse1 rows follow cL in the workspace)
+      bulk_load(st + 2 * (D / 64) * C::kTile, p.ws_cl + (row0 & ~int64_t(3)), cl_bytes, &full[stage]);
+      return;
+    }
     T* aLd = reinterpret_cast<T*>(stages + stage * C::kStage);
     T* Yd = aLd + kCh * C::kLd;
     float* cLd = reinterpret_cast<float*>(Yd + kCh * C::kLd);
@@ -132,9 +179,9 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
     for (int kc = tid; kc < nrows; kc += blockDim.x) cp_async_4(cLd + kc, p.ws_cl + row0 + kc, true);
   };
 
-  const bool row_ok[2] = {warp * 16 + r < p.b1, warp * 16 + r + 8 < p.b1};
-  const T* Qw = Qs + warp * 16 * C::kLd;
-  const T* dOw = dOs + warp * 16 * C::kLd;
+  const bool row_ok[2] = {rg * 16 + r < p.b1, rg * 16 + r + 8 < p.b1};
+  const T* Qw = Qs + rg * 16 * C::kLd;
+  const T* dOw = dOs + rg * 16 * C::kLd;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, dsum[2] = {0.f, 0.f};
   float lse[2] = {0.f, 0.f}, delta[2] = {0.f, 0.f};
   float acc[D / 8][4];  // s sum du aL: the stage-2 part of dq
@@ -162,36 +209,63 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       if (!row_ok[hr]) continue;
-      lse[hr] = lse_s[warp * 16 + r + hr * 8];
-      delta[hr] = delta_s[warp * 16 + r + hr * 8];
+      lse[hr] = lse_s[rg * 16 + r + hr * 8];
+      delta[hr] = delta_s[rg * 16 + r + hr * 8];
     }
   }
+  // Tma: chunks (key tiles) taken in both passes so far: stage ci % 2, parity (ci / 2) % 2. The
+  // stage of chunk c is refilled with chunk c + 2 at the start of iteration c + 1, once the copy
+  // engine has read chunk c's daL / dY out of it.
+  int ci = 0;
   for (int pass = bp.lse_in != nullptr ? 1 : 0; pass < 2; ++pass) {
     int n = next_allowed(p, m, 0), k0 = 0;
-    if (n < p.F) load(n, k0, 0);
-    cp_async_commit();
-    for (int it = 0; n < p.F; ++it) {
+    if constexpr (Tma) {
+      if (tid == 0 && n < p.F) {
+        load(n, 0, ci % 2);
+        const int n1 = next_allowed(p, m, n + 1);
+        if (n1 < p.F) load(n1, 0, (ci + 1) % 2);
+      }
+    } else {
+      if (n < p.F) load(n, k0, 0);
+      cp_async_commit();
+    }
+    for (int it = 0; n < p.F; ++it, ++ci) {
       int n_next = n, k_next = k0 + kCh;
       if (k_next >= p.b1) {
         n_next = next_allowed(p, m, n + 1);
         k_next = 0;
       }
-      if (n_next < p.F) load(n_next, k_next, (it + 1) % 2);
-      cp_async_commit();
-      cp_async_wait_group<1>();
-      __syncthreads();  // this chunk landed; the previous chunk's L / du tiles are no longer read
+      const int st = Tma ? ci % 2 : it % 2;
+      if constexpr (Tma) {
+        if (tid == 0 && it > 0 && n_next < p.F) {  // the other stage, freed by the last iteration
+          bulk_wait_read<0>();
+          load(n_next, 0, st ^ 1);
+        }
+        if (it == 0) {  // q and dO of the column (cp.async, before the loop)
+          cp_async_wait_group<0>();
+          __syncthreads();
+        }
+        mbar_wait(&full[st], (ci / 2) & 1);
+      } else {
+        if (n_next < p.F) load(n_next, k_next, (it + 1) % 2);
+        cp_async_commit();
+        cp_async_wait_group<1>();
+        __syncthreads();  // this chunk landed; the previous chunk's L / du tiles are no longer read
+      }
       const int nrows = min(kCh, p.b1 - k0);
-      const T* aLc = reinterpret_cast<const T*>(stages + (it % 2) * C::kStage);
-      const T* Yc = aLc + kCh * C::kLd;
-      const float* cLc = reinterpret_cast<const float*>(Yc + kCh * C::kLd);
-      // u = q . aL, g = dO . Y for the warp's 16 queries x kCh virtual keys
-      float u[kCh / 8][4], g[kCh / 8][4];
+      const T* aLc = reinterpret_cast<const T*>(stages + st * kStageB);
+      const T* Yc = aLc + (Tma ? (D / 64) * C::kTile / sizeof(T) : kCh * C::kLd);
+      const float* cLc = Tma ? reinterpret_cast<const float*>(stages + st * kStageB + 2 * (D / 64) * C::kTile) +
+                                   (ws_row(p, bh, m, j, n, 0) & 3)
+                             : reinterpret_cast<const float*>(Yc + kCh * C::kLd);
+      // u = q . aL, g = dO . Y for the warp's 16 queries x kW virtual keys (kh * kW ..)
+      const T* aLw = aLc + kh * kW * C::kLd;
+      float u[kW / 8][4], g[kW / 8][4];
 #pragma unroll
-      for (int t = 0; t < kCh / 8; ++t) {
+      for (int t = 0; t < kW / 8; ++t) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) u[t][e] = g[t][e] = 0.f;
       }
-      const bool row_warp = warp < warps;
       if (row_warp) {
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
@@ -199,16 +273,27 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
           ldmatrix_a(qa, Qw, C::kLd * sizeof(T), ks, lane);
           ldmatrix_a(da, dOw, C::kLd * sizeof(T), ks, lane);
 #pragma unroll
-          for (int tp = 0; tp < kCh / 16; ++tp) {
-            mma_rows16<T>(u[2 * tp], u[2 * tp + 1], qa, aLc + tp * 16 * C::kLd, C::kLd, ks, lane);
-            mma_rows16<T>(g[2 * tp], g[2 * tp + 1], da, Yc + tp * 16 * C::kLd, C::kLd, ks, lane);
+          for (int tp = 0; tp < kW / 16; ++tp) {
+            if constexpr (Tma) {  // this lane's row (lane / 16) * 8 + lane % 8 of the 16 keys
+              const int row = kh * kW + tp * 16 + (lane / 16) * 8 + lane % 8, chunk = ks * 2 + (lane / 8) % 2;
+              uint32_t bk[4], by[4];
+              ldmatrix_x4(bk, aLc + sw128_offset(row, chunk, kCh));
+              ldmatrix_x4(by, Yc + sw128_offset(row, chunk, kCh));
+              MM::run(u[2 * tp], qa, bk[0], bk[1]);
+              MM::run(u[2 * tp + 1], qa, bk[2], bk[3]);
+              MM::run(g[2 * tp], da, by[0], by[1]);
+              MM::run(g[2 * tp + 1], da, by[2], by[3]);
+            } else {
+              mma_rows16<T>(u[2 * tp], u[2 * tp + 1], qa, aLw + tp * 16 * C::kLd, C::kLd, ks, lane);
+              mma_rows16<T>(g[2 * tp], g[2 * tp + 1], da, Yc + (kh * kW + tp * 16) * C::kLd, C::kLd, ks, lane);
+            }
           }
         }
 #pragma unroll
-        for (int t = 0; t < kCh / 8; ++t) {
+        for (int t = 0; t < kW / 8; ++t) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int kc = t * 8 + c + e % 2;
+            const int kc = kh * kW + t * 8 + c + e % 2;
             u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLc[kc] * kLog2e : -INFINITY;
           }
         }
@@ -216,7 +301,7 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
       if (pass == 0) {  // online log-sum-exp and sum L g (helper warps: unused values)
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int t = 0; t < kCh / 8; ++t) {
+        for (int t = 0; t < kW / 8; ++t) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], u[t][e]);
         }
@@ -224,17 +309,18 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
         for (int hr = 0; hr < 2; ++hr) {
           mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 1));
           mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], 2));
+          // a key group may have seen no key yet (max -inf): its sums stay 0
           const float new_max = fmaxf(row_max[hr], mx[hr]);
-          const float corr = ex2_ftz(row_max[hr] - new_max);
+          const float corr = new_max == -INFINITY ? 1.f : ex2_ftz(row_max[hr] - new_max);
           row_max[hr] = new_max;
           row_sum[hr] *= corr;
           dsum[hr] *= corr;
         }
 #pragma unroll
-        for (int t = 0; t < kCh / 8; ++t) {
+        for (int t = 0; t < kW / 8; ++t) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float pr = ex2_ftz(u[t][e] - row_max[e / 2]);
+            const float pr = row_max[e / 2] == -INFINITY ? 0.f : ex2_ftz(u[t][e] - row_max[e / 2]);
             row_sum[e / 2] += pr;
             dsum[e / 2] += pr * g[t][e];
           }
@@ -242,9 +328,9 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
       } else {
         if (row_warp) {
           // L and du (0 for queries past b1 and keys past the chunk); dq += s du aL
-          float colsum[kCh / 8][2];
+          float colsum[kW / 8][2];
 #pragma unroll
-          for (int t = 0; t < kCh / 8; ++t) {
+          for (int t = 0; t < kW / 8; ++t) {
             colsum[t][0] = colsum[t][1] = 0.f;
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
@@ -257,24 +343,25 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
             }
           }
 #pragma unroll
-          for (int kk = 0; kk < kCh / 16; ++kk) {
+          for (int kk = 0; kk < kW / 16; ++kk) {
             const uint32_t pa[4] = {MM::pack(u[2 * kk][0], u[2 * kk][1]), MM::pack(u[2 * kk][2], u[2 * kk][3]),
                                     MM::pack(u[2 * kk + 1][0], u[2 * kk + 1][1]),
                                     MM::pack(u[2 * kk + 1][2], u[2 * kk + 1][3])};
 #pragma unroll
             for (int dt2 = 0; dt2 < D / 16; ++dt2) {
               uint32_t bv[4];
-              ldmatrix_x4_trans(bv, aLc + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kLd + dt2 * 16 +
-                                        (lane / 16) * 8);
+              const int row = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+              ldmatrix_x4_trans(bv, Tma ? aLc + sw128_offset(kh * kW + row, dt2 * 2 + lane / 16, kCh)
+                                        : aLw + row * C::kLd + dt2 * 16 + (lane / 16) * 8);
               MM::run(acc[2 * dt2], pa, bv[0], bv[1]);
               MM::run(acc[2 * dt2 + 1], pa, bv[2], bv[3]);
             }
           }
 #pragma unroll
-          for (int t = 0; t < kCh / 8; ++t) {
+          for (int t = 0; t < kW / 8; ++t) {
 #pragma unroll
             for (int hr = 0; hr < 2; ++hr) {
-              const int l = warp * 16 + r + hr * 8, kc = t * 8 + c;
+              const int l = rg * 16 + r + hr * 8, kc = kh * kW + t * 8 + c;
               *reinterpret_cast<uint32_t*>(Ls + l * C::kPLd + kc) = MM::pack(g[t][2 * hr], g[t][2 * hr + 1]);
               *reinterpret_cast<uint32_t*>(dUs + l * C::kPLd + kc) = MM::pack(u[t][2 * hr], u[t][2 * hr + 1]);
             }
@@ -284,7 +371,7 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
               s += __shfl_xor_sync(0xffffffffu, s, 4);
               s += __shfl_xor_sync(0xffffffffu, s, 8);
               s += __shfl_xor_sync(0xffffffffu, s, 16);
-              if (r == 0) dcl_part[warp * kCh + t * 8 + c + e] = s;
+              if (r == 0) dcl_part[rg * kCh + kh * kW + t * 8 + c + e] = s;
             }
           }
         }
@@ -312,6 +399,18 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
               MM::run(o[2 * f2 + 1], pa, bx[2], bx[3]);
             }
           }
+          if constexpr (Tma) {  // over the chunk's aL / Y tiles, which nobody reads any more
+            T* tile = const_cast<T*>(prod == 0 ? aLc : Yc);
+            const int row = vt * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+#pragma unroll
+            for (int f2 = 0; f2 < 4; ++f2) {
+              const uint32_t x[4] = {MM::pack(o[2 * f2][0], o[2 * f2][1]), MM::pack(o[2 * f2][2], o[2 * f2][3]),
+                                     MM::pack(o[2 * f2 + 1][0], o[2 * f2 + 1][1]),
+                                     MM::pack(o[2 * f2 + 1][2], o[2 * f2 + 1][3])};
+              stmatrix_x4(tile + sw128_offset(row, ft * 8 + f2 * 2 + lane / 16, kCh), x);
+            }
+            continue;
+          }
           T* dst = prod == 0 ? al_ws : y_ws;
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
@@ -329,12 +428,25 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
           for (int w = 0; w < warps; ++w) s += dcl_part[w * kCh + kc];
           p.ws_cl[row0 + kc] = -s;
         }
+        if constexpr (Tma) fence_proxy_async_smem();  // the daL / dY tiles are read by the copy engine
       }
-      if (pass == 0) __syncthreads();  // this stage is refilled by the next iteration's copies
+      if (Tma || pass == 0) __syncthreads();  // this stage is refilled (Tma: and stored) next
+      if constexpr (Tma) {
+        if (pass == 1 && tid == 0) {
+          const int64_t row0 = ws_row(p, bh, m, j, n, 0);
+#pragma unroll
+          for (int hf = 0; hf < D / 64; ++hf) {
+            tma_store_tile_2d(&tma.al, hf * 64, int(row0), aLc + hf * C::kTile / sizeof(T));
+            tma_store_tile_2d(&tma.y, hf * 64, int(row0), Yc + hf * C::kTile / sizeof(T));
+          }
+          bulk_commit();
+        }
+      }
       n = n_next;
       k0 = k_next;
     }
     cp_async_wait_group<0>();
+    if (Tma && tid == 0) bulk_wait<0>();  // the stages are free once the last stores are done
     __syncthreads();  // the next pass refills both stages
     if (pass == 0) {
 #pragma unroll
@@ -343,15 +455,65 @@ __global__ void __launch_bounds__(32 * MaxWarps) monarch_bwd_stage2_kernel(const
         row_sum[hr] += __shfl_xor_sync(0xffffffffu, row_sum[hr], 2);
         dsum[hr] += __shfl_xor_sync(0xffffffffu, dsum[hr], 1);
         dsum[hr] += __shfl_xor_sync(0xffffffffu, dsum[hr], 2);
+      }
+      if (KG == 2) {  // merge the two key groups' (max, sum, sum L g) per row, in the free stages
+        float* part = reinterpret_cast<float*>(stages);  // [KG][qp][3]
+        if (row_warp && lane % 4 == 0) {
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            float* x = part + (kh * qp + rg * 16 + r + hr * 8) * 3;
+            x[0] = row_max[hr];
+            x[1] = row_sum[hr];
+            x[2] = dsum[hr];
+          }
+        }
+        if constexpr (Tma) fence_proxy_async_smem();  // the next pass's copies overwrite these
+        __syncthreads();
+        if (row_warp) {
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) {
+            const float* x0 = part + (rg * 16 + r + hr * 8) * 3;
+            const float* x1 = x0 + qp * 3;
+            float mx = fmaxf(x0[0], x1[0]);
+            mx = mx == -INFINITY ? 0.f : mx;
+            const float w0 = ex2_ftz(x0[0] - mx), w1 = ex2_ftz(x1[0] - mx);
+            row_max[hr] = mx;
+            row_sum[hr] = x0[1] * w0 + x1[1] * w1;
+            dsum[hr] = x0[2] * w0 + x1[2] * w1;
+          }
+        }
+        __syncthreads();  // read before the next pass refills the stages
+      }
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
         lse[hr] = row_max[hr] + log2f(row_sum[hr]);
         delta[hr] = dsum[hr] / row_sum[hr];
       }
     }
   }
+  if (KG == 2) {  // the second key group's part of dq joins the first's through the free stages
+    float4* part = reinterpret_cast<float4*>(stages);  // [warps][D / 8][32 lanes]
+    if (kh == 1) {
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) part[(rg * (D / 8) + i) * 32 + lane] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+    }
+    __syncthreads();
+    if (kh == 0) {
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        const float4 x = part[(rg * (D / 8) + i) * 32 + lane];
+        acc[i][0] += x.x;
+        acc[i][1] += x.y;
+        acc[i][2] += x.z;
+        acc[i][3] += x.w;
+      }
+    }
+  }
+  if (kh != 0) return;
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     if (!row_ok[hr]) continue;
-    float* dst = bp.dq_acc + query_index(p, bh, m, warp * 16 + r + hr * 8, j) * D;
+    float* dst = bp.dq_acc + query_index(p, bh, m, rg * 16 + r + hr * 8, j) * D;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) *reinterpret_cast<float2*>(dst + i * 8 + c) = make_float2(acc[i][2 * hr], acc[i][2 * hr + 1]);
   }

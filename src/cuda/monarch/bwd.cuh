@@ -192,17 +192,28 @@ __global__ void __launch_bounds__(32 * MaxWarps)
     float* lse_s = dcl_part;  // [qp] each, in the column-sum buffer, first written after a barrier
     float* delta_s = dcl_part + qp;
     const T* og = static_cast<const T*>(bp.fwd_out) + b * bp.fo_stride[0] + h * bp.fo_stride[2];
-    for (int l = warp; l < p.b1; l += nwarps) {
-      const int64_t tok = q_base + row_offset(p, l) + j;
-      float dot = 0.f;
-      for (int d = lane; d < D; d += 32) {
-        dot += MM::to_float(dog[tok * bp.do_stride[1] + d]) * MM::to_float(og[tok * bp.fo_stride[1] + d]);
+    // Four rows per warp at a time, every load issued before the sums (rows past b1 read row
+    // b1 - 1 again and are not written).
+    for (int l0 = warp; l0 < p.b1; l0 += 4 * nwarps) {
+      float dot[4] = {0.f, 0.f, 0.f, 0.f}, lse_row[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t tok = q_base + row_offset(p, min(l0 + i * nwarps, p.b1 - 1)) + j;
+#pragma unroll
+        for (int d = lane; d < D; d += 32) {
+          dot[i] += MM::to_float(dog[tok * bp.do_stride[1] + d]) * MM::to_float(og[tok * bp.fo_stride[1] + d]);
+        }
+        lse_row[i] = bp.lse_in[int64_t(bh) * p.A * p.b1 * p.b2 + tok];
       }
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-      if (lane == 0) {
-        delta_s[l] = dot;
-        lse_s[l] = bp.lse_in[int64_t(bh) * p.A * p.b1 * p.b2 + tok] * kLog2e;
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) dot[i] += __shfl_xor_sync(0xffffffffu, dot[i], off);
+        const int l = l0 + i * nwarps;
+        if (lane == 0 && l < p.b1) {
+          delta_s[l] = dot[i];
+          lse_s[l] = lse_row[i] * kLog2e;
+        }
       }
     }
     __syncthreads();
@@ -522,13 +533,14 @@ __global__ void __launch_bounds__(32 * MaxWarps)
 // ---- 2. stage-1 backward, query orientation: dq -------------------------------------------
 
 // The softmax part of step 2, shared by both dq1 kernels. In: s, the scores of the thread's two
-// columns against a key row in log2 units (keys past b2 masked inside); dr = daL . K_i + dY . V_i.
+// columns against a key row in log2 units (keys past b2 masked inside); dr = daL . K_i + dY . V_i;
+// dcl, the rows' dcL (loaded by the caller early, to hide the latency).
 // Out: s = s dz = s R (dR - D1) with R the row softmax and dR = dr + dcL log R; D1 = sum_i R_i
 // dR_i of each workspace row (row[hr] >= 0) is kept for step 3, so that dq and dK see the same
 // fp32 R.
 template <int NT>
 __device__ __forceinline__ void dq1_row_dz(float (&s)[NT][4], float (&dr)[NT][4], int ntu, const MonarchBwdParams& bp,
-                                           const int64_t (&row)[2], int lane) {
+                                           const int64_t (&row)[2], const float (&dcl)[2], int lane) {
   constexpr float kLn2 = 0.6931471805599453f;
   float M[2];
   stage1_row_max<NT>(s, ntu, bp.f, M, lane);
@@ -538,13 +550,12 @@ __device__ __forceinline__ void dq1_row_dz(float (&s)[NT][4], float (&dr)[NT][4]
 #pragma unroll
     for (int e = 0; e < 4; ++e) Z[e / 2] += ex2_ftz(s[t][e] - M[e / 2]);  // masked keys: ex2(-inf) = 0
   }
-  float lse[2], dcl[2], d1[2] = {0.f, 0.f};
+  float lse[2], d1[2] = {0.f, 0.f};
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 1);
     Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 2);
     lse[hr] = M[hr] + log2f(Z[hr]);
-    dcl[hr] = row[hr] >= 0 ? bp.f.ws_cl[row[hr]] : 0.f;
   }
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
@@ -671,8 +682,12 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
     const T* Kr = bufs + ((it % 2) * 2) * C::kB2Max * C::kLd;
     const T* Vr = Kr + C::kB2Max * C::kLd;
     int64_t row[2];
+    float dcl[2];  // read now, used after the products
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) row[hr] = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
+    for (int hr = 0; hr < 2; ++hr) {
+      row[hr] = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
+      dcl[hr] = row[hr] >= 0 ? p.ws_cl[row[hr]] : 0.f;
+    }
     // S = Q_k K^T while daL, dY land; then dR = daL K^T + dY V^T (16 columns x b2 keys)
     float s[kNT][4], dr[kNT][4];
 #pragma unroll
@@ -706,7 +721,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
     __syncthreads();
     if (n_next < p.F) load_d(n_next);
     cp_async_commit();
-    dq1_row_dz<kNT>(s, dr, ntu, bp, row, lane);  // s becomes s dz
+    dq1_row_dz<kNT>(s, dr, ntu, bp, row, dcl, lane);  // s becomes s dz
     // dq += dz K (the scale is in dz)
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {
@@ -823,8 +838,12 @@ __global__ void __launch_bounds__(128, 2)
     const T* Kr = ring + ((2 * it) % C::kSlots) * kTile;
     const T* Vr = ring + ((2 * it + 1) % C::kSlots) * kTile;
     int64_t row[2];
+    float dcl[2];  // read now, used after the products
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) row[hr] = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
+    for (int hr = 0; hr < 2; ++hr) {
+      row[hr] = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
+      dcl[hr] = row[hr] >= 0 ? p.ws_cl[row[hr]] : 0.f;
+    }
     // S = Q_k K^T, then dR = daL K^T + dY V^T (64 columns x 64 keys each; the first wgmma of
     // each overwrites its accumulator)
     float s[kNT][4], dr[kNT][4];
@@ -844,7 +863,7 @@ __global__ void __launch_bounds__(128, 2)
     __syncthreads();  // every warp is done with daL, dY of (n, k): those of the next row load now
     if (tid == 0 && n1 < p.F) issue_d(n1);
     // s dz (as the portable kernel), then dq += s dz K (keys past b2 have R = 0, so dz = 0, and zero K rows)
-    dq1_row_dz<kNT>(s, dr, ntu, bp, row, lane);
+    dq1_row_dz<kNT>(s, dr, ntu, bp, row, dcl, lane);
     uint32_t pa[kNT / 2][4];
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) pack_a16<T>(pa[kk], s, kk);
@@ -1097,16 +1116,27 @@ __global__ void __launch_bounds__(128, 2)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
   }
+  // lse1, D1 and dcL of column tid in query tile mm, read one tile ahead of their use
+  float cs_next[3] = {0.f, 0.f, 0.f};
+  auto load_cs = [&](int mm) {
+    if (tid < p.b2) {
+      const int64_t row = ws_row(p, bh, mm, tid, n, k);
+      cs_next[0] = p.ws_lse1[row];
+      cs_next[1] = bp.ws_d1[row];
+      cs_next[2] = p.ws_cl[row];
+    }
+  };
+  load_cs(m);
   mbar_wait(kv_full, 0);
   for (int it = 0; m < p.A; ++it) {
     int m1 = m + 1;
     while (m1 < p.A && !tile_allowed(p, m1, n)) ++m1;
     if (tid < p.b2) {  // (the previous tile's were last read before its closing barriers)
-      const int64_t row = ws_row(p, bh, m, tid, n, k);
-      cs[tid] = p.ws_lse1[row];
-      cs[64 + tid] = bp.ws_d1[row];
-      cs[128 + tid] = p.ws_cl[row];
+      cs[tid] = cs_next[0];
+      cs[64 + tid] = cs_next[1];
+      cs[128 + tid] = cs_next[2];
     }
+    if (m1 < p.A) load_cs(m1);
     // dR^T = K daL^T + V dY^T, then S^T = K q^T (64 keys x 64 columns each)
     float s[kNT][4], dr[kNT][4];
     mbar_wait(d_full, it & 1);

@@ -78,15 +78,15 @@ struct Bwd2Config {
   static constexpr int kPLd = kChunk + 8;  // row pitch of the L and s du tiles
   static constexpr size_t kStage = size_t(2 * kChunk) * kLd * sizeof(T) + kChunk * sizeof(float);
   // Tma: aL tiles, Y tiles (64 features x kChunk rows each), then cL from the 16-byte boundary at
-  // or before the chunk's first row (kClCopy floats), padded to keep the tiles 1024-byte aligned.
-  static constexpr int kClCopy = kChunk + 4;
+  // or before the chunk's first row (at most 40 floats), padded to keep the tiles 1024-byte aligned.
   static constexpr size_t kTile = size_t(kChunk) * 64 * sizeof(T);
   static constexpr size_t kStageTma = 2 * (D / 64) * kTile + 1024;
   // two stages of aL / Y / cL, q and dO of the column (b1 rows rounded up to 16), L and s du,
   // and the per-warp column sums of du; Tma: 1024 bytes of alignment slack and two mbarriers.
   static constexpr size_t smem(int b1, bool tma = false) {
-    return (tma ? 1024 + 2 * kStageTma + 16 : 2 * kStage) +
-           size_t(2 * ((b1 + 15) / 16 * 16)) * (kLd + kPLd) * sizeof(T) + size_t((b1 + 15) / 16) * kChunk * sizeof(float);
+    const size_t rows = size_t((b1 + 15) / 16 * 16);
+    return (tma ? 1024 + 2 * kStageTma + 16 : 2 * kStage) + 2 * rows * (kLd + kPLd) * sizeof(T) +
+           rows / 16 * kChunk * sizeof(float);
   }
 };
 
@@ -506,7 +506,9 @@ __global__ void __launch_bounds__(32 * MaxWarps)
     float4* part = reinterpret_cast<float4*>(stages);  // [warps][D / 8][32 lanes]
     if (kh == 1) {
 #pragma unroll
-      for (int i = 0; i < D / 8; ++i) part[(rg * (D / 8) + i) * 32 + lane] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+      for (int i = 0; i < D / 8; ++i) {
+        part[(rg * (D / 8) + i) * 32 + lane] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+      }
     }
     __syncthreads();
     if (kh == 0) {

@@ -71,8 +71,8 @@ const Case kCases[] = {
     {{2, 6, 10}, {2, 2, 1}, 1, 1, 0, 10, 2, 4},   // KV cache with f_tied 2
     {{3, 4, 10}, {1, 1, 1}, 1, 2, 0, 12, 3, 6},   // 40-token frames: sink + window key ranges
                                                   // (dense on Hopper: copied as 8-token boxes)
-    {{3, 23, 7}, {1, 1, 1}, 1, 2, 1, 0, 0, 0},    // b1 = 23 (17..32: the stage-2 backward's two
-                                                  // key groups), block-causal
+    {{3, 23, 7}, {1, 1, 1}, 2, 2, 1, 0, 0, 0},    // b1 = 23 (17..32: the stage-2 backward's two
+                                                  // key groups), batch 2, block-causal
     {{3, 18, 6}, {1, 1, 1}, 1, 1, 0, 12, 3, 6},   // b1 = 18, KV cache, sink 3 + window 6
 };
 

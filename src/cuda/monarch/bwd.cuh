@@ -583,6 +583,17 @@ __device__ __forceinline__ void dq1_row_dz(float (&s)[NT][4], float (&dr)[NT][4]
   }
 }
 
+// The workspace rows (m, j_row[hr], n, k) of the thread's two columns (-1 past b2) and their dcL,
+// read by both dq1 kernels before the products that precede their use.
+__device__ __forceinline__ void dq1_rows(const MonarchFwdParams& p, int bh, int m, int n, int k, const int (&j_row)[2],
+                                         int64_t (&row)[2], float (&dcl)[2]) {
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    row[hr] = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
+    dcl[hr] = row[hr] >= 0 ? p.ws_cl[row[hr]] : 0.f;
+  }
+}
+
 // dq of the thread's two query rows j_row of (m, k) (dst: the row of query 0 of that tile row):
 // the stage-2 part from the workspace plus acc = s sum dz K, in the input dtype.
 template <typename T, int D>
@@ -685,11 +696,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
     const T* Vr = Kr + C::kB2Max * C::kLd;
     int64_t row[2];
     float dcl[2];  // read now, used after the products
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      row[hr] = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
-      dcl[hr] = row[hr] >= 0 ? p.ws_cl[row[hr]] : 0.f;
-    }
+    dq1_rows(p, bh, m, n, k, j_row, row, dcl);
     // S = Q_k K^T while daL, dY land; then dR = daL K^T + dY V^T (16 columns x b2 keys)
     float s[kNT][4], dr[kNT][4];
 #pragma unroll
@@ -841,11 +848,7 @@ __global__ void __launch_bounds__(128, 2)
     const T* Vr = ring + ((2 * it + 1) % C::kSlots) * kTile;
     int64_t row[2];
     float dcl[2];  // read now, used after the products
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      row[hr] = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
-      dcl[hr] = row[hr] >= 0 ? p.ws_cl[row[hr]] : 0.f;
-    }
+    dq1_rows(p, bh, m, n, k, j_row, row, dcl);
     // S = Q_k K^T, then dR = daL K^T + dY V^T (64 columns x 64 keys each; the first wgmma of
     // each overwrites its accumulator)
     float s[kNT][4], dr[kNT][4];

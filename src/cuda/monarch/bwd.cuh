@@ -228,12 +228,13 @@ __global__ void __launch_bounds__(32 * MaxWarps)
   // stage of chunk c is refilled with chunk c + 2 at the start of iteration c + 1, once the copy
   // engine has read chunk c's daL / dY out of it.
   int ci = 0;
+  const int n_lim = allowed_lim(p, m);
   for (int pass = bp.lse_in != nullptr ? 1 : 0; pass < 2; ++pass) {
-    int n = next_allowed(p, m, 0), k0 = 0;
+    int n = next_allowed_in(p, m, 0, n_lim), k0 = 0;
     if constexpr (Tma) {
       if (tid == 0 && n < p.F) {
         load(n, 0, ci % 2);
-        const int n1 = next_allowed(p, m, n + 1);
+        const int n1 = next_allowed_in(p, m, n + 1, n_lim);
         if (n1 < p.F) load(n1, 0, (ci + 1) % 2);
       }
     } else {
@@ -243,7 +244,7 @@ __global__ void __launch_bounds__(32 * MaxWarps)
     for (int it = 0; n < p.F; ++it, ++ci) {
       int n_next = n, k_next = k0 + kCh;
       if (k_next >= p.b1) {
-        n_next = next_allowed(p, m, n + 1);
+        n_next = next_allowed_in(p, m, n + 1, n_lim);
         k_next = 0;
       }
       const int st = Tma ? ci % 2 : it % 2;
@@ -550,7 +551,7 @@ __device__ __forceinline__ void dq1_row_dz(float (&s)[NT][4], float (&dr)[NT][4]
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) Z[e / 2] += ex2_ftz(s[t][e] - M[e / 2]);  // masked keys: ex2(-inf) = 0
+    for (int e = 0; e < 4; ++e) Z[e / 2] += ex2_ftz(s[t][e] - M[e / 2]);  // masked keys: ex2(-1e30) = 0
   }
   float lse[2], d1[2] = {0.f, 0.f};
 #pragma unroll
@@ -680,14 +681,15 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
       cp_async_16(dYs + jj * C::kLd + dc * 8, dy_ws + wr * D + dc * 8, valid);
     }
   };
-  int n = next_allowed(p, m, 0);
+  const int n_lim = allowed_lim(p, m);
+  int n = next_allowed_in(p, m, 0, n_lim);
   if (n < p.F) {
     load(n, 0);
     load_d(n);
   }
   cp_async_commit();
   for (int it = 0; n < p.F; ++it) {
-    const int n_next = next_allowed(p, m, n + 1);
+    const int n_next = next_allowed_in(p, m, n + 1, n_lim);
     cp_async_wait_group<0>();
     __syncthreads();  // K, V, daL, dY of (n, k) landed; every warp is done with the previous K, V
     if (n_next < p.F) load(n_next, (it + 1) % 2);
@@ -828,8 +830,9 @@ __global__ void __launch_bounds__(128, 2)
   // K-major operand (S's and dR's B, dR's A): 16 features are 32 bytes into a 64-feature tile.
   auto kmajor = [](const T* tile, int ks) { return wgmma_desc_sw128(tile + (ks / 4) * 64 * 64 + (ks % 4) * 16, 1024); };
   __syncthreads();
-  int n = next_allowed(p, m, 0);
-  int n1 = n < p.F ? next_allowed(p, m, n + 1) : p.F;
+  const int n_lim = allowed_lim(p, m);
+  int n = next_allowed_in(p, m, 0, n_lim);
+  int n1 = n < p.F ? next_allowed_in(p, m, n + 1, n_lim) : p.F;
   if (tid == 0 && n < p.F) {
     issue(&tma.k, n, 0);
     issue(&tma.v, n, 1);
@@ -843,7 +846,7 @@ __global__ void __launch_bounds__(128, 2)
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   for (int it = 0; n < p.F; ++it) {
-    const int n2 = n1 < p.F ? next_allowed(p, m, n1 + 1) : p.F;
+    const int n2 = n1 < p.F ? next_allowed_in(p, m, n1 + 1, n_lim) : p.F;
     const T* Kr = ring + ((2 * it) % C::kSlots) * kTile;
     const T* Vr = ring + ((2 * it + 1) % C::kSlots) * kTile;
     int64_t row[2];

@@ -375,6 +375,7 @@ MonarchFwdParams make_fwd_params(const TensorView& q, const TensorView& k, const
   p.F = int(kt.count);
   p.sink_tiles = int(kt.sink);
   p.skip_tiles = int(kt.skip);
+  p.allowed_prefix = kt.attended_only ? 1 : 0;
   p.row_groups = int((plan.qg.b1 + 31) / 32);
   p.key_parts = 1;
   p.q_frame_offset = int(plan.q_frame_offset);
@@ -397,9 +398,9 @@ KeyTiles key_tiles(const AttentionPlan& plan) {
   int64_t w = s;
   while (w < F && !attended(w)) ++w;  // the frames between the sink and the window
   for (int64_t n = w; n < F; ++n) {
-    if (!attended(n)) return {F, F, 0};  // not one gap: number every tile (does not occur today)
+    if (!attended(n)) return {F, F, 0, false};  // not one gap: number every tile (does not occur today)
   }
-  return {F - (w - s), s, w - s};
+  return {F - (w - s), s, w - s, true};
 }
 
 int64_t workspace_rows(const AttentionPlan& plan) {

@@ -32,6 +32,9 @@ struct MonarchFwdParams {
   // the frames between the sink and the window: kernel key tile n is tile n of the key grid for
   // n < sink_tiles, tile n + skip_tiles otherwise (skip_tiles = 0 without a window).
   int sink_tiles, skip_tiles;
+  // 1 when every numbered key tile is attended (at most one gap, skipped): then the key tiles a
+  // query tile may attend are a prefix 0 .. allowed_end(m) - 1 (tiles.cuh), block-causal or not.
+  int allowed_prefix;
   int row_groups;              // CTAs along the tile rows: ceil(b1 / kRowsPerCta)
   int key_parts;               // two-pass stage 1: CTAs that share a (query tile, row)'s key tiles
   int q_frame_offset;          // key-grid frame of query frame 0
@@ -65,6 +68,7 @@ MonarchFwdParams make_fwd_params(const TensorView& q, const TensorView& k, const
 // (sink), and the tiles skipped after it.
 struct KeyTiles {
   int64_t count = 0, sink = 0, skip = 0;
+  bool attended_only = true;  // every numbered tile is attended (false: more than one gap)
 };
 KeyTiles key_tiles(const AttentionPlan& plan);
 // Workspace rows of the two-pass path: one per (batch*head, query tile, column, attended key

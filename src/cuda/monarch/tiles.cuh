@@ -46,10 +46,40 @@ __device__ __forceinline__ int next_allowed(const MonarchFwdParams& p, int m, in
   return n;
 }
 
+// With p.allowed_prefix: query tile m may attend exactly the key tiles 0 .. allowed_end - 1
+// (a binary search: tile_allowed costs four integer divisions).
+__device__ __forceinline__ int allowed_end(const MonarchFwdParams& p, int m) {
+  int lo = 0, hi = p.F;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (tile_allowed(p, m, mid)) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// The `lim` of next_allowed_in: allowed_end with p.allowed_prefix, else p.F.
+__device__ __forceinline__ int allowed_lim(const MonarchFwdParams& p, int m) {
+  return p.allowed_prefix ? allowed_end(p, m) : p.F;
+}
+// next_allowed(p, m, n) given lim = allowed_lim(p, m): no tile_allowed where the tiles are a prefix.
+__device__ __forceinline__ int next_allowed_in(const MonarchFwdParams& p, int m, int n, int lim) {
+  return p.allowed_prefix ? (n < lim ? n : p.F) : next_allowed(p, m, n);
+}
+
 // Part `part` of `parts` of query tile m's allowed key tiles (split by count, in order): its
 // first tile and the tile after its last allowed one (p.F after the last allowed tile of all),
 // so that a loop n = begin; n < end; n = next_allowed(p, m, n + 1) visits exactly the part.
-__device__ __forceinline__ int2 allowed_part(const MonarchFwdParams& p, int m, int part, int parts) {
+// lim = allowed_lim(p, m).
+__device__ __forceinline__ int2 allowed_part(const MonarchFwdParams& p, int m, int part, int parts, int lim) {
+  if (p.allowed_prefix) {  // the allowed tiles are 0 .. lim - 1
+    const int lo = part * lim / parts, hi = (part + 1) * lim / parts;
+    const int end = hi < lim ? hi : p.F;
+    return make_int2(lo < hi ? lo : end, end);
+  }
   if (parts == 1) return make_int2(next_allowed(p, m, 0), p.F);
   int count = 0;
   for (int n = 0; n < p.F; ++n) count += tile_allowed(p, m, n);

@@ -127,9 +127,18 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
   T* al_ws = static_cast<T*>(p.ws_al);
   T* y_ws = static_cast<T*>(p.ws_y);
 
-  // Pad key rows (i >= b2) must be zeros, never garbage: 0 * NaN is NaN.
-  for (int i = tid; i < int(C::kBufBytes / 16); i += blockDim.x) {
-    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
+  // Pad key rows (i >= b2) must be zeros, never garbage: 0 * NaN is NaN. (Wg: only rows b2..63 of
+  // the 3 * D / 64 tiles of 64 rows x 8 chunks of 16 bytes; the copies never write them.)
+  if constexpr (Wg) {
+    const int pad = 64 - p.b2;
+    for (int i = tid; i < 3 * (D / 64) * pad * 8; i += blockDim.x) {
+      const int tile = i / (pad * 8), rem = i % (pad * 8);
+      reinterpret_cast<uint4*>(smem)[(tile * 64 + p.b2 + rem / 8) * 8 + rem % 8] = make_uint4(0, 0, 0, 0);
+    }
+  } else {
+    for (int i = tid; i < int(C::kBufBytes / 16); i += blockDim.x) {
+      reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
+    }
   }
   const int k_off = row_offset(p, k);
   const int ntu = (p.b2 + 7) / 8, kku = (p.b2 + 15) / 16;  // used 8-key tiles, 16-key steps
@@ -168,9 +177,11 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
   };
   auto wait_copy = [&](int i) { mbar_wait(&full[i % 3], (i / 3) & 1); };
 
-  const int2 part = allowed_part(p, m, blockIdx.x / p.A, p.key_parts);
+  // With p.allowed_prefix the allowed key tiles are 0 .. n_lim - 1: no tile_allowed per step.
+  const int n_lim = allowed_lim(p, m);
+  const int2 part = allowed_part(p, m, blockIdx.x / p.A, p.key_parts, n_lim);
   const int n_end = part.y;  // one past this CTA's last key tile
-  auto next = [&](int x) { return x < n_end ? min(next_allowed(p, m, x + 1), n_end) : n_end; };
+  auto next = [&](int x) { return x < n_end ? min(next_allowed_in(p, m, x + 1, n_lim), n_end) : n_end; };
   int n = part.x;
   int n1 = next(n);  // the row after n
   if constexpr (Wg) {
@@ -276,11 +287,12 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
           wgmma_m64n64k16<T, true>(a, pa[kk], wgmma_desc_sw128(src + kk * 16 * 64, 1024), kk > 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        if (tid == 0) bulk_wait_read<0>();  // the previous store has read the staging tile
+        // While the product runs: the previous store has read the staging tile, and (q == kHalves)
+        // every warp is done with the K row (the aL products), so the next V row takes its slot.
+        if (tid == 0) bulk_wait_read<0>();
         __syncthreads();
-        // Every warp is done with the K row (the aL products): the next V row takes its slot.
         if (q == kHalves && tid == 0 && n_next < n_end) issue(&tma.v, n_next, 2 * it + 3);
+        wgmma_wait<0>();
 #pragma unroll
         for (int t = 0; t < 8; ++t) {  // rows = columns j (this lane's warp * 16 + r, + 8), chunk t
           if (j_row[0] < p.b2) {
@@ -432,10 +444,15 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
     int row, end;
   };
   const int col_rows = p.F * p.b1;
+  const int n_lim = allowed_lim(p, m);
   auto run_from = [&](int n) {  // the chunk at the start of the first run of allowed tiles >= n
-    n = next_allowed(p, m, n);
+    n = next_allowed_in(p, m, n, n_lim);
     int e = n;
-    while (e < p.F && tile_allowed(p, m, e)) ++e;
+    if (p.allowed_prefix) {
+      e = n < p.F ? n_lim : p.F;
+    } else {
+      while (e < p.F && tile_allowed(p, m, e)) ++e;
+    }
     return Chunk{n * p.b1, (Tma ? e : min(e, n + 1)) * p.b1};
   };
   auto next = [&](Chunk ch) {

@@ -551,7 +551,7 @@ __device__ __forceinline__ void dq1_row_dz(float (&s)[NT][4], float (&dr)[NT][4]
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) Z[e / 2] += ex2_ftz(s[t][e] - M[e / 2]);  // masked keys: ex2(-1e30) = 0
+    for (int e = 0; e < 4; ++e) Z[e / 2] += ex2_ftz(s[t][e] - M[e / 2]);  // masked keys: ex2(-FLT_MAX) = 0
   }
   float lse[2], d1[2] = {0.f, 0.f};
 #pragma unroll

@@ -2,6 +2,8 @@
 // tile; thread `lane` holds rows lane / 4 and lane / 4 + 8, see common/ptx.cuh).
 #pragma once
 
+#include <cfloat>
+
 #include "../common/ptx.cuh"
 #include "../common/tma.cuh"
 
@@ -55,9 +57,9 @@ __device__ __forceinline__ void mma_rows16(float (&c0)[4], float (&c1)[4], const
 }
 
 // Stage 1's scores of a warp's 16 rows over their keys (4 lanes share a row; key i = 8 t + c of
-// fragment t): times p.scale_log2, keys i >= p.b2 (and fragments t >= ntu) masked to -1e30 (finite,
-// so that p * z is 0 for them without a test; 2^(-1e30 - M) = 0); M gets each row's maximum. P: the
-// forward's or the backward's parameters.
+// fragment t): times p.scale_log2, keys i >= p.b2 (and fragments t >= ntu) masked to -FLT_MAX
+// (finite, so that p * z is 0 for them without a test; 2^(-FLT_MAX - M) = 0; no finite score is
+// lower); M gets each row's maximum. P: the forward's or the backward's parameters.
 template <int NT, typename P>
 __device__ __forceinline__ void stage1_row_max(float (&s)[NT][4], int ntu, const P& p, float (&M)[2], int lane) {
   const int c = (lane % 4) * 2;
@@ -67,7 +69,7 @@ __device__ __forceinline__ void stage1_row_max(float (&s)[NT][4], int ntu, const
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = t * 8 + c + e % 2;
-      s[t][e] = (t < ntu && i < p.b2) ? s[t][e] * p.scale_log2 : -1e30f;
+      s[t][e] = (t < ntu && i < p.b2) ? s[t][e] * p.scale_log2 : -FLT_MAX;
       M[e / 2] = fmaxf(M[e / 2], s[t][e]);
     }
   }
@@ -91,7 +93,7 @@ __device__ __forceinline__ void stage1_row_softmax(float (&s)[NT][4], int ntu, c
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const float z = s[t][e];
-      const float pr = ex2_ftz(z - M[e / 2]);  // 0 for masked keys (z = -1e30)
+      const float pr = ex2_ftz(z - M[e / 2]);  // 0 for masked keys (z = -FLT_MAX)
       Z[e / 2] += pr;
       PZ[e / 2] += pr * z;
       s[t][e] = pr;

@@ -375,7 +375,10 @@ MonarchFwdParams make_fwd_params(const TensorView& q, const TensorView& k, const
   p.F = int(kt.count);
   p.sink_tiles = int(kt.sink);
   p.skip_tiles = int(kt.skip);
-  p.allowed_prefix = kt.attended_only ? 1 : 0;
+  // MONARCHRT_KEY_TILE_SEARCH=1 in the environment keeps the general per-tile search (tests: no
+  // plan of today's planner has more than one gap, so only this knob exercises those loops).
+  const char* search = std::getenv("MONARCHRT_KEY_TILE_SEARCH");
+  p.allowed_prefix = (kt.attended_only && !(search != nullptr && std::atoi(search) > 0)) ? 1 : 0;
   p.row_groups = int((plan.qg.b1 + 31) / 32);
   p.key_parts = 1;
   p.q_frame_offset = int(plan.q_frame_offset);

@@ -493,7 +493,7 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
   for (int it = 0; cur.row < col_rows; ++it) {
     const int nrows = min(kCh, cur.end - cur.row);
     unsigned char* base = smem + (it % 2) * kStage;
-    if constexpr (Tma) {
+    if constexpr (Tma) {  // every thread waits for the copies itself
       mbar_wait(&full[it % 2], (it / 2) & 1);
       if (nrows < kCh) {  // the copy ran past the run: those Y rows may hold anything (0 * NaN)
         const int cols = min(kCols, p.b2 - j0);
@@ -503,13 +503,14 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
           *reinterpret_cast<uint4*>(y + sw128_offset(nrows + rem / (D / 8), rem % (D / 8), kCh)) = make_uint4(0, 0, 0, 0);
         }
         fence_proxy_async_smem();  // before the next copies into this stage
+        __syncthreads();
       }
     } else {
       if (nxt.row < col_rows) load(nxt, (it + 1) % 2);
       cp_async_commit();
       cp_async_wait_group<1>();
+      __syncthreads();
     }
-    __syncthreads();
     {
       const T* aLj = reinterpret_cast<const T*>(base + (Tma ? jl * 2 * C::kPlane : jl * kCh * C::kLd * sizeof(T)));
       const T* Yj = Tma ? aLj + C::kPlane / sizeof(T) : aLj + C::kTileBytes / sizeof(T);
@@ -530,12 +531,28 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
           MM::run(u[2 * tp + 1], qa[ks], bk[2], bk[3]);
         }
       }
+      // u = s log2(e) q . aL - cL log2(e), one FMA per score with -cL log2(e) of this lane's keys
+      // t * 8 + c + {0, 1} (the same for both of its rows); keys past a partial chunk's rows
+      // (whose aL rows may hold anything) score -inf.
+      float ncl[kCh / 8][2];
 #pragma unroll
       for (int t = 0; t < kCh / 8; ++t) {
+        ncl[t][0] = cLs[t * 8 + c] * -kLog2e;
+        ncl[t][1] = cLs[t * 8 + c + 1] * -kLog2e;
+      }
+      if (nrows == kCh) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int kc = t * 8 + c + e % 2;
-          u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLs[kc] * kLog2e : -INFINITY;
+        for (int t = 0; t < kCh / 8; ++t) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) u[t][e] = fmaf(u[t][e], p.scale_log2, ncl[t][e % 2]);
+        }
+      } else {
+#pragma unroll
+        for (int t = 0; t < kCh / 8; ++t) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            u[t][e] = t * 8 + c + e % 2 < nrows ? fmaf(u[t][e], p.scale_log2, ncl[t][e % 2]) : -INFINITY;
+          }
         }
       }
       online_softmax_pv<T, DO, kCh / 8, Tma>(u, row_max, row_sum, o, Yj, C::kLd, lane, dh * (DO / 8));

@@ -301,14 +301,7 @@ __global__ void __launch_bounds__(32 * MaxWarps)
             }
           }
         }
-#pragma unroll
-        for (int t = 0; t < kW / 8; ++t) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int kc = kh * kW + t * 8 + c + e % 2;
-            u[t][e] = kc < nrows ? u[t][e] * p.scale_log2 - cLc[kc] * kLog2e : -INFINITY;
-          }
-        }
+        stage2_scores<kW / 8>(u, cLc, kh * kW, nrows, p.scale_log2, lane);
       }
       if (pass == 0) {  // online log-sum-exp and sum L g (helper warps: unused values)
         float mx[2] = {-INFINITY, -INFINITY};

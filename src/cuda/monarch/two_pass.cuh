@@ -388,7 +388,6 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
     monarch_stage2_kernel(const MonarchFwdParams p, const __grid_constant__ Stage2Tma tma) {
   using C = TwoPassConfig<T, D>;
   using MM = Mma<T>;
-  constexpr float kLog2e = 1.4426950408889634f;
   constexpr int kCh = C::kChunk;
   constexpr int kCols = Tma ? C::kColsTma : C::kCols;
   constexpr int DO = Tma ? D / 2 : D;  // output features per warp
@@ -399,7 +398,7 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
   // column [aL tiles][Y tiles], then [cL: kCols][kClCopy]), (Tma) two mbarriers, the row offsets.
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + 2 * kStage);
   int* row_off = reinterpret_cast<int*>(smem + 2 * kStage + (Tma ? 2 * sizeof(uint64_t) : 0));
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4;
   const int row_groups = (p.b1 + 31) / 32;
   const int j0 = blockIdx.x * kCols, m = blockIdx.y / row_groups, rg = blockIdx.y % row_groups;
   const int bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
@@ -531,30 +530,7 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
           MM::run(u[2 * tp + 1], qa[ks], bk[2], bk[3]);
         }
       }
-      // u = s log2(e) q . aL - cL log2(e), one FMA per score with -cL log2(e) of this lane's keys
-      // t * 8 + c + {0, 1} (the same for both of its rows); keys past a partial chunk's rows
-      // (whose aL rows may hold anything) score -inf.
-      float ncl[kCh / 8][2];
-#pragma unroll
-      for (int t = 0; t < kCh / 8; ++t) {
-        ncl[t][0] = cLs[t * 8 + c] * -kLog2e;
-        ncl[t][1] = cLs[t * 8 + c + 1] * -kLog2e;
-      }
-      if (nrows == kCh) {
-#pragma unroll
-        for (int t = 0; t < kCh / 8; ++t) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) u[t][e] = fmaf(u[t][e], p.scale_log2, ncl[t][e % 2]);
-        }
-      } else {
-#pragma unroll
-        for (int t = 0; t < kCh / 8; ++t) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            u[t][e] = t * 8 + c + e % 2 < nrows ? fmaf(u[t][e], p.scale_log2, ncl[t][e % 2]) : -INFINITY;
-          }
-        }
-      }
+      stage2_scores<kCh / 8>(u, cLs, 0, nrows, p.scale_log2, lane);
       online_softmax_pv<T, DO, kCh / 8, Tma>(u, row_max, row_sum, o, Yj, C::kLd, lane, dh * (DO / 8));
     }
     __syncthreads();  // this stage is refilled next

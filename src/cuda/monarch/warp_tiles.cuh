@@ -108,6 +108,38 @@ __device__ __forceinline__ void stage1_row_softmax(float (&s)[NT][4], int ntu, c
   }
 }
 
+// Stage 2's scores in log2 units: u = s log2(e) (q . aL) - cL log2(e) for the warp's 16 rows and
+// the keys k0 + t * 8 + c + {0, 1} (c = 2 (lane % 4)) of cl, one FMA per score with -cL log2(e)
+// loaded once per key; keys at or past nrows (whose aL rows may hold anything) score -inf. cl must
+// be readable up to k0 + NT * 8 - 1.
+template <int NT>
+__device__ __forceinline__ void stage2_scores(float (&u)[NT][4], const float* cl, int k0, int nrows,
+                                              float scale_log2, int lane) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int c = (lane % 4) * 2;
+  float ncl[NT][2];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    ncl[t][0] = cl[k0 + t * 8 + c] * -kLog2e;
+    ncl[t][1] = cl[k0 + t * 8 + c + 1] * -kLog2e;
+  }
+  if (k0 + NT * 8 <= nrows) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) u[t][e] = fmaf(u[t][e], scale_log2, ncl[t][e % 2]);
+    }
+  } else {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        u[t][e] = k0 + t * 8 + c + e % 2 < nrows ? fmaf(u[t][e], scale_log2, ncl[t][e % 2]) : -INFINITY;
+      }
+    }
+  }
+}
+
 // One step of the online softmax over NT * 8 more keys for the warp's 16 rows: u holds the
 // scores in log2 units (masked entries -inf; every row has at least one finite score over all
 // steps). Updates row_max and row_sum, returns the factor corr[2] by which the accumulator of the

@@ -309,6 +309,11 @@ inline Status encode_tensor_map(CUtensorMap* map, const void* data, CUtensorMapD
   return Status();
 }
 
+// The tensor-map element type of the kernels' 16-bit inputs.
+inline CUtensorMapDataType map_dtype(bool bf16) {
+  return bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+}
+
 // The row tiles above for a [B, S, H, D] view of 16-bit elements with strides (batch, token,
 // head) in elements: box = 64 features x `rows` tokens of one head.
 inline Status encode_row_tiles(CUtensorMap* map, const void* data, bool bf16, const int64_t shape[4],
@@ -318,8 +323,7 @@ inline Status encode_row_tiles(CUtensorMap* map, const void* data, bool bf16, co
   auto bytes = [&](int dim, int64_t s) { return cuuint64_t(shape[dim] == 1 && s == 0 ? 8 : s) * 2; };
   const cuuint64_t strides[3] = {bytes(1, stride[1]), bytes(2, stride[2]), bytes(0, stride[0])};
   const cuuint32_t box[4] = {64, cuuint32_t(rows), 1, 1};
-  return encode_tensor_map(map, data, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-                           dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B);
+  return encode_tensor_map(map, data, map_dtype(bf16), 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 }  // namespace cuda_detail

@@ -133,20 +133,6 @@ Status prepare_backward_typed() {
   return Status();
 }
 
-// The Hopper stage-2 kernel's tensor maps over the workspace planes (false: the encoder refused,
-// or the rows do not fit its 32-bit coordinates; the portable copies run).
-template <typename T, int D>
-bool stage2_bwd_maps(const MonarchFwdParams& p, int B, Bwd2Tma* tma) {
-  const int64_t rows = int64_t(B) * p.H * p.A * p.b2 * p.F * p.b1;
-  if (rows >= (int64_t(1) << 31)) return false;
-  const CUtensorMapDataType type =
-      std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const cuuint64_t dims[2] = {cuuint64_t(D), cuuint64_t(rows)}, pitch[1] = {cuuint64_t(D) * sizeof(T)};
-  const cuuint32_t box[2] = {64, cuuint32_t(p.b1)};
-  return encode_tensor_map(&tma->al, p.ws_al, type, 2, dims, pitch, box, CU_TENSOR_MAP_SWIZZLE_128B).ok() &&
-         encode_tensor_map(&tma->y, p.ws_y, type, 2, dims, pitch, box, CU_TENSOR_MAP_SWIZZLE_128B).ok();
-}
-
 template <typename T, int D>
 Status launch_backward(const MonarchBwdParams& bp, int B, bool zero_dkv, int64_t k_rows, cudaStream_t s) {
   const MonarchFwdParams& p = bp.f;
@@ -161,7 +147,8 @@ Status launch_backward(const MonarchBwdParams& bp, int B, bool zero_dkv, int64_t
   const int warps2 = std::max(4, (p.b1 + 15) / 16);
   const size_t smem2 = Bwd2Config<T, D>::smem(p.b1);
   Bwd2Tma tma2{};
-  if (p.b1 > 16 && p.b1 <= 32 && use_wgmma() && stage2_bwd_maps<T, D>(p, B, &tma2)) {
+  if (p.b1 > 16 && p.b1 <= 32 && use_wgmma() &&
+      plane_maps(p, B, std::is_same<T, __nv_bfloat16>::value, D, p.b1, &tma2.al, &tma2.y)) {
     monarch_bwd_stage2_kernel<T, D, 4, 2, true><<<grid2, 128, Bwd2Config<T, D>::smem(p.b1, true), s>>>(bp, tma2);
   } else if (p.b1 > 16 && p.b1 <= 32) {
     monarch_bwd_stage2_kernel<T, D, 4, 2><<<grid2, 128, smem2, s>>>(bp, tma2);

@@ -148,16 +148,10 @@ Status dispatch_groups(const MonarchFwdParams& p, int B, int G, cudaStream_t str
   return G == 4 ? launch<T, D, 4>(p, B, stream) : launch<T, D, 2>(p, B, stream);
 }
 
-// The tensor-map element type of T (bf16 or fp16).
-template <typename T>
-CUtensorMapDataType map_type() {
-  return std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-}
-
 // The Hopper stage 1's store maps over the workspace planes (two_pass.cuh, Stage1Tma).
 template <typename T, int D>
 bool stage1_store_maps(const MonarchFwdParams& p, int B, Stage1Tma* tma) {
-  const CUtensorMapDataType type = map_type<T>();
+  const CUtensorMapDataType type = map_dtype(std::is_same<T, __nv_bfloat16>::value);
   const cuuint64_t row = cuuint64_t(D) * sizeof(T), rows_per_j = cuuint64_t(p.F) * p.b1;
   const cuuint64_t dims[4] = {cuuint64_t(D), rows_per_j, cuuint64_t(p.b2), cuuint64_t(B) * p.H * p.A};
   const cuuint64_t strides[3] = {row, rows_per_j * row, cuuint64_t(p.b2) * rows_per_j * row};
@@ -167,6 +161,15 @@ bool stage1_store_maps(const MonarchFwdParams& p, int B, Stage1Tma* tma) {
 }
 
 }  // namespace
+
+bool plane_maps(const MonarchFwdParams& p, int B, bool bf16, int D, int box_rows, CUtensorMap* al, CUtensorMap* y) {
+  const int64_t rows = int64_t(B) * p.H * p.A * p.b2 * p.F * p.b1;
+  if (rows + box_rows >= (int64_t(1) << 31)) return false;
+  const cuuint64_t dims[2] = {cuuint64_t(D), cuuint64_t(rows)}, pitch[1] = {cuuint64_t(D) * 2};
+  const cuuint32_t box[2] = {64, cuuint32_t(box_rows)};
+  return encode_tensor_map(al, p.ws_al, map_dtype(bf16), 2, dims, pitch, box, CU_TENSOR_MAP_SWIZZLE_128B).ok() &&
+         encode_tensor_map(y, p.ws_y, map_dtype(bf16), 2, dims, pitch, box, CU_TENSOR_MAP_SWIZZLE_128B).ok();
+}
 
 bool stage1_maps(const MonarchFwdParams& p, int B, DType dtype, int D, Stage1Tma* tma) {
   if (p.b2 > 64 || !use_wgmma()) return false;
@@ -220,20 +223,6 @@ Status launch_stage1_typed(MonarchFwdParams p, int B, cudaStream_t stream) {
   return Status();
 }
 
-// The Hopper stage 2's tensor maps over the workspace (false: the encoder refused, or the rows
-// do not fit its 32-bit coordinates; the portable stage 2 runs).
-template <typename T, int D>
-bool stage2_maps(const MonarchFwdParams& p, int B, Stage2Tma* tma) {
-  constexpr int kCh = TwoPassConfig<T, D>::kChunk;
-  const int64_t rows = int64_t(B) * p.H * p.A * p.b2 * p.F * p.b1;
-  if (rows + kCh >= (int64_t(1) << 31)) return false;
-  const CUtensorMapDataType type = map_type<T>();
-  const cuuint64_t dims[2] = {cuuint64_t(D), cuuint64_t(rows)}, pitch[1] = {cuuint64_t(D) * sizeof(T)};
-  const cuuint32_t box[2] = {64, kCh};
-  return encode_tensor_map(&tma->al, p.ws_al, type, 2, dims, pitch, box, CU_TENSOR_MAP_SWIZZLE_128B).ok() &&
-         encode_tensor_map(&tma->y, p.ws_y, type, 2, dims, pitch, box, CU_TENSOR_MAP_SWIZZLE_128B).ok();
-}
-
 template <typename T, int D>
 Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream) {
   using C = TwoPassConfig<T, D>;
@@ -246,7 +235,8 @@ Status launch_two_pass(MonarchFwdParams p, int B, int iters, cudaStream_t stream
   float* const lse_out = p.lse_out;
   p.ws_proxy = nullptr;  // iteration 1: the queries are the proxies
   Stage2Tma tma2{};
-  const bool stage2_tma = use_wgmma() && stage2_maps<T, D>(p, B, &tma2);
+  const bool stage2_tma =
+      use_wgmma() && plane_maps(p, B, std::is_same<T, __nv_bfloat16>::value, D, C::kChunk, &tma2.al, &tma2.y);
   for (int it = 1; it <= iters; ++it) {
     MONARCHRT_RETURN_IF_ERROR((launch_stage1_typed<T, D>(p, B, stream)));
     p.ws_lse = it < iters ? lse : nullptr;  // stage 2 of an inner iteration: its log-sum-exp

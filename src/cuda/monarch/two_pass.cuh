@@ -100,6 +100,11 @@ struct Stage1Tma {
 // than 64 keys, a view the encoder refuses). The backward's Hopper dq1 and dkv kernels read K / V and
 // daL / dY through them.
 bool stage1_maps(const MonarchFwdParams& p, int B, DType dtype, int D, Stage1Tma* tma);
+// 2-D maps of the aL and Y planes as [rows][D] (16-bit elements), boxes of 64 features x
+// box_rows rows, 128-byte swizzle: the Hopper stage-2 kernels' copies (forward: chunks of 32 rows;
+// backward: key tiles of b1 rows). False where the encoder refuses or the rows do not fit its
+// 32-bit coordinates (the portable stage 2 runs).
+bool plane_maps(const MonarchFwdParams& p, int B, bool bf16, int D, int box_rows, CUtensorMap* al, CUtensorMap* y);
 
 template <typename T, int D, int B2Max, bool Wg = false>
 __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)

@@ -842,9 +842,6 @@ __global__ void __launch_bounds__(128, 2)
     const int n2 = n1 < p.F ? next_allowed_in(p, m, n1 + 1, n_lim) : p.F;
     const T* Kr = ring + ((2 * it) % C::kSlots) * kTile;
     const T* Vr = ring + ((2 * it + 1) % C::kSlots) * kTile;
-    int64_t row[2];
-    float dcl[2];  // read now, used after the products
-    dq1_rows(p, bh, m, n, k, j_row, row, dcl);
     // S = Q_k K^T, then dR = daL K^T + dY V^T (64 columns x 64 keys each; the first wgmma of
     // each overwrites its accumulator)
     float s[kNT][4], dr[kNT][4];
@@ -853,6 +850,11 @@ __global__ void __launch_bounds__(128, 2)
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16<T, false>(s, qa[ks], kmajor(Kr, ks), ks > 0);
     wgmma_commit();
+    // Read under the products, used after them (issued before the fence above, these loads made
+    // it wait for them).
+    int64_t row[2];
+    float dcl[2];
+    dq1_rows(p, bh, m, n, k, j_row, row, dcl);
     mbar_wait(d_full, it & 1);
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(dr, kmajor(dLs, ks), kmajor(Kr, ks), ks > 0);
@@ -1117,16 +1119,22 @@ __global__ void __launch_bounds__(128, 2)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
   }
-  // lse1, D1 and dcL of column tid in query tile mm, read one tile ahead of their use
+  // lse1, D1 and dcL ln 2 of column tid in query tile mm, read one tile ahead of their use. Pad
+  // columns (b2..63) hold FLT_MAX, 0, 0 for every tile: R = 2^(0 - FLT_MAX) = 0 and dz = 0 there
+  // (their scores and dR are 0: zero q / daL / dY rows), so the softmax needs no column test.
   float cs_next[3] = {0.f, 0.f, 0.f};
   auto load_cs = [&](int mm) {
     if (tid < p.b2) {
       const int64_t row = ws_row(p, bh, mm, tid, n, k);
       cs_next[0] = p.ws_lse1[row];
       cs_next[1] = bp.ws_d1[row];
-      cs_next[2] = p.ws_cl[row];
+      cs_next[2] = p.ws_cl[row] * kLn2;
     }
   };
+  if (tid >= p.b2 && tid < 64) {
+    cs[tid] = FLT_MAX;
+    cs[64 + tid] = cs[128 + tid] = 0.f;
+  }
   load_cs(m);
   mbar_wait(kv_full, 0);
   for (int it = 0; m < p.A; ++it) {
@@ -1160,17 +1168,16 @@ __global__ void __launch_bounds__(128, 2)
       float R[2][4], z[2][4];
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
+        const int t = 2 * kk + u;  // columns t * 8 + c and t * 8 + c + 1
+        const float2 lse1 = *reinterpret_cast<const float2*>(cs + t * 8 + c);
+        const float2 d1 = *reinterpret_cast<const float2*>(cs + 64 + t * 8 + c);
+        const float2 dcl = *reinterpret_cast<const float2*>(cs + 128 + t * 8 + c);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int j = (2 * kk + u) * 8 + c + e % 2;
-          float pj = 0.f, dz = 0.f;
-          if (j < p.b2) {
-            const float lr = s[2 * kk + u][e] * p.scale_log2 - cs[j];  // log2 R
-            pj = ex2_ftz(lr);
-            dz = pj * (dr[2 * kk + u][e] + cs[128 + j] * kLn2 * lr - cs[64 + j]);
-          }
+          const float lr = fmaf(s[t][e], p.scale_log2, -(e % 2 ? lse1.y : lse1.x));  // log2 R
+          const float pj = ex2_ftz(lr);
           R[u][e] = pj;
-          z[u][e] = bp.scale * dz;
+          z[u][e] = bp.scale * pj * fmaf(e % 2 ? dcl.y : dcl.x, lr, dr[t][e] - (e % 2 ? d1.y : d1.x));
         }
       }
       pack_a16<T>(pr[kk], R, 0);

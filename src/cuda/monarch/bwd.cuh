@@ -528,40 +528,30 @@ __global__ void __launch_bounds__(32 * MaxWarps)
 
 // ---- 2. stage-1 backward, query orientation: dq -------------------------------------------
 
-// The softmax part of step 2, shared by both dq1 kernels. In: s, the scores of the thread's two
-// columns against a key row in log2 units (keys past b2 masked inside); dr = daL . K_i + dY . V_i;
-// dcl, the rows' dcL (loaded by the caller early, to hide the latency).
-// Out: s = s dz = s R (dR - D1) with R the row softmax and dR = dr + dcL log R; D1 = sum_i R_i
-// dR_i of each workspace row (row[hr] >= 0) is kept for step 3, so that dq and dK see the same
-// fp32 R.
+// The softmax part of step 2, shared by both dq1 kernels. In: s = q . K_i, the raw scores of the
+// thread's two columns against a key row; dr = daL . K_i + dY . V_i; the rows' dcL and lse1 (the
+// stage-1 recompute's log-sum-exp, log2 units; loaded by the caller early, to hide the latency).
+// Out: s = s dz = s R (dR - D1) with R = 2^(s scale log2(e) - lse1), the R the dK / dV kernel
+// forms too, and dR = dr + dcL log R (keys past b2: R = dR = 0); D1 = sum_i R_i dR_i of each
+// workspace row (row[hr] >= 0) is kept for that kernel.
 template <int NT>
-__device__ __forceinline__ void dq1_row_dz(float (&s)[NT][4], float (&dr)[NT][4], int ntu, const MonarchBwdParams& bp,
-                                           const int64_t (&row)[2], const float (&dcl)[2], int lane) {
+__device__ __forceinline__ void dq1_row_dz(float (&s)[NT][4], float (&dr)[NT][4], const MonarchBwdParams& bp,
+                                           const int64_t (&row)[2], const float (&dcl)[2], const float (&lse1)[2],
+                                           int lane) {
   constexpr float kLn2 = 0.6931471805599453f;
-  float M[2];
-  stage1_row_max<NT>(s, ntu, bp.f, M, lane);
-  float Z[2] = {0.f, 0.f};
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) Z[e / 2] += ex2_ftz(s[t][e] - M[e / 2]);  // masked keys: ex2(-FLT_MAX) = 0
-  }
-  float lse[2], d1[2] = {0.f, 0.f};
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 1);
-    Z[hr] += __shfl_xor_sync(0xffffffffu, Z[hr], 2);
-    lse[hr] = M[hr] + log2f(Z[hr]);
-  }
+  const int c = (lane % 4) * 2;
+  const float dcl_ln2[2] = {dcl[0] * kLn2, dcl[1] * kLn2};
+  float d1[2] = {0.f, 0.f};
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float z = s[t][e] - lse[e / 2];  // log2 R
-      const float R = ex2_ftz(z);
-      dr[t][e] = R == 0.f ? 0.f : dr[t][e] + dcl[e / 2] * kLn2 * z;
+      const bool key = t * 8 + c + e % 2 < bp.f.b2;
+      const float z = fmaf(s[t][e], bp.f.scale_log2, -lse1[e / 2]);  // log2 R
+      const float R = key ? ex2_ftz(z) : 0.f;
+      dr[t][e] = key ? fmaf(dcl_ln2[e / 2], z, dr[t][e]) : 0.f;
       s[t][e] = R;
-      d1[e / 2] += R * dr[t][e];
+      d1[e / 2] = fmaf(R, dr[t][e], d1[e / 2]);
     }
   }
 #pragma unroll
@@ -577,14 +567,15 @@ __device__ __forceinline__ void dq1_row_dz(float (&s)[NT][4], float (&dr)[NT][4]
   }
 }
 
-// The workspace rows (m, j_row[hr], n, k) of the thread's two columns (-1 past b2) and their dcL,
-// read by both dq1 kernels before the products that precede their use.
+// The workspace rows (m, j_row[hr], n, k) of the thread's two columns (-1 past b2) and their dcL
+// and lse1, read by both dq1 kernels before the products that precede their use.
 __device__ __forceinline__ void dq1_rows(const MonarchFwdParams& p, int bh, int m, int n, int k, const int (&j_row)[2],
-                                         int64_t (&row)[2], float (&dcl)[2]) {
+                                         int64_t (&row)[2], float (&dcl)[2], float (&lse1)[2]) {
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     row[hr] = j_row[hr] < p.b2 ? ws_row(p, bh, m, j_row[hr], n, k) : -1;
     dcl[hr] = row[hr] >= 0 ? p.ws_cl[row[hr]] : 0.f;
+    lse1[hr] = row[hr] >= 0 ? p.ws_lse1[row[hr]] : 0.f;
   }
 }
 
@@ -690,8 +681,8 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
     const T* Kr = bufs + ((it % 2) * 2) * C::kB2Max * C::kLd;
     const T* Vr = Kr + C::kB2Max * C::kLd;
     int64_t row[2];
-    float dcl[2];  // read now, used after the products
-    dq1_rows(p, bh, m, n, k, j_row, row, dcl);
+    float dcl[2], lse1[2];  // read now, used after the products
+    dq1_rows(p, bh, m, n, k, j_row, row, dcl, lse1);
     // S = Q_k K^T while daL, dY land; then dR = daL K^T + dY V^T (16 columns x b2 keys)
     float s[kNT][4], dr[kNT][4];
 #pragma unroll
@@ -725,7 +716,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
     __syncthreads();
     if (n_next < p.F) load_d(n_next);
     cp_async_commit();
-    dq1_row_dz<kNT>(s, dr, ntu, bp, row, dcl, lane);  // s becomes s dz
+    dq1_row_dz<kNT>(s, dr, bp, row, dcl, lse1, lane);  // s becomes s dz
     // dq += dz K (the scale is in dz)
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {
@@ -796,7 +787,7 @@ __global__ void __launch_bounds__(128, 2)
     for (int i = 0; i <= C::kSlots; ++i) mbar_init(&full[i], 1);
     fence_mbar_init();
   }
-  const int k_off = row_offset(p, k), ntu = (p.b2 + 7) / 8, slab = bh * p.A + m;
+  const int k_off = row_offset(p, k), slab = bh * p.A + m;
   const int j_row[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
   const int q_tok = tile_base(p, m) + k_off;
   uint32_t qa[D / 16][4];
@@ -853,8 +844,8 @@ __global__ void __launch_bounds__(128, 2)
     // Read under the products, used after them (issued before the fence above, these loads made
     // it wait for them).
     int64_t row[2];
-    float dcl[2];
-    dq1_rows(p, bh, m, n, k, j_row, row, dcl);
+    float dcl[2], lse1[2];
+    dq1_rows(p, bh, m, n, k, j_row, row, dcl, lse1);
     mbar_wait(d_full, it & 1);
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(dr, kmajor(dLs, ks), kmajor(Kr, ks), ks > 0);
@@ -866,7 +857,7 @@ __global__ void __launch_bounds__(128, 2)
     __syncthreads();  // every warp is done with daL, dY of (n, k): those of the next row load now
     if (tid == 0 && n1 < p.F) issue_d(n1);
     // s dz (as the portable kernel), then dq += s dz K (keys past b2 have R = 0, so dz = 0, and zero K rows)
-    dq1_row_dz<kNT>(s, dr, ntu, bp, row, dcl, lane);
+    dq1_row_dz<kNT>(s, dr, bp, row, dcl, lse1, lane);
     uint32_t pa[kNT / 2][4];
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) pack_a16<T>(pa[kk], s, kk);

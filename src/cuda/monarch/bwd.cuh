@@ -1136,7 +1136,6 @@ __global__ void __launch_bounds__(128, 2)
       cs[64 + tid] = cs_next[1];
       cs[128 + tid] = cs_next[2];
     }
-    if (m1 < p.A) load_cs(m1);
     // dR^T = K daL^T + V dY^T, then S^T = K q^T (64 keys x 64 columns each)
     float s[kNT][4], dr[kNT][4];
     mbar_wait(d_full, it & 1);
@@ -1150,6 +1149,7 @@ __global__ void __launch_bounds__(128, 2)
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(s, kmajor(Ks, ks), kmajor(Qs, ks), ks > 0);
     wgmma_commit();
+    if (m1 < p.A) load_cs(m1);  // after the fence above, which would wait for these loads
     __syncthreads();  // the per-column floats are in shared memory
     wgmma_wait<0>();
     // R = 2^(s scale_log2 - lse1), s dz = s R (dR + dcL log R - D1), as the portable kernel

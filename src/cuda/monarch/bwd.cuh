@@ -11,8 +11,9 @@
 //     the workspace), and per virtual key daL = s sum_l du q, dY = sum_l L dO, dcL = -sum_l du,
 //     written over aL, Y, cL in place;
 //  2. monarch_bwd_dq1_kernel, query orientation (like the forward's stage 1): per (m, k) and
-//     column j, over the allowed key tiles: dR_i = daL . K_i + dY . V_i + dcL log R_i,
-//     D1 = sum_i R_i dR_i (kept per workspace row for step 3, so that both use the same fp32 R),
+//     column j, over the allowed key tiles: R from lse1 (as step 3 forms it),
+//     dR_i = daL . K_i + dY . V_i + dcL log R_i, D1 = sum_i R_i dR_i (kept per workspace row for
+//     step 3, which cannot form this sum over keys),
 //     dz = R (dR - D1), dq[m,k,j] = (stage-2 part) + s sum_i dz K_i, written in the input dtype;
 //  3. monarch_bwd_dkv_kernel, key orientation: per key row (n, k), one warp per 16 keys i, over
 //     every query tile m that may attend n and every column j: R rebuilt from lse1,

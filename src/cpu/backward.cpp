@@ -12,7 +12,8 @@
 //     part), and daL, dY, dcL of the column, which overwrite aL, Y, cL in place (a column's aL
 //     and Y are not needed once its dq is formed);
 //  3. per key row r, all j: the stage-1 backward: dq[m,k,j] (stage-1 part) and the contributions
-//     of tile m to dK, dV of the allowed key rows, in the task's own buffer ([r][i][D]).
+//     of tile m to dK, dV of the allowed key rows, in the task's own buffer ([r][i][D]); the
+//     key rows' transposes K^T, V^T are formed once per head and shared by the tasks.
 //  After each wave the task buffers are added into the head's dK, dV in increasing m, in
 //  parallel over key tiles.
 // Dense, per (batch, head), flash-style over query blocks of one frame and key blocks of one
@@ -39,16 +40,17 @@ struct MonarchTask {
   std::vector<float> aL, Y, cL;   // [j][r][D], [j][r][D], [j][r]; become daL, dY, dcL
   std::vector<float> lR;          // log R, [r][j][i]
   std::vector<float> gK, gV;      // contributions to dK, dV of the allowed key rows, [r][i][D]
-  // Scratch: transposes (aR^T, K^T, V^T [D][b2p]; Q_j^T, dO_j^T [D][b1p]), stage-1 tiles
+  // Scratch: transposes (aR^T [D][b2p]; Q_j^T, dO_j^T [D][b1p]), stage-1 tiles
   // [b2][b2p] (Z^T, then dR and s dz; R), stage-2 tiles [rows][b1p] (U^T, G^T), dq rows, columns.
-  std::vector<float> AT, KT, VT, QT, dOT, ZT, RR, UT, GT, dqacc, colv, DA, DY;
+  std::vector<float> AT, QT, dOT, ZT, RR, UT, GT, dqacc, colv, DA, DY;
 };
 
 // The products run as cpu::gemm with the same orientations as the forward (src/cpu/monarch.cpp):
 // stage 1 with the b2 keys of a row as rows, stage 2 with the column's rows (n, k) as rows.
+// KTt, VTt: every key row's K^T and V^T, [row][D][b2p] with zero columns past b2.
 void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float* Kt,
-                           const float* Vt, const float* dOt, float* dQt, int64_t m,
-                           MonarchTask& t) {
+                           const float* Vt, const float* KTt, const float* VTt, const float* dOt,
+                           float* dQt, int64_t m, MonarchTask& t) {
   const int64_t D = p.D, b1 = p.qg.b1, b2 = p.qg.b2;
   const int64_t b2p = (b2 + 15) / 16 * 16, b1p = (b1 + 15) / 16 * 16, wide = std::max(b1p, b2p);
   const float s = static_cast<float>(p.scale);
@@ -63,8 +65,6 @@ void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float*
   t.gK.assign(rows * b2 * D, 0.0f);
   t.gV.assign(rows * b2 * D, 0.0f);
   t.AT.assign(D * b2p, 0.0f);
-  t.KT.assign(D * b2p, 0.0f);
-  t.VT.assign(D * b2p, 0.0f);
   t.QT.assign(D * b1p, 0.0f);
   t.dOT.assign(D * b1p, 0.0f);
   t.ZT.resize(b2 * b2p);
@@ -144,22 +144,17 @@ void monarch_tile_backward(const AttentionPlan& p, const float* Qt, const float*
     for (int64_t k = 0; k < b1; ++k) {
       const int64_t r = ni * b1 + k;
       const float* Krow = Kt + (t.keys[ni] * b1 + k) * b2 * D;
-      const float* Vrow = Vt + (t.keys[ni] * b1 + k) * b2 * D;
+      const float* KTr = KTt + (t.keys[ni] * b1 + k) * D * b2p;
+      const float* VTr = VTt + (t.keys[ni] * b1 + k) * D * b2p;
       float* gKr = &t.gK[r * b2 * D];
       float* gVr = &t.gV[r * b2 * D];
-      for (int64_t i = 0; i < b2; ++i) {
-        for (int64_t d = 0; d < D; ++d) {
-          t.KT[d * b2p + i] = Krow[i * D + d];
-          t.VT[d * b2p + i] = Vrow[i * D + d];
-        }
-      }
       // daL and dY of this row for all j, gathered from [j][r][D] (rows * D apart) once.
       for (int64_t j = 0; j < b2; ++j) {
         std::copy_n(&t.aL[(j * rows + r) * D], D, &t.DA[j * D]);
         std::copy_n(&t.Y[(j * rows + r) * D], D, &t.DY[j * D]);
       }
-      gemm(b2, b2p, D, t.DA.data(), D, 1, t.KT.data(), b2p, t.ZT.data(), b2p, false);
-      gemm(b2, b2p, D, t.DY.data(), D, 1, t.VT.data(), b2p, t.ZT.data(), b2p, true);
+      gemm(b2, b2p, D, t.DA.data(), D, 1, KTr, b2p, t.ZT.data(), b2p, false);
+      gemm(b2, b2p, D, t.DY.data(), D, 1, VTr, b2p, t.ZT.data(), b2p, true);
       for (int64_t j = 0; j < b2; ++j) {
         const float* lr = &t.lR[(r * b2 + j) * b2];
         const float dc = t.cL[j * rows + r];
@@ -195,6 +190,8 @@ Status monarch_backward(const TensorView& q, const TensorView& k, const TensorVi
     const std::vector<int64_t> krows = key_rows(p, &kperm);  // logical key (tile order) -> row
     std::vector<float> Q(p.Sq * D), dO(p.Sq * D), dQ(p.Sq * D), K(p.Skv * D), V(p.Skv * D);
     std::vector<float> gK(p.Skv * D), gV(p.Skv * D), dKrows(Sk * D), dVrows(Sk * D);
+    const int64_t b2 = p.qg.b2, b2p = (b2 + 15) / 16 * 16, key_rows_n = F * p.qg.b1;
+    std::vector<float> KT(key_rows_n * D * b2p, 0.0f), VT(key_rows_n * D * b2p, 0.0f);
     const int64_t wave = std::max<int64_t>(1, std::min<int64_t>(num_threads(), A));
     std::vector<MonarchTask> tasks(static_cast<size_t>(wave));
     std::vector<int64_t> slot_of(static_cast<size_t>(wave * F));  // [task][n] -> ni or -1
@@ -204,13 +201,22 @@ Status monarch_backward(const TensorView& q, const TensorView& k, const TensorVi
         gather_head(dout, b, h, qperm.data(), dO.data());
         gather_rows(k, b, h, krows.data(), p.Skv, K.data());
         gather_rows(v, b, h, krows.data(), p.Skv, V.data());
+        parallel_for(key_rows_n, [&](int64_t r) {  // K^T, V^T of key row r (pad columns stay zero)
+          for (int64_t i = 0; i < b2; ++i) {
+            for (int64_t d = 0; d < D; ++d) {
+              KT[(r * D + d) * b2p + i] = K[(r * b2 + i) * D + d];
+              VT[(r * D + d) * b2p + i] = V[(r * b2 + i) * D + d];
+            }
+          }
+        });
         std::fill(gK.begin(), gK.end(), 0.0f);
         std::fill(gV.begin(), gV.end(), 0.0f);
         for (int64_t m0 = 0; m0 < A; m0 += wave) {
           const int64_t count = std::min(wave, A - m0);
           parallel_for(count, [&](int64_t w) {
             MonarchTask& t = tasks[static_cast<size_t>(w)];
-            monarch_tile_backward(p, Q.data(), K.data(), V.data(), dO.data(), dQ.data(), m0 + w, t);
+            monarch_tile_backward(p, Q.data(), K.data(), V.data(), KT.data(), VT.data(), dO.data(), dQ.data(),
+                                  m0 + w, t);
             int64_t* slots = &slot_of[static_cast<size_t>(w * F)];
             std::fill(slots, slots + F, -1);
             for (size_t ni = 0; ni < t.keys.size(); ++ni) slots[t.keys[ni]] = static_cast<int64_t>(ni);

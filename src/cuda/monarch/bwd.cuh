@@ -115,7 +115,8 @@ __global__ void __launch_bounds__(32 * MaxWarps)
   unsigned char* stages = smem_raw + (Tma ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u);
   // warps: one per 16 query rows and key group (the launch gives at least warps * KG); any
   // further warps of the CTA (nwarps) join the daL / dY products and the copies only.
-  const int qp = (p.b1 + 15) / 16 * 16, warps = qp / 16, nwarps = int(blockDim.x) / 32;
+  // (Tma: b1 of 17 to 32 and 128 threads, so these are compile-time constants there)
+  const int qp = Tma ? 32 : (p.b1 + 15) / 16 * 16, warps = qp / 16, nwarps = Tma ? 4 : int(blockDim.x) / 32;
   // stages: 2 x [aL, Y][kCh][kLd], cL[kCh]; Tma: 2 x [aL tiles][Y tiles][cL]
   T* Qs = reinterpret_cast<T*>(stages + 2 * kStageB);  // [qp][kLd]
   T* dOs = Qs + qp * C::kLd;
@@ -385,7 +386,9 @@ __global__ void __launch_bounds__(32 * MaxWarps)
         // daL = (s du)^T q and dY = L^T dO, tiles of 16 keys x 64 features spread over the warps
         const int64_t row0 = ws_row(p, bh, m, j, n, k0);
         constexpr int kFt = D / 64, kTiles = 2 * (kCh / 16) * kFt;
-        for (int tile = warp; tile < kTiles; tile += nwarps) {
+        // Tma: 4 warps, a fixed trip count of kTiles / 4 (unrolled)
+#pragma unroll
+        for (int step = 0, tile = warp; Tma ? step < kTiles / 4 : tile < kTiles; ++step, tile += nwarps) {
           const int prod = tile / ((kCh / 16) * kFt), vt = (tile / kFt) % (kCh / 16), ft = tile % kFt;
           if (vt * 16 >= nrows) continue;
           const T* P = prod == 0 ? dUs : Ls;
@@ -393,6 +396,7 @@ __global__ void __launch_bounds__(32 * MaxWarps)
           float o[8][4];
 #pragma unroll
           for (int i = 0; i < 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+#pragma unroll
           for (int kq = 0; kq < warps; ++kq) {
             uint32_t pa[4];  // (P^T) rows = keys vt*16.., columns = queries kq*16.. (P is [query][key])
             ldmatrix_x4_trans(pa, P + (kq * 16 + (lane / 16) * 8 + lane % 8) * C::kPLd + vt * 16 + ((lane / 8) % 2) * 8);

@@ -55,6 +55,19 @@ __device__ __forceinline__ void stmatrix_x4(void* p, const uint32_t (&r)[4]) {
 #endif
 }
 
+// The same, each matrix stored transposed: the lane's element (row lane / 4, column c) of
+// matrix j lands in row c of the 8 rows that lanes 8 j .. 8 j + 7 address.
+__device__ __forceinline__ void stmatrix_x4_trans(void* p, const uint32_t (&r)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(smem_addr(p)),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+#else
+  (void)p, (void)r;
+  __trap();
+#endif
+}
+
 __device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
                : "=r"(r[0]), "=r"(r[1])

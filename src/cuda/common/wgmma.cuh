@@ -158,22 +158,22 @@ __device__ __forceinline__ void wgmma_acc_rows64(float (&acc)[D / 8][4], const u
   "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                          \
   "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE                                            \
   " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26," \
-  "%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+  "%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, %35;\n}\n"
 
-// d (+)= A * B with both operands in shared memory, K-major (A[m][k] = X[m][k] with rows m of the
-// descriptor's tile, e.g. daL rows; B as the K-major B above).
-template <typename T>
+// d (+)= A * B with both operands in shared memory, A K-major (A[m][k] = X[m][k] with rows m of
+// the descriptor's tile, e.g. daL rows), B K-major or, with TransB, MN-major (both as above).
+template <typename T, bool TransB = false>
 __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
                                                    bool accumulate) {
 #ifdef MONARCHRT_WGMMA_DEVICE
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     asm volatile(MONARCHRT_WGMMA_M64N64K16_SS("bf16")
                  : MONARCHRT_WGMMA_D32(d)
-                 : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
+                 : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(int(TransB)));
   } else {
     asm volatile(MONARCHRT_WGMMA_M64N64K16_SS("f16")
                  : MONARCHRT_WGMMA_D32(d)
-                 : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
+                 : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(int(TransB)));
   }
 #else
   (void)d, (void)desc_a, (void)desc_b, (void)accumulate;

@@ -121,7 +121,7 @@ Status prepare_backward_typed() {
   if (use_wgmma()) {
     static std::atomic<uint64_t> d8{0}, d9{0}, d10{0};
     MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_stage2_kernel<T, D, 4, 2, true>, C2::smem(32, true), d10));
-    MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq1_wg_kernel<T, D>, Dq1WgConfig<T, D>::kSmem, d8));
+    MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dq_wg_kernel<T, D>, DqWgConfig<T, D>::kSmem, d8));
     MONARCHRT_RETURN_IF_ERROR(ensure_smem(monarch_bwd_dkv_wg_kernel<T, D>, DkvWgConfig<T, D>::kSmem, d9));
   }
   if (D == 128) {  // the wide configuration, where the device has the shared memory for it
@@ -175,9 +175,10 @@ Status launch_backward(const MonarchBwdParams& bp, int B, bool zero_dkv, int64_t
   // Hopper, rows of up to 64 keys: the maps of the stage-1 recompute, and q in the same row tiles
   if (stage1_maps(p, B, dtype, D, &tma) &&
       encode_row_tiles(&qmap, p.q, dtype == DType::kBF16, q_shape, p.q_stride, p.b2).ok()) {
-    monarch_bwd_dq1_wg_kernel<T, D><<<dim3(p.A, p.b1, BH), 128, Dq1WgConfig<T, D>::kSmem, s>>>(bp, tma);
-    MONARCHRT_CUDA_CHECK(cudaGetLastError());
+    // dK / dV first: it forms D1 and leaves s dz in the workspace for the dq kernel
     monarch_bwd_dkv_wg_kernel<T, D><<<dim3(p.b1, p.F, BH), 128, DkvWgConfig<T, D>::kSmem, s>>>(bp, tma, qmap);
+    MONARCHRT_CUDA_CHECK(cudaGetLastError());
+    monarch_bwd_dq_wg_kernel<T, D><<<dim3(p.A, p.b1, BH), 128, DqWgConfig<T, D>::kSmem, s>>>(bp, tma);
   } else if (p.b2 <= kNarrow) {
     monarch_bwd_dq1_kernel<T, D, kNarrow><<<dim3(p.b1, p.A, BH), 32 * warps, Dq1Config<T, D, kNarrow>::kSmem, s>>>(bp);
     MONARCHRT_CUDA_CHECK(cudaGetLastError());

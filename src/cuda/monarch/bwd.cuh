@@ -13,12 +13,17 @@
 //  2. monarch_bwd_dq1_kernel, query orientation (like the forward's stage 1): per (m, k) and
 //     column j, over the allowed key tiles: R from lse1 (as step 3 forms it),
 //     dR_i = daL . K_i + dY . V_i + dcL log R_i, D1 = sum_i R_i dR_i (kept per workspace row for
-//     step 3, which cannot form this sum over keys),
+//     step 3, whose warps each hold 16 of the keys this sums over),
 //     dz = R (dR - D1), dq[m,k,j] = (stage-2 part) + s sum_i dz K_i, written in the input dtype;
 //  3. monarch_bwd_dkv_kernel, key orientation: per key row (n, k), one warp per 16 keys i, over
 //     every query tile m that may attend n and every column j: R rebuilt from lse1,
 //     dK_i = sum R daL + s dz q[m,k,j], dV_i = sum R dY, written in the input dtype. (In KV-cache
 //     mode dk and dv are zeroed first: keys nobody attends get exactly zero.)
+//
+// On Hopper (rows of up to 64 keys) steps 2 and 3 trade places: monarch_bwd_dkv_wg_kernel forms
+// D1 itself (a sum over its key row) and leaves s dz in the workspace over the consumed daL rows,
+// and monarch_bwd_dq_wg_kernel forms dq = (stage-2 part) + sum (s dz) K from it: one product per
+// workspace row instead of dq1's four, and no second read of daL / dY.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -40,7 +45,7 @@ struct MonarchBwdParams {
   void* dv;
   int64_t do_stride[3], dq_stride[3], dk_stride[3], dv_stride[3];  // batch, token, head
   float scale;      // softmax scale (natural units)
-  float* ws_d1;     // per workspace row: D1 = sum_i R_i dR_i (written by the dq1 kernel)
+  float* ws_d1;     // per workspace row: D1 = sum_i R_i dR_i (written by the portable dq1 kernel)
   float* dq_acc;    // per query ((bh * A + m) * b1 + l) * b2 + j: D floats, the stage-2 part of dq
   // Optional, from cuda::monarch_attention_with_lse (both or neither): the forward's output
   // (strides batch, token, head) and each query's stage-2 log-sum-exp, natural log, [B*H][Sq].
@@ -533,7 +538,7 @@ __global__ void __launch_bounds__(32 * MaxWarps)
 
 // ---- 2. stage-1 backward, query orientation: dq -------------------------------------------
 
-// The softmax part of step 2, shared by both dq1 kernels. In: s = q . K_i, the raw scores of the
+// The softmax part of step 2 (the portable dq1 kernel). In: s = q . K_i, the raw scores of the
 // thread's two columns against a key row; dr = daL . K_i + dY . V_i; the rows' dcL and lse1 (the
 // stage-1 recompute's log-sum-exp, log2 units; loaded by the caller early, to hide the latency).
 // Out: s = s dz = s R (dR - D1) with R = 2^(s scale log2(e) - lse1), the R the dK / dV kernel
@@ -573,7 +578,7 @@ __device__ __forceinline__ void dq1_row_dz(float (&s)[NT][4], float (&dr)[NT][4]
 }
 
 // The workspace rows (m, j_row[hr], n, k) of the thread's two columns (-1 past b2) and their dcL
-// and lse1, read by both dq1 kernels before the products that precede their use.
+// and lse1, read by the dq1 kernel before the products that precede their use.
 __device__ __forceinline__ void dq1_rows(const MonarchFwdParams& p, int bh, int m, int n, int k, const int (&j_row)[2],
                                          int64_t (&row)[2], float (&dcl)[2], float (&lse1)[2]) {
 #pragma unroll
@@ -584,21 +589,39 @@ __device__ __forceinline__ void dq1_rows(const MonarchFwdParams& p, int bh, int 
   }
 }
 
-// dq of the thread's two query rows j_row of (m, k) (dst: the row of query 0 of that tile row):
-// the stage-2 part from the workspace plus acc = s sum dz K, in the input dtype.
+// The dq accumulator of the thread's two query rows j_row of (m, k) starts from dq's stage-2
+// part (read at the start of the dq kernels, so that its latency hides behind their first
+// copies; 0 past b2), and the products add s sum dz K to it.
+template <int D>
+__device__ __forceinline__ void load_dq_part(const MonarchBwdParams& bp, float (&acc)[D / 8][4], int bh, int m,
+                                             int k, const int (&j_row)[2], int lane) {
+  const int c = (lane % 4) * 2;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const bool ok = j_row[hr] < bp.f.b2;
+    const float* part = bp.dq_acc + query_index(bp.f, bh, m, k, ok ? j_row[hr] : 0) * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const float2 x = ok ? *reinterpret_cast<const float2*>(part + i * 8 + c) : make_float2(0.f, 0.f);
+      acc[i][2 * hr] = x.x;
+      acc[i][2 * hr + 1] = x.y;
+    }
+  }
+}
+
+// dq of the thread's two query rows j_row (dst: the row of query 0 of that tile row), in the
+// input dtype.
 template <typename T, int D>
 __device__ __forceinline__ void store_dq_rows(const MonarchBwdParams& bp, const float (&acc)[D / 8][4], T* dst,
-                                              int bh, int m, int k, const int (&j_row)[2], int lane) {
+                                              const int (&j_row)[2], int lane) {
   const int c = (lane % 4) * 2;
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     if (j_row[hr] >= bp.f.b2) continue;
-    const float* part = bp.dq_acc + query_index(bp.f, bh, m, k, j_row[hr]) * D;
     T* row = dst + int64_t(j_row[hr]) * bp.dq_stride[1];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
-      const float2 x = *reinterpret_cast<const float2*>(part + i * 8 + c);
-      *reinterpret_cast<uint32_t*>(row + i * 8 + c) = Mma<T>::pack(acc[i][2 * hr] + x.x, acc[i][2 * hr + 1] + x.y);
+      *reinterpret_cast<uint32_t*>(row + i * 8 + c) = Mma<T>::pack(acc[i][2 * hr], acc[i][2 * hr + 1]);
     }
   }
 }
@@ -655,8 +678,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
   };
   __syncthreads();
   float acc[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  load_dq_part<D>(bp, acc, bh, m, k, j_row, lane);
 
   T* dLs = bufs + 4 * C::kB2Max * C::kLd;  // [kB2Max][kLd] daL rows of the columns j
   T* dYs = dLs + C::kB2Max * C::kLd;
@@ -739,149 +761,22 @@ __global__ void __launch_bounds__(256) monarch_bwd_dq1_kernel(const MonarchBwdPa
     }
     n = n_next;  // the next iteration's barrier protects both buffers
   }
-  store_dq_rows<T, D>(bp, acc, dqg + int64_t(q_tok) * bp.dq_stride[1], bh, m, k, j_row, lane);
-}
-
-// Hopper variant of step 2 (rows of up to 64 keys, use_wgmma(), the forward stage 1's tensor
-// maps): one warpgroup per (m, k), its 64 columns j as the wgmma's M. Thread 0 copies by TMA the
-// K and V rows (n, k) of the allowed key tiles (row tiles of b2 tokens, as the forward's stage 1)
-// into a ring of four slots, two key rows ahead (copy i: the K row of the CTA's (i / 2)-th key
-// row for even i, its V row for odd i; slot i % 4, phase i / 4), and the daL / dY rows (m, j, n,
-// k) of every column j through the workspace maps (tma.al / tma.y: one box of 64 features x b2
-// columns per 64 features) into one buffer, refilled for the next key row as soon as the dR
-// products are done. Products by wgmma with fp32 accumulators in mma.sync's fragment layout, so
-// the register code between them is the portable kernel's: S = Q K^T (Q as register A fragments,
-// K as K-major B), dR = daL K^T + dY V^T (daL / dY as K-major A from shared memory), dq += dz K
-// (dz as register A fragments, K as MN-major B). Pad key rows and pad columns (b2..63) are never
-// written by the copies and stay zero.
-template <typename T, int D>
-struct Dq1WgConfig {
-  static constexpr size_t kTileBytes = size_t(64) * D * sizeof(T);  // 64 rows (keys or columns) x D
-  static constexpr int kSlots = 4;
-  // 1008 bytes to align the tiles to 1024 (the 128-byte swizzle), the ring, the daL and dY
-  // tiles, one mbarrier per slot and one for daL / dY: 97 KB at D = 128, 2 CTAs per SM.
-  static constexpr size_t kSmem = 1008 + (kSlots + 2) * kTileBytes + (kSlots + 1) * sizeof(uint64_t);
-};
-
-template <typename T, int D>
-__global__ void __launch_bounds__(128, 2)
-    monarch_bwd_dq1_wg_kernel(const MonarchBwdParams bp, const __grid_constant__ Stage1Tma tma) {
-  const MonarchFwdParams& p = bp.f;
-  using C = Dq1WgConfig<T, D>;
-  constexpr int kNT = 8;  // 8-key tiles of a 64-key row
-  constexpr size_t kTile = C::kTileBytes / sizeof(T);
-  // The A query tiles of a key row are neighbours in launch order (they read the same K / V rows).
-  const int m = blockIdx.x, k = blockIdx.y, bh = blockIdx.z;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
-  T* ring = reinterpret_cast<T*>(smem);  // [slot][D / 64][64][64], swizzled
-  T* dLs = ring + C::kSlots * kTile;     // [D / 64][64 columns][64], swizzled
-  T* dYs = dLs + kTile;
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + (C::kSlots + 2) * C::kTileBytes);
-  uint64_t* d_full = full + C::kSlots;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int b = bh / p.H, h = bh % p.H;
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
-  T* dqg = static_cast<T*>(bp.dq) + b * bp.dq_stride[0] + h * bp.dq_stride[2];
-
-  for (int i = tid; i < int((C::kSlots + 2) * C::kTileBytes / 16); i += blockDim.x) {
-    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
-  }
-  fence_proxy_async_smem();  // the zero pad rows are read by wgmma
-  if (tid == 0) {
-    for (int i = 0; i <= C::kSlots; ++i) mbar_init(&full[i], 1);
-    fence_mbar_init();
-  }
-  const int k_off = row_offset(p, k), slab = bh * p.A + m;
-  const int j_row[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
-  const int q_tok = tile_base(p, m) + k_off;
-  uint32_t qa[D / 16][4];
-  load_a_rows<T, D>(qa, j_row[0] < p.b2 ? qg + int64_t(q_tok + j_row[0]) * p.q_stride[1] : nullptr,
-                    j_row[1] < p.b2 ? qg + int64_t(q_tok + j_row[1]) * p.q_stride[1] : nullptr, lane);
-  auto issue = [&](const CUtensorMap* map, int n, int i) {  // copy i of the ring: key row (n, k)
-    const int slot = i % C::kSlots;
-    const int tok = key_tile_base(p, n) + k_off;
-    mbar_expect(&full[slot], (D / 64) * uint32_t(p.b2) * 128);
-#pragma unroll
-    for (int hf = 0; hf < D / 64; ++hf) {
-      tma_load_tile(ring + slot * kTile + hf * 64 * 64, map, hf * 64, tok, h, b, &full[slot]);
-    }
-  };
-  auto issue_d = [&](int n) {  // daL and dY of key row (n, k), every column j
-    mbar_expect(d_full, 2 * (D / 64) * uint32_t(p.b2) * 128);
-#pragma unroll
-    for (int hf = 0; hf < D / 64; ++hf) {
-      tma_load_tile(dLs + hf * 64 * 64, &tma.al, hf * 64, n * p.b1 + k, 0, slab, d_full);
-      tma_load_tile(dYs + hf * 64 * 64, &tma.y, hf * 64, n * p.b1 + k, 0, slab, d_full);
-    }
-  };
-  auto wait_copy = [&](int i) { mbar_wait(&full[i % C::kSlots], (i / C::kSlots) & 1); };
-  // K-major operand (S's and dR's B, dR's A): 16 features are 32 bytes into a 64-feature tile.
-  auto kmajor = [](const T* tile, int ks) { return wgmma_desc_sw128(tile + (ks / 4) * 64 * 64 + (ks % 4) * 16, 1024); };
-  __syncthreads();
-  const int n_lim = allowed_lim(p, m);
-  int n = next_allowed_in(p, m, 0, n_lim);
-  int n1 = n < p.F ? next_allowed_in(p, m, n + 1, n_lim) : p.F;
-  if (tid == 0 && n < p.F) {
-    issue(&tma.k, n, 0);
-    issue(&tma.v, n, 1);
-    issue_d(n);
-    if (n1 < p.F) {
-      issue(&tma.k, n1, 2);
-      issue(&tma.v, n1, 3);
-    }
-  }
-  float acc[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  for (int it = 0; n < p.F; ++it) {
-    const int n2 = n1 < p.F ? next_allowed_in(p, m, n1 + 1, n_lim) : p.F;
-    const T* Kr = ring + ((2 * it) % C::kSlots) * kTile;
-    const T* Vr = ring + ((2 * it + 1) % C::kSlots) * kTile;
-    // S = Q_k K^T, then dR = daL K^T + dY V^T (64 columns x 64 keys each; the first wgmma of
-    // each overwrites its accumulator)
-    float s[kNT][4], dr[kNT][4];
-    wait_copy(2 * it);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16<T, false>(s, qa[ks], kmajor(Kr, ks), ks > 0);
-    wgmma_commit();
-    // Read under the products, used after them (issued before the fence above, these loads made
-    // it wait for them).
-    int64_t row[2];
-    float dcl[2], lse1[2];
-    dq1_rows(p, bh, m, n, k, j_row, row, dcl, lse1);
-    mbar_wait(d_full, it & 1);
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(dr, kmajor(dLs, ks), kmajor(Kr, ks), ks > 0);
-    wait_copy(2 * it + 1);
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(dr, kmajor(dYs, ks), kmajor(Vr, ks), true);
-    wgmma_commit();
-    wgmma_wait<0>();
-    __syncthreads();  // every warp is done with daL, dY of (n, k): those of the next row load now
-    if (tid == 0 && n1 < p.F) issue_d(n1);
-    // s dz (as the portable kernel), then dq += s dz K (keys past b2 have R = 0, so dz = 0, and zero K rows)
-    dq1_row_dz<kNT>(s, dr, bp, row, dcl, lse1, lane);
-    uint32_t pa[kNT / 2][4];
-#pragma unroll
-    for (int kk = 0; kk < kNT / 2; ++kk) pack_a16<T>(pa[kk], s, kk);
-    wgmma_fence();
-    wgmma_acc_rows64<T, D>(acc, pa, Kr);
-    wgmma_commit();
-    wgmma_wait<0>();
-    __syncthreads();  // every warp is done with the K and V rows of (n, k): row it + 2 takes their slots
-    if (tid == 0 && n2 < p.F) {
-      issue(&tma.k, n2, 2 * it + 4);
-      issue(&tma.v, n2, 2 * it + 5);
-    }
-    n = n1;
-    n1 = n2;
-  }
-  store_dq_rows<T, D>(bp, acc, dqg + int64_t(q_tok) * bp.dq_stride[1], bh, m, k, j_row, lane);
+  store_dq_rows<T, D>(bp, acc, dqg + int64_t(q_tok) * bp.dq_stride[1], j_row, lane);
 }
 
 // ---- 3. stage-1 backward, key orientation: dK, dV ------------------------------------------
+
+// One step of a reduce-scatter over lanes (xor 2 Half): of v[0 .. 2 Half - 1], the lane keeps
+// the half that its lane bit selects, plus the partner's values of that half, in v[0 .. Half - 1].
+template <int Half, int N>
+__device__ __forceinline__ void reduce_scatter_step(float (&v)[N], int lane) {
+  const bool hi = lane & (2 * Half);
+#pragma unroll
+  for (int x = 0; x < Half; ++x) {
+    const float give = hi ? v[x] : v[x + Half], keep = hi ? v[x + Half] : v[x];
+    v[x] = keep + __shfl_xor_sync(0xffffffffu, give, 2 * Half);
+  }
+}
 
 template <typename T, int D, int B2Max = (D == 128 ? 64 : 128)>
 struct DkvConfig {
@@ -1032,15 +927,22 @@ __global__ void __launch_bounds__(256) monarch_bwd_dkv_kernel(const MonarchBwdPa
 // the next tile starts with dR^T, so its daL / dY copy overlaps the s dz q product. Products:
 // S^T = K q^T and dR^T = K daL^T + V dY^T with both operands in shared memory (K-major), then
 // dV += R dY and dK += R daL + s dz q with R / s dz as register A fragments and the column rows
-// as MN-major B. The per-column lse1, D1 and dcL come through shared memory. Pad keys
-// (b2..63) give rows that are never stored; pad columns are zero in q / daL / dY and get
+// as MN-major B. The per-column lse1 and dcL come through shared memory. This kernel runs
+// before the dq kernel (below) and forms D1 = sum_i R_i dR_i itself: the thread's products,
+// summed over the warp's keys by a reduce-scatter and over the four warps through shared memory
+// (one barrier); s dz goes to a shared-memory tile by stmatrix (transposed: rows are columns j)
+// and by TMA over the first 64 features of the daL rows (m, j, n, k) just consumed, which no
+// later step reads. Pad keys (b2..63) get R = 0 (their K / V rows are zero, but R = 2^-lse1
+// would not be) and rows that are never stored; pad columns are zero in q / daL / dY and get
 // R = dz = 0.
 template <typename T, int D>
 struct DkvWgConfig {
   static constexpr size_t kTileBytes = size_t(64) * D * sizeof(T);  // 64 rows (keys or columns) x D
-  // 1008 bytes to align the tiles to 1024 (the 128-byte swizzle), K, V, q, daL and dY tiles,
-  // the per-column floats, three mbarriers: 81 KB at D = 128, 2 CTAs per SM.
-  static constexpr size_t kSmem = 1008 + 5 * kTileBytes + 3 * 64 * sizeof(float) + 3 * sizeof(uint64_t);
+  static constexpr size_t kDzBytes = size_t(64) * 64 * sizeof(T);   // 64 columns x 64 keys
+  // 1008 bytes to align the tiles to 1024 (the 128-byte swizzle), K, V, q, daL and dY tiles, the
+  // dz tile, the per-column floats (lse1, dcL ln 2, four warps' partial D1), three mbarriers:
+  // 91 KB at D = 128, 2 CTAs per SM.
+  static constexpr size_t kSmem = 1008 + 5 * kTileBytes + kDzBytes + 6 * 64 * sizeof(float) + 3 * sizeof(uint64_t);
 };
 
 template <typename T, int D>
@@ -1064,8 +966,10 @@ __global__ void __launch_bounds__(128, 2)
   T* Qs = Vs + kTile;
   T* dLs = Qs + kTile;
   T* dYs = dLs + kTile;
-  float* cs = reinterpret_cast<float*>(smem + 5 * C::kTileBytes);  // [lse1, D1, dcL][64 columns]
-  uint64_t* kv_full = reinterpret_cast<uint64_t*>(cs + 3 * 64);
+  T* dZs = dYs + kTile;  // [64 columns][64 keys], swizzled: s dz of the current query tile
+  float* cs = reinterpret_cast<float*>(smem + 5 * C::kTileBytes + C::kDzBytes);  // [lse1, dcL ln 2][64 columns]
+  float* d1s = cs + 2 * 64;                                                       // [warp][64 columns]
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(d1s + 4 * 64);
   uint64_t* q_full = kv_full + 1;
   uint64_t* d_full = kv_full + 2;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, c = (lane % 4) * 2;
@@ -1115,22 +1019,23 @@ __global__ void __launch_bounds__(128, 2)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
   }
-  // lse1, D1 and dcL ln 2 of column tid in query tile mm, read one tile ahead of their use. Pad
-  // columns (b2..63) hold FLT_MAX, 0, 0 for every tile: R = 2^(0 - FLT_MAX) = 0 and dz = 0 there
+  // lse1 and dcL of column tid in query tile mm, read one tile ahead of their use. Pad
+  // columns (b2..63) hold FLT_MAX, 0 for every tile: R = 2^(0 - FLT_MAX) = 0 and dz = 0 there
   // (their scores and dR are 0: zero q / daL / dY rows), so the softmax needs no column test.
-  float cs_next[3] = {0.f, 0.f, 0.f};
+  // Keys past b2 (zero K / V rows, so s = dR = 0, but R = 2^-lse1) are masked per thread.
+  float cs_next[2] = {0.f, 0.f};
   auto load_cs = [&](int mm) {
     if (tid < p.b2) {
       const int64_t row = ws_row(p, bh, mm, tid, n, k);
       cs_next[0] = p.ws_lse1[row];
-      cs_next[1] = bp.ws_d1[row];
-      cs_next[2] = p.ws_cl[row] * kLn2;
+      cs_next[1] = p.ws_cl[row];
     }
   };
   if (tid >= p.b2 && tid < 64) {
     cs[tid] = FLT_MAX;
-    cs[64 + tid] = cs[128 + tid] = 0.f;
+    cs[64 + tid] = 0.f;
   }
+  const bool key_ok[2] = {warp * 16 + lane / 4 < p.b2, warp * 16 + lane / 4 + 8 < p.b2};
   load_cs(m);
   mbar_wait(kv_full, 0);
   for (int it = 0; m < p.A; ++it) {
@@ -1138,8 +1043,7 @@ __global__ void __launch_bounds__(128, 2)
     while (m1 < p.A && !tile_allowed(p, m1, n)) ++m1;
     if (tid < p.b2) {  // (the previous tile's were last read before its closing barriers)
       cs[tid] = cs_next[0];
-      cs[64 + tid] = cs_next[1];
-      cs[128 + tid] = cs_next[2];
+      cs[64 + tid] = cs_next[1] * kLn2;
     }
     // dR^T = K daL^T + V dY^T, then S^T = K q^T (64 keys x 64 columns each)
     float s[kNT][4], dr[kNT][4];
@@ -1157,28 +1061,55 @@ __global__ void __launch_bounds__(128, 2)
     if (m1 < p.A) load_cs(m1);  // after the fence above, which would wait for these loads
     __syncthreads();  // the per-column floats are in shared memory
     wgmma_wait<0>();
-    // R = 2^(s scale_log2 - lse1), s dz = s R (dR + dcL log R - D1), as the portable kernel
+    // R = 2^(s scale_log2 - lse1) into s, dR + dcL log R into dr, and the thread's part of
+    // D1 = sum_i R_i dR_i of its columns (its two keys), summed over the warp's 16 keys
+    float d1[2 * kNT];
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {  // columns t * 8 + c and t * 8 + c + 1
+      const float2 lse1 = *reinterpret_cast<const float2*>(cs + t * 8 + c);
+      const float2 dcl = *reinterpret_cast<const float2*>(cs + 64 + t * 8 + c);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float lr = fmaf(s[t][e], p.scale_log2, -(e % 2 ? lse1.y : lse1.x));  // log2 R
+        s[t][e] = key_ok[e / 2] ? ex2_ftz(lr) : 0.f;
+        dr[t][e] = fmaf(e % 2 ? dcl.y : dcl.x, lr, dr[t][e]);
+      }
+      d1[2 * t] = fmaf(s[t][0], dr[t][0], s[t][2] * dr[t][2]);
+      d1[2 * t + 1] = fmaf(s[t][1], dr[t][1], s[t][3] * dr[t][3]);
+    }
+    // The 8 lanes of equal lane % 4 hold the same 16 columns (index 2 t + e): a reduce-scatter
+    // over lane bits 4, 3, 2 leaves each lane the warp's sums of 2 of them (14 shuffles, not 48).
+    reduce_scatter_step<8>(d1, lane);
+    reduce_scatter_step<4>(d1, lane);
+    reduce_scatter_step<2>(d1, lane);
+    *reinterpret_cast<float2*>(d1s + warp * 64 + ((lane / 4) % 2 + ((lane / 8) % 2) * 2 + ((lane / 16) % 2) * 4) * 8 +
+                               c) = make_float2(d1[0], d1[1]);
+    if (tid == 0) bulk_wait_read<0>();  // the previous tile's dz has left dZs
+    __syncthreads();                    // the four warps' partial D1 are in shared memory
+    // s dz = s R (dR - D1) (the portable kernels' dq1 forms D1 and dz the same way), packed as
+    // A fragments and stored transposed for the dq kernel: dZs row j = column j's 64 keys
     uint32_t pr[kNT / 2][4], pz[kNT / 2][4];
 #pragma unroll
-    for (int kk = 0; kk < kNT / 2; ++kk) {
-      float R[2][4], z[2][4];
+    for (int t = 0; t < kNT; ++t) {
+      float2 sum = *reinterpret_cast<const float2*>(d1s + t * 8 + c);
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int t = 2 * kk + u;  // columns t * 8 + c and t * 8 + c + 1
-        const float2 lse1 = *reinterpret_cast<const float2*>(cs + t * 8 + c);
-        const float2 d1 = *reinterpret_cast<const float2*>(cs + 64 + t * 8 + c);
-        const float2 dcl = *reinterpret_cast<const float2*>(cs + 128 + t * 8 + c);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float lr = fmaf(s[t][e], p.scale_log2, -(e % 2 ? lse1.y : lse1.x));  // log2 R
-          const float pj = ex2_ftz(lr);
-          R[u][e] = pj;
-          z[u][e] = bp.scale * pj * fmaf(e % 2 ? dcl.y : dcl.x, lr, dr[t][e] - (e % 2 ? d1.y : d1.x));
-        }
+      for (int w = 1; w < 4; ++w) {
+        const float2 x = *reinterpret_cast<const float2*>(d1s + w * 64 + t * 8 + c);
+        sum.x += x.x;
+        sum.y += x.y;
       }
-      pack_a16<T>(pr[kk], R, 0);
-      pack_a16<T>(pz[kk], z, 0);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dr[t][e] = bp.scale * s[t][e] * (dr[t][e] - (e % 2 ? sum.y : sum.x));
     }
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      pack_a16<T>(pr[kk], s, kk);
+      pack_a16<T>(pz[kk], dr, kk);
+      // matrix q = lane / 8 of pz[kk]: keys warp * 16 + 8 (q % 2) .., columns kk * 16 + 8 (q / 2) ..
+      const int q = lane / 8, j = kk * 16 + (q / 2) * 8 + lane % 8;
+      stmatrix_x4_trans(dZs + j * 64 + (((warp * 2 + q % 2) ^ (j % 8)) * 8), pz[kk]);
+    }
+    fence_proxy_async_smem();  // dZs is read by the copy engine
     // dV += R dY, dK += R daL (released together), then dK += s dz q
     wgmma_fence();
     wgmma_acc_rows64<T, D>(dv, pr, dYs);
@@ -1187,13 +1118,20 @@ __global__ void __launch_bounds__(128, 2)
     wgmma_acc_rows64<T, D>(dk, pz, Qs);
     wgmma_commit();
     wgmma_wait<1>();
-    __syncthreads();  // every warp is done with daL, dY of tile m: those of the next tile load now
-    if (tid == 0 && m1 < p.A) issue_d(m1);
+    __syncthreads();  // every warp is done with daL, dY of tile m (and has stored its dz)
+    if (tid == 0) {
+      // s dz of (m, every column j, n, k) over the first 64 features of daL's consumed rows,
+      // which no later step reads: the dq kernel finds it there
+      tma_store_tile(&tma.al, 0, n * p.b1 + k, 0, bh * p.A + m, dZs);
+      bulk_commit();
+      if (m1 < p.A) issue_d(m1);
+    }
     wgmma_wait<0>();
     __syncthreads();  // and with q
     if (tid == 0 && m1 < p.A) issue_q(m1);
     m = m1;
   }
+  if (tid == 0) bulk_wait<0>();
   T* dkg = static_cast<T*>(bp.dk) + b * bp.dk_stride[0] + h * bp.dk_stride[2];
   T* dvg = static_cast<T*>(bp.dv) + b * bp.dv_stride[0] + h * bp.dv_stride[2];
 #pragma unroll
@@ -1208,6 +1146,98 @@ __global__ void __launch_bounds__(128, 2)
       *reinterpret_cast<uint32_t*>(vd + t * 8 + c) = MM::pack(dv[t][2 * hr], dv[t][2 * hr + 1]);
     }
   }
+}
+
+// ---- 4 (Hopper). dq's stage-1 part from the dz that the dK / dV kernel stored ---------------
+
+// On Hopper the order of steps 2 and 3 turns around: the dK / dV kernel forms D1 itself (a sum
+// over its key row's keys) and leaves s dz over the first 64 features of the daL rows it has
+// consumed, so dq[m, k, j] = (stage-2 part) + sum_n sum_i (s dz)[m, j, n, k, i] K[n, k, i] is one
+// product per key tile: per (m, k), over the allowed key tiles n, the dz tile (64 columns j x 64
+// keys, K-major A) against the key row (keys x D, MN-major B), both by TMA through a ring of
+// kSlots. No recomputed scores and no daL / dY reads (the dq1 kernel's 4 products and 2 plane
+// passes become 1 product and a dz read of 128 bytes per workspace row).
+template <typename T, int D>
+struct DqWgConfig {
+  static constexpr size_t kKBytes = size_t(64) * D * sizeof(T);  // a key row, [D / 64][64][64]
+  static constexpr size_t kZBytes = size_t(64) * 64 * sizeof(T);  // a dz tile, [64][64]
+  static constexpr int kSlots = 3;
+  // 1008 bytes to align the tiles to 1024 (the 128-byte swizzle), the ring, an mbarrier per
+  // slot: 73 KB at D = 128, 3 CTAs per SM.
+  static constexpr size_t kSmem = 1008 + kSlots * (kKBytes + kZBytes) + kSlots * sizeof(uint64_t);
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128, 3)
+    monarch_bwd_dq_wg_kernel(const MonarchBwdParams bp, const __grid_constant__ Stage1Tma tma) {
+  const MonarchFwdParams& p = bp.f;
+  using C = DqWgConfig<T, D>;
+  constexpr size_t kK = C::kKBytes / sizeof(T), kZ = C::kZBytes / sizeof(T);
+  // The A query tiles of a key row are neighbours in launch order (they read the same K rows).
+  const int m = blockIdx.x, k = blockIdx.y, bh = blockIdx.z;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+  T* Ks = reinterpret_cast<T*>(smem);  // [slot][D / 64][64 keys][64], swizzled
+  T* Zs = Ks + C::kSlots * kK;         // [slot][64 columns][64 keys], swizzled
+  uint64_t* full = reinterpret_cast<uint64_t*>(Zs + C::kSlots * kZ);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int b = bh / p.H, h = bh % p.H;
+  // The ring is kSlots * (D / 64 + 1) tiles of 64 rows x 128 bytes; TMA fills rows 0 .. b2 - 1,
+  // the product also reads the others (keys and columns past b2): zero once.
+  const int pad = (64 - p.b2) * 8;  // 16-byte chunks of rows b2 .. 63
+  for (int i = tid; i < C::kSlots * (D / 64 + 1) * pad; i += blockDim.x) {
+    reinterpret_cast<uint4*>(smem + (i / pad) * 8192 + p.b2 * 128)[i % pad] = make_uint4(0, 0, 0, 0);
+  }
+  fence_proxy_async_smem();
+  if (tid == 0) {
+    for (int i = 0; i < C::kSlots; ++i) mbar_init(&full[i], 1);
+    fence_mbar_init();
+  }
+  __syncthreads();
+  const int k_off = row_offset(p, k), slab = bh * p.A + m;
+  const int j_row[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
+  float acc[D / 8][4];
+  load_dq_part<D>(bp, acc, bh, m, k, j_row, lane);
+  auto issue = [&](int n, int i) {  // copy i of the ring: key row (n, k) and its dz tile
+    const int slot = i % C::kSlots;
+    mbar_expect(&full[slot], (D / 64 + 1) * uint32_t(p.b2) * 128);
+#pragma unroll
+    for (int hf = 0; hf < D / 64; ++hf) {
+      tma_load_tile(Ks + slot * kK + hf * 64 * 64, &tma.k, hf * 64, key_tile_base(p, n) + k_off, h, b, &full[slot]);
+    }
+    tma_load_tile(Zs + slot * kZ, &tma.al, 0, n * p.b1 + k, 0, slab, &full[slot]);
+  };
+  const int n_lim = allowed_lim(p, m);
+  int n = next_allowed_in(p, m, 0, n_lim), n_next = n;  // n_next: the next key tile to copy
+  for (int i = 0; i < C::kSlots && n_next < p.F; ++i) {
+    if (tid == 0) issue(n_next, i);
+    n_next = next_allowed_in(p, m, n_next + 1, n_lim);
+  }
+  for (int it = 0; n < p.F; ++it) {
+    const int slot = it % C::kSlots;
+    mbar_wait(&full[slot], (it / C::kSlots) & 1);
+    wgmma_fence();
+#pragma unroll
+    for (int half = 0; half < D / 64; ++half) {
+      float(&ah)[8][4] = *reinterpret_cast<float(*)[8][4]>(&acc[8 * half]);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        wgmma_m64n64k16_ss<T, true>(ah, wgmma_desc_sw128(Zs + slot * kZ + kk * 16, 1024),
+                                    wgmma_desc_sw128(Ks + slot * kK + half * 64 * 64 + kk * 16 * 64, 1024), true);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // the products of step it - 1 are done ...
+    __syncthreads();  // ... in every warp: copy it - 1 + kSlots takes that slot
+    if (it > 0 && n_next < p.F) {
+      if (tid == 0) issue(n_next, it - 1 + C::kSlots);
+      n_next = next_allowed_in(p, m, n_next + 1, n_lim);
+    }
+    n = next_allowed_in(p, m, n + 1, n_lim);
+  }
+  wgmma_wait<0>();
+  T* dqg = static_cast<T*>(bp.dq) + b * bp.dq_stride[0] + h * bp.dq_stride[2];
+  store_dq_rows<T, D>(bp, acc, dqg + int64_t(tile_base(p, m) + k_off) * bp.dq_stride[1], j_row, lane);
 }
 
 // Zeroes rows [0, rows) of a [B, rows, H, D] view (16-byte chunks).

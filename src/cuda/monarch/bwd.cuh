@@ -591,18 +591,19 @@ __device__ __forceinline__ void dq1_rows(const MonarchFwdParams& p, int bh, int 
 
 // The dq accumulator of the thread's two query rows j_row of (m, k) starts from dq's stage-2
 // part (read at the start of the dq kernels, so that its latency hides behind their first
-// copies; 0 past b2), and the products add s sum dz K to it.
+// copies), and the products add s sum dz K to it.
 template <int D>
 __device__ __forceinline__ void load_dq_part(const MonarchBwdParams& bp, float (&acc)[D / 8][4], int bh, int m,
                                              int k, const int (&j_row)[2], int lane) {
   const int c = (lane % 4) * 2;
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
-    const bool ok = j_row[hr] < bp.f.b2;
-    const float* part = bp.dq_acc + query_index(bp.f, bh, m, k, ok ? j_row[hr] : 0) * D;
+    // Rows past b2 (never stored) start from column 0's part: a select of zero there would be
+    // a non-wgmma definition of the accumulator that makes ptxas serialize the dq kernel's wgmma.
+    const float* part = bp.dq_acc + query_index(bp.f, bh, m, k, j_row[hr] < bp.f.b2 ? j_row[hr] : 0) * D;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
-      const float2 x = ok ? *reinterpret_cast<const float2*>(part + i * 8 + c) : make_float2(0.f, 0.f);
+      const float2 x = *reinterpret_cast<const float2*>(part + i * 8 + c);
       acc[i][2 * hr] = x.x;
       acc[i][2 * hr + 1] = x.y;
     }
@@ -974,8 +975,11 @@ __global__ void __launch_bounds__(128, 2)
   uint64_t* d_full = kv_full + 2;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, c = (lane % 4) * 2;
   const int b = bh / p.H, h = bh % p.H;
-  for (int i = tid; i < int(5 * C::kTileBytes / 16); i += blockDim.x) {
-    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
+  // The five tiles are 5 * D / 64 blocks of 64 rows x 128 bytes; TMA fills rows 0 .. b2 - 1, the
+  // products also read the others (keys and columns past b2): zero once.
+  const int pad = (64 - p.b2) * 8;  // 16-byte chunks of rows b2 .. 63
+  for (int i = tid; i < 5 * (D / 64) * pad; i += blockDim.x) {
+    reinterpret_cast<uint4*>(smem + (i / pad) * 8192 + p.b2 * 128)[i % pad] = make_uint4(0, 0, 0, 0);
   }
   fence_proxy_async_smem();  // the zero pad rows are read by wgmma
   if (tid == 0) {

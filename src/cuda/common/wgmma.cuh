@@ -141,15 +141,15 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], const uint32_t
 // acc (64 x D, the warpgroup's fp32 fragments, D / 8 tiles of 8 columns) += A X with K = 64: A
 // as register fragments a[kk] of columns 16 kk .. 16 kk + 15 (e.g. probabilities), X a tile of
 // 64 rows (K) x D with the 128-byte swizzle, [D / 64][64][64] (TMA's row tiles), read as the
-// MN-major B. Issued, not committed.
-template <typename T, int D>
+// MN-major B (kBlockStride elements from one 64-feature block to the next). Issued, not committed.
+template <typename T, int D, int kBlockStride = 64 * 64>
 __device__ __forceinline__ void wgmma_acc_rows64(float (&acc)[D / 8][4], const uint32_t (&a)[4][4], const T* X) {
 #pragma unroll
   for (int half = 0; half < D / 64; ++half) {
     float(&ah)[8][4] = *reinterpret_cast<float(*)[8][4]>(&acc[8 * half]);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      wgmma_m64n64k16<T, true>(ah, a[kk], wgmma_desc_sw128(X + half * 64 * 64 + kk * 16 * 64, 1024), true);
+      wgmma_m64n64k16<T, true>(ah, a[kk], wgmma_desc_sw128(X + half * kBlockStride + kk * 16 * 64, 1024), true);
     }
   }
 }
@@ -181,7 +181,36 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t de
 #endif
 }
 
+#define MONARCHRT_WGMMA_M64N128K16_SS(TYPE)                                                               \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                        \
+  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE                                          \
+  " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26," \
+  "%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51," \
+  "%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+
+// [lo | hi] (+)= A * B with N = 128, both operands K-major in shared memory: lo gets columns
+// 0..63 of the product (rows 0..63 of B), hi columns 64..127.
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&lo)[8][4], float (&hi)[8][4], uint64_t desc_a,
+                                                    uint64_t desc_b, bool accumulate) {
+#ifdef MONARCHRT_WGMMA_DEVICE
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(MONARCHRT_WGMMA_M64N128K16_SS("bf16")
+                 : MONARCHRT_WGMMA_D32(lo), MONARCHRT_WGMMA_D32(hi)
+                 : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
+  } else {
+    asm volatile(MONARCHRT_WGMMA_M64N128K16_SS("f16")
+                 : MONARCHRT_WGMMA_D32(lo), MONARCHRT_WGMMA_D32(hi)
+                 : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)));
+  }
+#else
+  (void)lo, (void)hi, (void)desc_a, (void)desc_b, (void)accumulate;
+  __trap();
+#endif
+}
+
 #undef MONARCHRT_WGMMA_M64N64K16_SS
+#undef MONARCHRT_WGMMA_M64N128K16_SS
 #undef MONARCHRT_WGMMA_M64N64K16
 #undef MONARCHRT_WGMMA_D32
 

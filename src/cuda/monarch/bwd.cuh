@@ -964,9 +964,11 @@ __global__ void __launch_bounds__(128, 2)
   unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   T* Ks = reinterpret_cast<T*>(smem);  // each [D / 64][64][64], swizzled
   T* Vs = Ks + kTile;
-  T* Qs = Vs + kTile;
-  T* dLs = Qs + kTile;
-  T* dYs = dLs + kTile;
+  // daL and q interleaved per 64-feature block ([D / 64][daL, q][64][64]): S^T and the daL part of
+  // dR^T are one product of N = 128 (K against 64 daL rows followed by 64 q rows)
+  T* dLs = Vs + kTile;
+  T* Qs = dLs + 64 * 64;
+  T* dYs = dLs + 2 * kTile;
   T* dZs = dYs + kTile;  // [64 columns][64 keys], swizzled: s dz of the current query tile
   float* cs = reinterpret_cast<float*>(smem + 5 * C::kTileBytes + C::kDzBytes);  // [lse1, dcL ln 2][64 columns]
   float* d1s = cs + 2 * 64;                                                       // [warp][64 columns]
@@ -993,14 +995,14 @@ __global__ void __launch_bounds__(128, 2)
     mbar_expect(q_full, row_bytes);
 #pragma unroll
     for (int hf = 0; hf < D / 64; ++hf) {
-      tma_load_tile(Qs + hf * 64 * 64, &qmap, hf * 64, tile_base(p, mm) + k_off, h, b, q_full);
+      tma_load_tile(Qs + hf * 2 * 64 * 64, &qmap, hf * 64, tile_base(p, mm) + k_off, h, b, q_full);
     }
   };
   auto issue_d = [&](int mm) {  // daL and dY of query tile mm, every column j
     mbar_expect(d_full, 2 * row_bytes);
 #pragma unroll
     for (int hf = 0; hf < D / 64; ++hf) {
-      tma_load_tile(dLs + hf * 64 * 64, &tma.al, hf * 64, n * p.b1 + k, 0, bh * p.A + mm, d_full);
+      tma_load_tile(dLs + hf * 2 * 64 * 64, &tma.al, hf * 64, n * p.b1 + k, 0, bh * p.A + mm, d_full);
       tma_load_tile(dYs + hf * 64 * 64, &tma.y, hf * 64, n * p.b1 + k, 0, bh * p.A + mm, d_full);
     }
   };
@@ -1049,18 +1051,18 @@ __global__ void __launch_bounds__(128, 2)
       cs[tid] = cs_next[0];
       cs[64 + tid] = cs_next[1] * kLn2;
     }
-    // dR^T = K daL^T + V dY^T, then S^T = K q^T (64 keys x 64 columns each)
+    // [dR^T | S^T] = K [daL | q]^T, then dR^T += V dY^T (64 keys x 64 columns each)
     float s[kNT][4], dr[kNT][4];
     mbar_wait(d_full, it & 1);
+    mbar_wait(q_full, it & 1);
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(dr, kmajor(Ks, ks), kmajor(dLs, ks), ks > 0);
+    for (int ks = 0; ks < D / 16; ++ks) {
+      wgmma_m64n128k16_ss<T>(dr, s, kmajor(Ks, ks), wgmma_desc_sw128(dLs + (ks / 4) * 2 * 64 * 64 + (ks % 4) * 16, 1024),
+                             ks > 0);
+    }
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(dr, kmajor(Vs, ks), kmajor(dYs, ks), true);
-    wgmma_commit();
-    mbar_wait(q_full, it & 1);
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) wgmma_m64n64k16_ss<T>(s, kmajor(Ks, ks), kmajor(Qs, ks), ks > 0);
     wgmma_commit();
     if (m1 < p.A) load_cs(m1);  // after the fence above, which would wait for these loads
     __syncthreads();  // the per-column floats are in shared memory
@@ -1117,9 +1119,9 @@ __global__ void __launch_bounds__(128, 2)
     // dV += R dY, dK += R daL (released together), then dK += s dz q
     wgmma_fence();
     wgmma_acc_rows64<T, D>(dv, pr, dYs);
-    wgmma_acc_rows64<T, D>(dk, pr, dLs);
+    wgmma_acc_rows64<T, D, 2 * 64 * 64>(dk, pr, dLs);
     wgmma_commit();
-    wgmma_acc_rows64<T, D>(dk, pz, Qs);
+    wgmma_acc_rows64<T, D, 2 * 64 * 64>(dk, pz, Qs);
     wgmma_commit();
     wgmma_wait<1>();
     __syncthreads();  // every warp is done with daL, dY of tile m (and has stored its dz)

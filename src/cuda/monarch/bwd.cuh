@@ -924,9 +924,10 @@ __global__ void __launch_bounds__(256) monarch_bwd_dkv_kernel(const MonarchBwdPa
 // dK and dV (64 keys x D, fp32) stay in registers. Thread 0 copies by TMA the K and V rows once,
 // then per allowed query tile m the q row (m, k) and the daL / dY rows (m, j, n, k) of every
 // column j, each into one buffer: daL / dY are refilled for the next tile as soon as the
-// products that read them (dR^T, dV += R dY, dK += R daL) are done, q after the last one, and
-// the next tile starts with dR^T, so its daL / dY copy overlaps the s dz q product. Products:
-// S^T = K q^T and dR^T = K daL^T + V dY^T with both operands in shared memory (K-major), then
+// products that read them (dR^T, dV += R dY, dK += R daL) are done, so that copy overlaps the
+// s dz q product, and q after the last one. Products: [dR^T | S^T] = K [daL | q]^T as one product
+// of N = 128 (daL and q interleaved per 64-feature block, so that the 64 daL rows and the 64 q
+// rows are one K-major B operand), then dR^T += V dY^T, all operands in shared memory; then
 // dV += R dY and dK += R daL + s dz q with R / s dz as register A fragments and the column rows
 // as MN-major B. The per-column lse1 and dcL come through shared memory. This kernel runs
 // before the dq kernel (below) and forms D1 = sum_i R_i dR_i itself: the thread's products,
@@ -940,7 +941,7 @@ template <typename T, int D>
 struct DkvWgConfig {
   static constexpr size_t kTileBytes = size_t(64) * D * sizeof(T);  // 64 rows (keys or columns) x D
   static constexpr size_t kDzBytes = size_t(64) * 64 * sizeof(T);   // 64 columns x 64 keys
-  // 1008 bytes to align the tiles to 1024 (the 128-byte swizzle), K, V, q, daL and dY tiles, the
+  // 1008 bytes to align the tiles to 1024 (the 128-byte swizzle), K, V, daL / q and dY tiles, the
   // dz tile, the per-column floats (lse1, dcL ln 2, four warps' partial D1), three mbarriers:
   // 91 KB at D = 128, 2 CTAs per SM.
   static constexpr size_t kSmem = 1008 + 5 * kTileBytes + kDzBytes + 6 * 64 * sizeof(float) + 3 * sizeof(uint64_t);

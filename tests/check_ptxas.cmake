@@ -1,9 +1,10 @@
 # ptxas's report on the CUDA objects of the monarchrt library (kept by tools/nvcc_log.sh in
 # LOG_DIR) must not say that a kernel's wgmma instructions are serialized (ptxas's "Potential
-# Performance Loss" advisories, e.g. C7515: a non-wgmma instruction defines an accumulator register
-# inside a wgmma pipeline stage, so ptxas waits for every wgmma before the next; the twenty-eighth
-# session found one in the backward's dq kernel that cost it 15% of its time). Fails, with the kernels named, if one does, or if no
-# report for sm_90a exists (nothing to check). Run by CTest: cmake -DLOG_DIR=... -P check_ptxas.cmake
+# Performance Loss" advisories, e.g. C7515: a non-wgmma instruction defines an accumulator
+# register inside a wgmma pipeline stage, so ptxas waits for every wgmma before the next; the
+# twenty-eighth session found one in the backward's dq kernel that cost it 15% of its time).
+# Fails, with the kernels named, if one does, or if no report for sm_90a exists (nothing to
+# check). Run by CTest: cmake -DLOG_DIR=... -P check_ptxas.cmake
 file(GLOB logs "${LOG_DIR}/*.log")
 set(checked 0)
 set(bad "")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CUDA compiler launcher of the monarchrt library (CMakeLists.txt): runs the compile command it is
 # given and keeps the compiler's messages, among them ptxas's report of every kernel (-Xptxas=-v),
-# in LOGDIR/<object>.log, which the test ptxas_wgmma_not_serialized (tests/check_ptxas.cmake)
+# in LOGDIR/<object path>.log, which the test ptxas_wgmma_not_serialized (tests/check_ptxas.cmake)
 # reads. The messages are also passed on to the build's output as usual.
 # Usage: nvcc_log.sh LOGDIR COMMAND [ARGS...]
 set -uo pipefail
@@ -14,7 +14,7 @@ for a in "$@"; do
   prev=$a
 done
 mkdir -p "$logdir"
-log="$logdir/$(basename "$obj").log"
+log="$logdir/$(printf %s "$obj" | tr / _).log"  # the object path, / as _
 "$@" 2>"$log.tmp"
 rc=$?
 cat "$log.tmp" >&2

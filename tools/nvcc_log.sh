@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CUDA compiler launcher of the monarchrt library (CMakeLists.txt): runs the compile command it is
 # given and keeps the compiler's messages, among them ptxas's report of every kernel (-Xptxas=-v),
-# in LOGDIR/<object path>.log, which the test ptxas_wgmma_not_serialized (tests/check_ptxas.cmake)
+# in LOGDIR/<object path>.log, which the test ptxas_hopper_kernels (tests/check_ptxas.cmake)
 # reads. The messages are also passed on to the build's output as usual.
 # Usage: nvcc_log.sh LOGDIR COMMAND [ARGS...]
 set -uo pipefail

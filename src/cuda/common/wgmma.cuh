@@ -57,6 +57,18 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void* smem, uint32_t 
          (uint64_t(1) << 62);
 }
 
+// Zeroes rows b2 .. 63 of `tiles` consecutive swizzled tiles of 64 rows x 128 bytes at `smem`:
+// the rows a TMA copy of b2 rows never writes but wgmma reads (a row's 8 chunks of 16 bytes only
+// trade places under the swizzle, so whole rows are zeroed alike). Every thread of the CTA calls
+// it; the caller fences (`fence_proxy_async_smem`) and synchronizes before the products.
+__device__ __forceinline__ void zero_pad_rows(void* smem, int tiles, int b2) {
+  const int pad = (64 - b2) * 8;  // 16-byte chunks of rows b2 .. 63 in one tile
+  unsigned char* base = static_cast<unsigned char*>(smem) + b2 * 128;
+  for (int i = threadIdx.x; i < tiles * pad; i += blockDim.x) {
+    reinterpret_cast<uint4*>(base + (i / pad) * 8192)[i % pad] = make_uint4(0, 0, 0, 0);
+  }
+}
+
 // Gives up (dec) or claims (inc) registers for the executing warpgroup: a copying warpgroup
 // hands its registers to the computing ones. Every warp of the warpgroup must execute it.
 template <int Regs>

@@ -980,10 +980,7 @@ __global__ void __launch_bounds__(128, 2)
   const int b = bh / p.H, h = bh % p.H;
   // The five tiles are 5 * D / 64 blocks of 64 rows x 128 bytes; TMA fills rows 0 .. b2 - 1, the
   // products also read the others (keys and columns past b2): zero once.
-  const int pad = (64 - p.b2) * 8;  // 16-byte chunks of rows b2 .. 63
-  for (int i = tid; i < 5 * (D / 64) * pad; i += blockDim.x) {
-    reinterpret_cast<uint4*>(smem + (i / pad) * 8192 + p.b2 * 128)[i % pad] = make_uint4(0, 0, 0, 0);
-  }
+  zero_pad_rows(smem, 5 * (D / 64), p.b2);
   fence_proxy_async_smem();  // the zero pad rows are read by wgmma
   if (tid == 0) {
     for (int i = 0; i < 3; ++i) mbar_init(&kv_full[i], 1);
@@ -1191,10 +1188,7 @@ __global__ void __launch_bounds__(128, 3)
   const int b = bh / p.H, h = bh % p.H;
   // The ring is kSlots * (D / 64 + 1) tiles of 64 rows x 128 bytes; TMA fills rows 0 .. b2 - 1,
   // the product also reads the others (keys and columns past b2): zero once.
-  const int pad = (64 - p.b2) * 8;  // 16-byte chunks of rows b2 .. 63
-  for (int i = tid; i < C::kSlots * (D / 64 + 1) * pad; i += blockDim.x) {
-    reinterpret_cast<uint4*>(smem + (i / pad) * 8192 + p.b2 * 128)[i % pad] = make_uint4(0, 0, 0, 0);
-  }
+  zero_pad_rows(smem, C::kSlots * (D / 64 + 1), p.b2);
   fence_proxy_async_smem();
   if (tid == 0) {
     for (int i = 0; i < C::kSlots; ++i) mbar_init(&full[i], 1);

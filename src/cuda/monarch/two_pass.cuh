@@ -135,11 +135,7 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
   // Pad key rows (i >= b2) must be zeros, never garbage: 0 * NaN is NaN. (Wg: only rows b2..63 of
   // the 3 * D / 64 tiles of 64 rows x 8 chunks of 16 bytes; the copies never write them.)
   if constexpr (Wg) {
-    const int pad = 64 - p.b2;
-    for (int i = tid; i < 3 * (D / 64) * pad * 8; i += blockDim.x) {
-      const int tile = i / (pad * 8), rem = i % (pad * 8);
-      reinterpret_cast<uint4*>(smem)[(tile * 64 + p.b2 + rem / 8) * 8 + rem % 8] = make_uint4(0, 0, 0, 0);
-    }
+    zero_pad_rows(smem, 3 * (D / 64), p.b2);
   } else {
     for (int i = tid; i < int(C::kBufBytes / 16); i += blockDim.x) {
       reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);

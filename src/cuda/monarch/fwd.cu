@@ -187,18 +187,20 @@ namespace {
 
 // How many CTAs share the key tiles of one (query tile, row) in stage 1 (MonarchFwdParams::
 // key_parts). The launch has A * b1 * B * H CTAs whatever the key length (1080 for a
-// Self-Forcing chunk, about two waves of 4 CTAs per SM on an H100), each walking all its key
-// tiles; parts of about 7 tiles each keep the last wave short. Measured on an H100 (docs/perf.md,
-// twelfth session): 1-3% less time for 21 key frames, full 32760, block-causal and several
-// iterations; none at 3-9 frames (3 parts at 3 frames: +3..6%, hence 1 part below 11 tiles).
-// MONARCHRT_STAGE1_KEY_PARTS=N in the environment forces N (tests and benchmarks).
+// Self-Forcing chunk, about two waves of 4 CTAs per SM), each walking all its key tiles; parts
+// of about 5 tiles each keep the last wave short. Measured on an H100 (docs/perf.md, twelfth
+// session: parts of 7 tiles, 1-3% less time for 21 key frames, full 32760, block-causal and
+// several iterations; 3 parts at 3 frames +3..6%) and swept on an H200 (twenty-ninth session:
+// 2 parts at 9 key frames -3%, 3 at 15 -1.5%, 4 at 21 and full 32760 -0..1% against parts of 7;
+// block-causal best at 2, 3 frames at 1). MONARCHRT_STAGE1_KEY_PARTS=N in the environment
+// forces N (tests and benchmarks).
 int stage1_key_parts(const MonarchFwdParams& p) {
   const char* e = std::getenv("MONARCHRT_STAGE1_KEY_PARTS");
   if (e != nullptr && std::atoi(e) > 0) return std::min(std::atoi(e), std::max(p.F, 1));
   // key tiles a query tile attends, on average (block-causal: half the tiles plus half a chunk)
   const int chunk_tiles = p.causal_chunk > 0 ? p.causal_chunk / p.f_tied * p.tpg : 0;
   const int per_tile = p.causal_chunk > 0 ? (p.F + chunk_tiles) / 2 : p.F;
-  return std::max(1, std::min(8, (per_tile + 3) / 7));
+  return std::max(1, std::min(8, (per_tile + 2) / 5));
 }
 
 // Stage 1 into the workspace, with the configuration that holds rows of b2 keys.

@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(32 * MaxWarps)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4, c = (lane % 4) * 2;
   const int rg = warp % warps, kh = warp / warps;  // the warp's query rows and key group
   const bool row_warp = kh < KG;
-  const int j = blockIdx.x, m = blockIdx.y, bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const int j = blockIdx.x, m = blockIdx.y, bh = bh_last_first(), b = bh / p.H, h = bh % p.H;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
   const T* dog = static_cast<const T*>(bp.dout) + b * bp.do_stride[0] + h * bp.do_stride[2];
   T* al_ws = static_cast<T*>(p.ws_al);
@@ -794,7 +794,7 @@ __global__ void __launch_bounds__(256) monarch_bwd_dkv_kernel(const MonarchBwdPa
   using C = DkvConfig<T, D, B2Max>;
   using MM = Mma<T>;
   constexpr float kLn2 = 0.6931471805599453f;
-  const int k = blockIdx.x, n = blockIdx.y, bh = blockIdx.z;
+  const int k = blockIdx.x, n = blockIdx.y, bh = bh_last_first();
   bool attended = false;
   for (int m = 0; m < p.A && !attended; ++m) attended = tile_allowed(p, m, n);
   if (!attended) return;  // dk, dv of this row stay zero (KV-cache mode zeroes them first)
@@ -1178,7 +1178,7 @@ __global__ void __launch_bounds__(128, 3)
   using C = DqWgConfig<T, D>;
   constexpr size_t kK = C::kKBytes / sizeof(T), kZ = C::kZBytes / sizeof(T);
   // The A query tiles of a key row are neighbours in launch order (they read the same K rows).
-  const int m = blockIdx.x, k = blockIdx.y, bh = blockIdx.z;
+  const int m = blockIdx.x, k = blockIdx.y, bh = bh_last_first();
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   T* Ks = reinterpret_cast<T*>(smem);  // [slot][D / 64][64 keys][64], swizzled

@@ -98,5 +98,11 @@ __device__ __forceinline__ int2 allowed_part(const MonarchFwdParams& p, int m, i
   return r;
 }
 
+// Kernels that read what the launch before them wrote (the forward's and the backward's stage 2
+// after stage 1, the Hopper dq kernel after dK / dV, the portable dK / dV after dq1) take the
+// heads (grid z) in the opposite order: they start on the rows written last, which are still in
+// L2, instead of the first ones, long since evicted.
+__device__ __forceinline__ int bh_last_first() { return int(gridDim.z) - 1 - int(blockIdx.z); }
+
 }  // namespace cuda_detail
 }  // namespace monarchrt

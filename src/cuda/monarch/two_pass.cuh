@@ -75,13 +75,16 @@ struct TwoPassConfig {
   // Its Hopper variant (TMA): one column per CTA, each warp 16 query rows x half of the output
   // features (so 128 registers and 4 CTAs per SM); per stage, aL and Y as D / 64 swizzled tiles
   // of kChunk rows (common/tma.cuh), then cL, kClCopy floats (a chunk's kChunk values from the
-  // 16-byte boundary at or before its first row); stages 1024-byte aligned; then the mbarriers.
+  // 16-byte boundary at or before its first row); kStagesTma stages, 1024-byte aligned (three:
+  // 53 KB at D = 128, still 4 CTAs per SM); then the mbarriers.
   static constexpr int kColsTma = 1;
+  static constexpr int kStagesTma = 3;
   static constexpr int kClCopy = kChunk + 4;
   static constexpr size_t kPlane = size_t(D / 64) * kChunk * 128;
   static constexpr size_t kStage2Tma =
       (kColsTma * 2 * kPlane + kColsTma * kClCopy * sizeof(float) + 1023) / 1024 * 1024;
-  static constexpr size_t kSmem2Tma = 1008 + 2 * kStage2Tma + 2 * sizeof(uint64_t) + kMaxB1 * sizeof(int);
+  static constexpr size_t kSmem2Tma =
+      1008 + kStagesTma * kStage2Tma + kStagesTma * sizeof(uint64_t) + kMaxB1 * sizeof(int);
   // Proxy kernel (iterations >= 2): 32 query rows of kCols columns, and their log-sum-exp.
   static constexpr size_t kSmemProxy = size_t(kCols) * 32 * kLd * sizeof(T) + kCols * 32 * sizeof(float);
 };
@@ -393,16 +396,18 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
   constexpr int kCols = Tma ? C::kColsTma : C::kCols;
   constexpr int DO = Tma ? D / 2 : D;  // output features per warp
   constexpr size_t kStage = Tma ? C::kStage2Tma : C::kStage2;
+  constexpr int kNS = Tma ? C::kStagesTma : 2;  // pipeline stages
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + (Tma ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u);
-  // Two stages (portable: [aL: kCols][kChunk][kLd] [Y: same] [cL: kCols][kChunk]; Tma: per
-  // column [aL tiles][Y tiles], then [cL: kCols][kClCopy]), (Tma) two mbarriers, the row offsets.
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + 2 * kStage);
-  int* row_off = reinterpret_cast<int*>(smem + 2 * kStage + (Tma ? 2 * sizeof(uint64_t) : 0));
+  // kNS stages (portable: [aL: kCols][kChunk][kLd] [Y: same] [cL: kCols][kChunk]; Tma: per
+  // column [aL tiles][Y tiles], then [cL: kCols][kClCopy]), (Tma) one mbarrier per stage, the row
+  // offsets.
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kNS * kStage);
+  int* row_off = reinterpret_cast<int*>(smem + kNS * kStage + (Tma ? kNS * sizeof(uint64_t) : 0));
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, r = lane / 4;
   const int row_groups = (p.b1 + 31) / 32;
   const int j0 = blockIdx.x * kCols, m = blockIdx.y / row_groups, rg = blockIdx.y % row_groups;
-  const int bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const int bh = bh_last_first(), b = bh / p.H, h = bh % p.H;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
   T* og = static_cast<T*>(p.out) + b * p.o_stride[0] + h * p.o_stride[2];
   const T* al_ws = static_cast<const T*>(p.ws_al);
@@ -415,8 +420,7 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
   }
   for (int i = tid; i < p.b1; i += blockDim.x) row_off[i] = row_offset(p, i);
   if (Tma && tid == 0) {
-    mbar_init(&full[0], 1);
-    mbar_init(&full[1], 1);
+    for (int i = 0; i < kNS; ++i) mbar_init(&full[i], 1);
     fence_mbar_init();
   }
   __syncthreads();
@@ -481,20 +485,23 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
       load_stage2_chunk<T, D>(p, al_ws, y_ws, st, bh, m, j0, ch.row / p.b1, ch.row % p.b1);
     }
   };
-  Chunk cur = run_from(0);
-  Chunk nxt = cur.row < col_rows ? next(cur) : cur;
-  if (Tma) {
-    if (tid == 0 && cur.row < col_rows) load(cur, 0);
-    if (tid == 0 && nxt.row < col_rows) load(nxt, 1);
+  // cur: the chunk computed now, in stage it % kNS; ahead: the last chunk whose copy was issued.
+  auto valid = [&](Chunk ch) { return ch.row < col_rows; };
+  Chunk cur = run_from(0), ahead = cur;
+  if (Tma) {  // the first kNS chunks in flight at once
+    for (int st = 0; st < kNS && valid(ahead); ++st) {
+      if (st > 0) ahead = next(ahead);
+      if (tid == 0 && valid(ahead)) load(ahead, st);
+    }
   } else {
-    if (cur.row < col_rows) load(cur, 0);
+    if (valid(cur)) load(cur, 0);
     cp_async_commit();
   }
-  for (int it = 0; cur.row < col_rows; ++it) {
+  for (int it = 0; valid(cur); ++it) {
     const int nrows = min(kCh, cur.end - cur.row);
-    unsigned char* base = smem + (it % 2) * kStage;
+    unsigned char* base = smem + (it % kNS) * kStage;
     if constexpr (Tma) {  // every thread waits for the copies itself
-      mbar_wait(&full[it % 2], (it / 2) & 1);
+      mbar_wait(&full[it % kNS], (it / kNS) & 1);
       if (nrows < kCh) {  // the copy ran past the run: those Y rows may hold anything (0 * NaN)
         const int cols = min(kCols, p.b2 - j0);
         for (int i = tid; i < cols * (kCh - nrows) * (D / 8); i += blockDim.x) {
@@ -506,7 +513,8 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
         __syncthreads();
       }
     } else {
-      if (nxt.row < col_rows) load(nxt, (it + 1) % 2);
+      if (valid(ahead)) ahead = next(ahead);
+      if (valid(ahead)) load(ahead, (it + 1) % 2);
       cp_async_commit();
       cp_async_wait_group<1>();
       __syncthreads();
@@ -535,10 +543,11 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
       online_softmax_pv<T, DO, kCh / 8, Tma>(u, row_max, row_sum, o, Yj, C::kLd, lane, dh * (DO / 8));
     }
     __syncthreads();  // this stage is refilled next
-    const Chunk after = nxt.row < col_rows ? next(nxt) : nxt;
-    if (Tma && tid == 0 && after.row < col_rows) load(after, it % 2);
-    cur = nxt;
-    nxt = after;
+    if (Tma && valid(ahead)) {
+      ahead = next(ahead);
+      if (tid == 0 && valid(ahead)) load(ahead, it % kNS);
+    }
+    cur = next(cur);
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {

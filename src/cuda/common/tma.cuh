@@ -131,6 +131,28 @@ __device__ __forceinline__ void tma_load_tile_2d(void* dst, const CUtensorMap* m
   __trap();
 #endif
 }
+// An L2 policy for data read once: lines a copy brings in with it are the first to be evicted.
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy = 0;
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+#endif
+  return policy;
+}
+// tma_load_tile_2d with an L2 cache policy (l2_evict_first_policy).
+__device__ __forceinline__ void tma_load_tile_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
+                                                 uint64_t policy) {
+#ifdef MONARCHRT_TMA_DEVICE
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, %3}], "
+      "[%4], %5;\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar)), "l"(policy)
+      : "memory");
+#else
+  (void)dst, (void)map, (void)c0, (void)c1, (void)bar, (void)policy;
+  __trap();
+#endif
+}
 // Copies `bytes` (a multiple of 16) from global `src` to shared `dst` (both 16-byte aligned)
 // with the copy engine, without a tensor map; `bar` counts the bytes.
 __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {

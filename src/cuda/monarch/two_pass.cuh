@@ -463,6 +463,8 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
     ch.row += Tma ? kCh : min(kCh, p.b1 - ch.row % p.b1);
     return ch.row < ch.end ? ch : run_from(ch.end / p.b1);
   };
+  // Stage 2 reads each workspace row once: its copies leave L2 to the rows not yet read.
+  const uint64_t read_once = Tma ? l2_evict_first_policy() : 0;
   auto load = [&](Chunk ch, int stage) {
     unsigned char* st = smem + stage * kStage;
     if constexpr (Tma) {  // by thread 0
@@ -474,8 +476,9 @@ __global__ void __launch_bounds__(128, Tma ? 4 : 1)  // Tma: at most 128 registe
         T* al_dst = reinterpret_cast<T*>(st + col * 2 * C::kPlane);
 #pragma unroll
         for (int hf = 0; hf < D / 64; ++hf) {
-          tma_load_tile_2d(al_dst + hf * kCh * 64, &tma.al, hf * 64, row, &full[stage]);
-          tma_load_tile_2d(al_dst + C::kPlane / sizeof(T) + hf * kCh * 64, &tma.y, hf * 64, row, &full[stage]);
+          tma_load_tile_2d(al_dst + hf * kCh * 64, &tma.al, hf * 64, row, &full[stage], read_once);
+          tma_load_tile_2d(al_dst + C::kPlane / sizeof(T) + hf * kCh * 64, &tma.y, hf * 64, row, &full[stage],
+                           read_once);
         }
         // cL from the 16-byte boundary at or before `row` (the workspace has slack after cL).
         bulk_load(st + kCols * 2 * C::kPlane + col * C::kClCopy * sizeof(float), p.ws_cl + (row & ~3),

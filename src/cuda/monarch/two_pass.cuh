@@ -85,6 +85,8 @@ struct TwoPassConfig {
       (kColsTma * 2 * kPlane + kColsTma * kClCopy * sizeof(float) + 1023) / 1024 * 1024;
   static constexpr size_t kSmem2Tma =
       1008 + kStagesTma * kStage2Tma + kStagesTma * sizeof(uint64_t) + kMaxB1 * sizeof(int);
+  // 4 CTAs per SM: 228 KB of shared memory per SM, 1 KB of it reserved per CTA.
+  static_assert(kSmem2Tma <= 228 * 1024 / 4 - 1024, "the Hopper stage 2 must keep 4 CTAs per SM");
   // Proxy kernel (iterations >= 2): 32 query rows of kCols columns, and their log-sum-exp.
   static constexpr size_t kSmemProxy = size_t(kCols) * 32 * kLd * sizeof(T) + kCols * 32 * sizeof(float);
 };

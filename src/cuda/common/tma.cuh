@@ -131,7 +131,8 @@ __device__ __forceinline__ void tma_load_tile_2d(void* dst, const CUtensorMap* m
   __trap();
 #endif
 }
-// An L2 policy for data read once: lines a copy brings in with it are the first to be evicted.
+// An L2 policy for data read once: the lines a copy with it reads (brought in or already there)
+// are the first to be evicted.
 __device__ __forceinline__ uint64_t l2_evict_first_policy() {
   uint64_t policy = 0;
 #ifdef MONARCHRT_TMA_DEVICE

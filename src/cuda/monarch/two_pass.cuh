@@ -23,7 +23,8 @@
 //   Hopper variant (Tma, chosen by use_wgmma()): the same math for one column per CTA, each warp
 //   16 query rows x half of the output features (the scores computed by both halves), the
 //   workspace chunks copied by TMA (swizzled aL / Y tiles, cL by a plain bulk copy) across the
-//   key tiles of a run.
+//   key tiles of a run, three chunks in flight, with an L2 evict-first policy (each row is read
+//   once). Both stage-2 kernels take the heads last-first (bh_last_first in tiles.cuh).
 // Several iterations: stage 1, then per further iteration stage 2 (for its log-sum-exp), the
 //   proxy kernel (aR / cR per workspace row, below) and stage 1 on those proxies; stage 2 last.
 #pragma once

@@ -774,7 +774,7 @@ const char* kMainHelp =
     "  attention   run Monarch, dense or oracle top-k attention on q, k, v from .npy files\n"
     "  analyze     compare Monarch tilings/iterations and oracle top-k against dense attention\n"
     "  inspect     list and check the tensors of a .safetensors or torch .pt/.pth checkpoint\n"
-    "  generate    run the Self-Forcing pipeline of the causal Wan DiT (CPU) and write latents\n\n"
+    "  generate    run the Self-Forcing pipeline of the causal Wan DiT (GPU or CPU) and write latents\n\n"
     "Run 'monarchrt <command> --help' for the options of a command.\n";
 
 }  // namespace

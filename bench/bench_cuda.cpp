@@ -116,13 +116,21 @@ int main(int argc, char** argv) {
       }
     } else if (std::string(argv[i]) == "--heads" && i + 1 < argc) {
       H = std::atoll(argv[++i]);
-      g_targets = H == 12;
       if (H < 1 || H > 64) {
         std::fprintf(stderr, "bench_cuda: --heads %s: must be 1 to 64\n", argv[i]);
         return 2;
       }
+      g_targets = H == 12;
     } else {
-      reps = std::atoi(argv[i]);
+      char* end = nullptr;
+      const long n = std::strtol(argv[i], &end, 10);
+      if (end == argv[i] || *end != '\0' || n < 1 || n > 100000) {
+        std::fprintf(stderr, "bench_cuda: %s: not an option or a repetition count (1 to 100000)\n"
+                             "usage: bench_cuda [reps] [--backward] [--only TEXT] [--path PATH] [--heads N]\n",
+                     argv[i]);
+        return 2;
+      }
+      reps = int(n);
     }
   }
   const Shape shapes[] = {

@@ -35,6 +35,22 @@ if [ "$what" = all ] || [ "$what" = test ]; then
     echo "portable kernels (MONARCHRT_NO_WGMMA=1): $(grep -E "PASSED|FAILED" "$OUT/test_cuda_portable.log" | head -3 | tr '\n' ' ')"
     [ "$rc" -eq 0 ] || status=1
   fi
+  # The random problems (CudaRandom, tests/random_problem.h) for eight more seeds, in parallel (the
+  # fp64 reference runs on the CPU), and once on the portable kernels.
+  for seed in 1 2 3 4 5 6 7 8 portable; do
+    if [ $seed = portable ]; then
+      env MONARCHRT_NO_WGMMA=1 MONARCHRT_TEST_SEED=9 ./build-gpu/tests/test_cuda --gtest_filter='CudaRandom.*' \
+        >"$OUT/test_cuda_random_$seed.log" 2>&1 &
+    else
+      env MONARCHRT_TEST_SEED=$seed ./build-gpu/tests/test_cuda --gtest_filter='CudaRandom.*' \
+        >"$OUT/test_cuda_random_$seed.log" 2>&1 &
+    fi
+  done
+  wait
+  for f in "$OUT"/test_cuda_random_*.log; do
+    grep -qE "^\[  PASSED  \] 1 test" "$f" || { status=1; echo "FAILED: $f"; grep -A4 Failure "$f" | head -12; }
+  done
+  echo "random problems, 8 more seeds and the portable kernels: $(grep -lE "^\[  PASSED  \] 1 test" "$OUT"/test_cuda_random_*.log | wc -l) of 9 passed"
   ./build-gpu/tests/test_wan_cuda >"$OUT/test_wan_cuda.log" 2>&1; rc=$?
   grep -E "OK|FAILED|PASSED|Failure|Expected|Which|rel L2" "$OUT/test_wan_cuda.log" | head -40
   [ "$rc" -eq 0 ] || status=1

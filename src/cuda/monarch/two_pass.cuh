@@ -11,7 +11,8 @@
 //   (K/V rows double-buffered) it is a small attention of the b2 proxies over the b2 keys
 //   K[n,k,:] with two value sets:
 //     S = Q_k K_k^T (M = 16 columns, N = b2 keys, K = D); R = softmax rows; cL = sum R (z - lse)
-//     aL = R K_k, Y = R V_k   (M = 16, N = D, K = b2)
+//     aL = R K_k, Y = R V_k   (M = 16, N = D, K = b2), formed as (P K_k) / Z with the
+//                             unnormalized P = exp(z - max) as the MMA operand
 //   written to workspace row ((bh * A + m) * b2 + j) * F + n) * b1 + k.
 //   Hopper variant (Wg, rows of up to 64 keys, chosen by use_wgmma()): the 4 warps are one
 //   warpgroup and the three products are wgmma (M = 64 columns); the K and V rows come by TMA
@@ -264,14 +265,17 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
     // Workspace row written by this lane in the coalesced stores below: row lane / 2, half lane % 2.
     const int st_j = warp * 16 + lane / 2;
     const int64_t st_row = st_j < p.b2 ? ws_row(p, bh, m, st_j, n, k) : -1;
-    // R as A fragments over the keys (16 per MMA step)
+    // The unnormalized probabilities exp(z - max) as A fragments over the keys (16 per MMA step):
+    // the largest of each row is exactly 1 in bf16, and the products are divided by the row's sum
+    // in fp32 afterwards (as FlashAttention does). Rounding R = exp(z - lse) instead cost up to
+    // half of the bf16 error, more with sharp logits (docs/numerics.md).
     uint32_t pa[kNT / 2][4];
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {
-      pa[kk][0] = MM::pack(s[2 * kk][0] * inv[0], s[2 * kk][1] * inv[0]);
-      pa[kk][1] = MM::pack(s[2 * kk][2] * inv[1], s[2 * kk][3] * inv[1]);
-      pa[kk][2] = MM::pack(s[2 * kk + 1][0] * inv[0], s[2 * kk + 1][1] * inv[0]);
-      pa[kk][3] = MM::pack(s[2 * kk + 1][2] * inv[1], s[2 * kk + 1][3] * inv[1]);
+      pa[kk][0] = MM::pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = MM::pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = MM::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = MM::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
     // ---- aL = R K_k and Y = R V_k, staged through shared memory so that every lane stores 16
     // bytes (scattered 4-byte stores cost ~2x the instructions).
@@ -303,10 +307,12 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
 #pragma unroll
         for (int t = 0; t < 8; ++t) {  // rows = columns j (this lane's warp * 16 + r, + 8), chunk t
           if (j_row[0] < p.b2) {
-            *reinterpret_cast<uint32_t*>(staging + sw128_offset(j_row[0], t, 64) + c) = MM::pack(a[t][0], a[t][1]);
+            *reinterpret_cast<uint32_t*>(staging + sw128_offset(j_row[0], t, 64) + c) =
+                MM::pack(a[t][0] * inv[0], a[t][1] * inv[0]);
           }
           if (j_row[1] < p.b2) {
-            *reinterpret_cast<uint32_t*>(staging + sw128_offset(j_row[1], t, 64) + c) = MM::pack(a[t][2], a[t][3]);
+            *reinterpret_cast<uint32_t*>(staging + sw128_offset(j_row[1], t, 64) + c) =
+                MM::pack(a[t][2] * inv[1], a[t][3] * inv[1]);
           }
         }
         fence_proxy_async_smem();  // the tile, written by ordinary stores, is read by the copy engine
@@ -335,8 +341,10 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
         }
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          *reinterpret_cast<uint32_t*>(staging + r * C::kStageLd + nt * 8 + c) = MM::pack(acc[nt][0], acc[nt][1]);
-          *reinterpret_cast<uint32_t*>(staging + (r + 8) * C::kStageLd + nt * 8 + c) = MM::pack(acc[nt][2], acc[nt][3]);
+          *reinterpret_cast<uint32_t*>(staging + r * C::kStageLd + nt * 8 + c) =
+              MM::pack(acc[nt][0] * inv[0], acc[nt][1] * inv[0]);
+          *reinterpret_cast<uint32_t*>(staging + (r + 8) * C::kStageLd + nt * 8 + c) =
+              MM::pack(acc[nt][2] * inv[1], acc[nt][3] * inv[1]);
         }
         __syncwarp();
         if (st_row >= 0) {

@@ -267,8 +267,8 @@ __global__ void __launch_bounds__(Wg ? 128 : 256, Wg ? 4 : 1)
     const int64_t st_row = st_j < p.b2 ? ws_row(p, bh, m, st_j, n, k) : -1;
     // The unnormalized probabilities exp(z - max) as A fragments over the keys (16 per MMA step):
     // the largest of each row is exactly 1 in bf16, and the products are divided by the row's sum
-    // in fp32 afterwards (as FlashAttention does). Rounding R = exp(z - lse) instead cost up to
-    // half of the bf16 error, more with sharp logits (docs/numerics.md).
+    // in fp32 afterwards (as FlashAttention does). Rounding R = exp(z - lse) instead made the bf16
+    // error 1.5-1.8 times as large, up to twice with sharp logits (docs/numerics.md).
     uint32_t pa[kNT / 2][4];
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {

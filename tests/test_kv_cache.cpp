@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "random_problem.h"
 #include "test_util.h"
 
 namespace monarchrt {
@@ -80,6 +81,35 @@ TEST(KvCacheRing, CpuPathEqualsCacheInOrder) {
   for (const Ring& rc : kRings) {
     run_ring(rc, true, false);
     run_ring(rc, false, false);
+  }
+}
+
+// Random rings (tests/random_problem.h's ring-buffer problems: tilings, chunk lengths, sinks,
+// windows, capacities), each run chunk by chunk over a video long enough to wrap the ring
+// (as long as a window allows it), on the reference and the CPU path, Monarch and dense.
+TEST(KvCacheRing, RandomRingsEqualCacheInOrder) {
+  const uint64_t seed = test::test_seed(20261130);
+  Rng rng(seed);
+  test::ProblemLimits lim;
+  lim.max_frames = 3;
+  lim.max_past_frames = 3;
+  lim.max_tile_rows = 6;
+  lim.max_tile_cols = 6;
+  lim.max_frame_tokens = 16;
+  for (int i = 0; i < 24;) {
+    const test::Problem pr = test::random_problem(rng, lim);
+    const AttentionParams& p = pr.params;
+    if (p.cache_capacity_frames == 0) continue;  // ring-buffer problems only
+    const int64_t T = p.grid.T, chunks = test::pick(rng, 1, 5);
+    // Without a window every frame must stay in the ring; with one, run past the capacity.
+    const int64_t frames = p.window_frames ? T * chunks : T * std::max<int64_t>(1, p.cache_capacity_frames / T);
+    const Ring rc{p.grid, p.layout, frames, p.cache_capacity_frames, p.sink_frames, p.window_frames};
+    SCOPED_TRACE("ring " + std::to_string(i) + " of seed " + std::to_string(seed) + ": " + pr.to_string() +
+                 ", video of " + std::to_string(frames) + " frames");
+    for (bool monarch : {true, false})
+      for (bool reference : {true, false}) run_ring(rc, monarch, reference);
+    if (HasFatalFailure()) return;
+    ++i;
   }
 }
 

@@ -7,8 +7,10 @@
 //    m attends, in the order (k outer, n inner). Step s is its s-th (row, key tile); two producer
 //    warpgroups take the even and the odd steps, each with its own K / V row buffers (TMA), and run
 //    the Hopper stage 1 of two_pass.cuh (S = Q_k K_k^T, the softmax and cL, aL = R K_k and
-//    Y = R V_k by wgmma) into its staging tile, [column j][aL 128 | Y 128 features | cL | padding]
-//    (kColBytes each);
+//    Y = R V_k by wgmma) into its staging tile, [column j][aL 128 | Y 128 features | cL | 1 / Z |
+//    padding] (kColBytes each). Its operand is P = exp(z - max) rather than R = P / Z (largest
+//    element exactly 1 in bf16: docs/numerics.md), so it stages Z aL and Z Y and the owners
+//    divide (dividing in the producers, this kernel's busier side, cost 5-7%);
 //  - the stage-2 owner of columns [rank b2 / 16, (rank + 1) b2 / 16) (at most 4): 8 warps, one per
 //    (owned column, 16 query rows), run the two-pass stage 2 over the virtual keys that the 16
 //    producers send (online softmax, queries and outputs in registers).
@@ -207,10 +209,10 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
       uint32_t pa[kNT / 2][4];
 #pragma unroll
       for (int kk = 0; kk < kNT / 2; ++kk) {
-        pa[kk][0] = MM::pack(sc[2 * kk][0] * inv[0], sc[2 * kk][1] * inv[0]);
-        pa[kk][1] = MM::pack(sc[2 * kk][2] * inv[1], sc[2 * kk][3] * inv[1]);
-        pa[kk][2] = MM::pack(sc[2 * kk + 1][0] * inv[0], sc[2 * kk + 1][1] * inv[0]);
-        pa[kk][3] = MM::pack(sc[2 * kk + 1][2] * inv[1], sc[2 * kk + 1][3] * inv[1]);
+        pa[kk][0] = MM::pack(sc[2 * kk][0], sc[2 * kk][1]);  // exp(z - max), largest exactly 1:
+        pa[kk][1] = MM::pack(sc[2 * kk][2], sc[2 * kk][3]);  // the owners divide by Z
+        pa[kk][2] = MM::pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+        pa[kk][3] = MM::pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
       }
       // Staging tile g: free once every owner has consumed step s - 2 (this CTA's owners also
       // through the named barrier, which is what racecheck sees).
@@ -223,8 +225,9 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
           if (j_row[hr] < p.b2) {
-            *reinterpret_cast<float*>(stg + j_row[hr] * C::kColBytes + 2 * D * sizeof(T)) =
-                kLn2 * (PZ[hr] * inv[hr] - M[hr] - log2f(Z[hr]));
+            float* const col = reinterpret_cast<float*>(stg + j_row[hr] * C::kColBytes + 2 * D * sizeof(T));
+            col[0] = kLn2 * (PZ[hr] * inv[hr] - M[hr] - log2f(Z[hr]));  // cL
+            col[1] = inv[hr];  // aL and Y below are Z times the spec's: the owners divide
           }
         }
       }
@@ -315,7 +318,7 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
         const int delta = s < my_steps ? delta0 + (s % 2) * (C::kStagingBytes - C::kSlotBytes) : 0;
         auto key = [&](int pr) { return slot + pr * C::kProdStride + (pr == rank ? delta : 0); };
         const T* aL = reinterpret_cast<const T*>(key(key_a));
-        float u[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        float u[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}}, inv_z[2][4];
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) mma_rows16_at<T>(u[0], u[1], qa[ks], aL, ks, lane);
 #pragma unroll
@@ -323,11 +326,13 @@ __global__ void __launch_bounds__(ClusterConfig<T>::kThreads, 1)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int pr = t * 8 + c + e % 2;  // the producer, i.e. the virtual key
-            const float cl = *reinterpret_cast<const float*>(key(pr) + 2 * D * sizeof(T));
-            u[t][e] = s < rows_of(pr) * nt ? u[t][e] * p.scale_log2 - cl * kLog2e : -INFINITY;
+            const float2 cz = *reinterpret_cast<const float2*>(key(pr) + 2 * D * sizeof(T));  // cL, 1 / Z
+            const bool on = s < rows_of(pr) * nt;
+            u[t][e] = on ? u[t][e] * (p.scale_log2 * cz.y) - cz.x * kLog2e : -INFINITY;
+            inv_z[t][e] = on ? cz.y : 0.f;  // a masked key's slot may hold anything
           }
         }
-        online_softmax_pv16_at<T, D>(u, row_max, row_sum, o, reinterpret_cast<const T*>(key(key_y)) + D, lane);
+        online_softmax_pv16_at<T, D>(u, row_max, row_sum, o, reinterpret_cast<const T*>(key(key_y)) + D, lane, inv_z);
       }
       // The local producer may write its staging tile again at step s + 2.
       if (s + 2 < my_steps) named_bar_arrive(C::kEmptyBar + s % 2, C::kHandOff);

@@ -8,7 +8,9 @@
 //   8 columns are the MMA's N dimension:
 //     S^T[i, j] = K[n,k,i] . q[m,k,j]      (M = b2 keys, N = 8 columns, K = D)
 //     R = softmax over i (cross-warp reduction in shared memory), cL = sum R (z - lse)
-//     aL^T = K[n,k]^T R^T, Y^T = V[n,k]^T R^T   (M = D, N = 8, K = b2)
+//     aL^T = K[n,k]^T R^T, Y^T = V[n,k]^T R^T   (M = D, N = 8, K = b2), with the operand
+//       P = exp(z - max) in place of R = P / Z and the fp32 products divided by Z (largest
+//       operand element exactly 1 in bf16: docs/numerics.md)
 //   stage 2, per chunk of kKC = 16 key rows, one warp per (column j, 16 query rows):
 //     u[l, k] = s q[m,l,j] . aL[n,k,j] - cL[n,k,j]   (M = 16 rows, N = 16 key rows, K = D)
 //     online softmax over every (n, k) seen so far, O += P Y   (M = 16, N = D, K = 16)
@@ -234,7 +236,7 @@ __global__ void __launch_bounds__(FwdConfig<T, D, G>::kThreads, 1)
           if (t < mt1) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              Rg[(c + e % 2) * C::kLdB2 + t * 16 + r + (e / 2) * 8] = MM::from_float(st[s][e] * inv[e % 2]);
+              Rg[(c + e % 2) * C::kLdB2 + t * 16 + r + (e / 2) * 8] = MM::from_float(st[s][e]);  // P: / Z below
             }
           }
         }
@@ -266,8 +268,8 @@ __global__ void __launch_bounds__(FwdConfig<T, D, G>::kThreads, 1)
 #pragma unroll
               for (int e = 0; e < 4; ++e) {
                 const int d = dt * 16 + r + (e / 2) * 8, j = c + e % 2;
-                aLc[(j * C::kKC + g0 + g) * C::kLdD + d] = MM::from_float(al[0][e]);
-                Yc[(j * C::kKC + g0 + g) * C::kLdD + d] = MM::from_float(al[1][e]);
+                aLc[(j * C::kKC + g0 + g) * C::kLdD + d] = MM::from_float(al[0][e] * inv[e % 2]);
+                Yc[(j * C::kKC + g0 + g) * C::kLdD + d] = MM::from_float(al[1][e] * inv[e % 2]);
               }
             }
           }

@@ -145,10 +145,12 @@ __device__ __forceinline__ void stage2_scores(float (&u)[NT][4], const float* cl
 // steps). Updates row_max and row_sum, returns the factor corr[2] by which the accumulator of the
 // earlier steps must be scaled, and the probabilities P as A fragments over the keys (pa[kk]:
 // keys 16 kk .. 16 kk + 15). row_sum is this lane's partial sum over its own columns: add the 4
-// lanes of a row (shfl_xor 1 and 2) before store_rows.
+// lanes of a row (shfl_xor 1 and 2) before store_rows. With key_scale, the fragments hold P times
+// it (element by element; row_sum does not), e.g. 1 / Z for values that are Z times the true ones.
 template <typename T, int NT>
 __device__ __forceinline__ void online_softmax_p(float (&u)[NT][4], float (&row_max)[2], float (&row_sum)[2],
-                                                 float (&corr)[2], uint32_t (&pa)[NT / 2][4]) {
+                                                 float (&corr)[2], uint32_t (&pa)[NT / 2][4],
+                                                 const float (*key_scale)[4] = nullptr) {
   using MM = Mma<T>;
   static_assert(NT % 2 == 0, "keys come in steps of 16");
   float mx[2] = {-INFINITY, -INFINITY};
@@ -176,6 +178,13 @@ __device__ __forceinline__ void online_softmax_p(float (&u)[NT][4], float (&row_
   }
   row_sum[0] = row_sum[0] * corr[0] + local[0];
   row_sum[1] = row_sum[1] * corr[1] + local[1];
+  if (key_scale) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) u[t][e] *= key_scale[t][e];
+    }
+  }
 #pragma unroll
   for (int kk = 0; kk < NT / 2; ++kk) pack_a16<T>(pa[kk], u, kk);
 }
@@ -236,13 +245,15 @@ __device__ __forceinline__ void online_softmax_pv(float (&u)[NT][4], float (&row
   }
 }
 
-// online_softmax_pv for 16 keys whose V rows lie anywhere in shared memory (vrow: pv16_at).
+// online_softmax_pv for 16 keys whose V rows lie anywhere in shared memory (vrow: pv16_at), the
+// probabilities scaled by key_scale on their way to the product (online_softmax_p).
 template <typename T, int D>
 __device__ __forceinline__ void online_softmax_pv16_at(float (&u)[2][4], float (&row_max)[2], float (&row_sum)[2],
-                                                       float (&o)[D / 8][4], const T* vrow, int lane) {
+                                                       float (&o)[D / 8][4], const T* vrow, int lane,
+                                                       const float (&key_scale)[2][4]) {
   float corr[2];
   uint32_t pa[1][4];
-  online_softmax_p<T, 2>(u, row_max, row_sum, corr, pa);
+  online_softmax_p<T, 2>(u, row_max, row_sum, corr, pa, key_scale);
   scale_rows<D>(o, corr);
   pv16_at<T, D>(o, pa[0], vrow, lane);
 }

@@ -445,6 +445,36 @@ TEST(Cli, GenerateStreamsChunksAndIsDeterministic) {
   EXPECT_EQ(r.exit_code, 2) << r.output;
 }
 
+// Options that need no file are checked before the checkpoint is read (a real one takes a while):
+// with a --dit that does not exist, each bad option is the error, naming itself; with good options
+// the missing file is.
+TEST(Cli, GenerateChecksItsOptionsBeforeReadingTheCheckpoint) {
+  test::TempDir dir{"cli"};
+  const std::string base = "generate --device cpu --dit " + quote(dir.file("missing.pt")) + " --out " +
+                           quote(dir.file("x.npy")) + " ";
+  const std::pair<std::string, std::string> cases[] = {
+      {"--frames 4", "--frames must be a positive multiple of --chunk (3), got 4"},
+      {"--frames 0", "--frames must be a positive multiple of --chunk (3), got 0"},
+      {"--frames 6 --chunk 4", "--frames must be a positive multiple of --chunk (4), got 6"},
+      {"--chunk 0", "--chunk must be >= 1"},
+      {"--batch 0", "--batch must be >= 1"},
+      {"--attention sparse", "--attention must be dense or monarch, got 'sparse'"},
+      {"--tiling 1,2", "--tiling expects 3 comma-separated integers"},
+      {"--latent 60", "--latent expects 2 comma-separated integers"},
+      {"--repeat 0", "--repeat must be >= 1"},
+  };
+  for (const auto& [args, message] : cases) {
+    const Result r = run(base + args);
+    EXPECT_EQ(r.exit_code, 2) << args << ":\n" << r.output;
+    EXPECT_TRUE(contains(r.output, message)) << args << ":\n" << r.output;
+    EXPECT_FALSE(contains(r.output, "missing.pt")) << args << ":\n" << r.output;
+  }
+  const Result r = run(base + "--frames 6 --chunk 3");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "missing.pt")) << r.output;
+  EXPECT_FALSE(exists(dir.file("x.npy")));
+}
+
 // ---- errors --------------------------------------------------------------------------------------
 
 // Valid inputs for the error cases: grid 4,2,6, [48, 2, 8] float32.

@@ -588,6 +588,35 @@ int cmd_generate(int argc, char** argv) {
     return 0;
   }
   apply_threads(a);
+  // The options that need no file, checked before anything is read (a checkpoint takes a while).
+  const bool builtin = !a.has("dit");
+  WanRunConfig run;
+  run.batch = a.get_int("batch");
+  if (run.batch < 1) throw UsageError{"--batch must be >= 1"};
+  const int64_t frames = a.has("frames") ? a.get_int("frames") : (builtin ? 6 : 21);
+  const int64_t chunk = a.get_int("chunk");
+  if (chunk < 1) throw UsageError{"--chunk must be >= 1"};
+  if (frames < 1 || frames % chunk != 0) {
+    throw UsageError{"--frames must be a positive multiple of --chunk (" + std::to_string(chunk) + "), got " +
+                     std::to_string(frames)};
+  }
+  const std::vector<int64_t> hw = parse_int_list(a.has("latent") ? a.get("latent") : (builtin ? "8,12" : "60,104"), "latent", 2);
+  run.latent_h = hw[0];
+  run.latent_w = hw[1];
+  run.max_frames = frames;
+  const std::string kind = a.get("attention");
+  if (kind != "dense" && kind != "monarch") throw UsageError{"--attention must be dense or monarch, got '" + kind + "'"};
+  run.monarch = kind == "monarch";
+  run.layout = parse_tiling(a.get("tiling"));
+  run.sink_frames = a.get_int("sink-frames");
+  run.window_frames = a.get_int("window-frames");
+  const int64_t repeat = a.get_int("repeat");
+  if (repeat < 1) throw UsageError{"--repeat must be >= 1"};
+  [[maybe_unused]] const bool auto_device = a.get("device") == "auto";
+  std::string device = a.get("device");
+  if (device != "auto" && device != "cpu" && device != "cuda") {
+    throw UsageError{"--device must be cpu, cuda or auto, got '" + device + "'"};
+  }
   {  // where the latents go must be writable before the work starts, not after it
     const std::filesystem::path out_path(a.get("out"));
     const std::filesystem::path parent = out_path.has_parent_path() ? out_path.parent_path() : ".";
@@ -607,7 +636,6 @@ int cmd_generate(int argc, char** argv) {
                              (ec ? " (" + ec.message() + ")" : std::string(": a file of that name exists"))));
     }
   }
-  const bool builtin = !a.has("dit");
   WanWeights weights;
   if (builtin) {
     WanConfig c;
@@ -638,28 +666,6 @@ int cmd_generate(int argc, char** argv) {
     weights.config.text_len = text_file.shape[text_file.shape.size() - 2];
   }
   const WanConfig c = weights.config;  // a copy: the GPU path frees the host weights
-  WanRunConfig run;
-  run.batch = a.get_int("batch");
-  const int64_t frames = a.has("frames") ? a.get_int("frames") : (builtin ? 6 : 21);
-  const int64_t chunk = a.get_int("chunk");
-  const std::vector<int64_t> hw = parse_int_list(a.has("latent") ? a.get("latent") : (builtin ? "8,12" : "60,104"), "latent", 2);
-  run.latent_h = hw[0];
-  run.latent_w = hw[1];
-  run.max_frames = frames;
-  const std::string kind = a.get("attention");
-  if (kind != "dense" && kind != "monarch") throw UsageError{"--attention must be dense or monarch, got '" + kind + "'"};
-  run.monarch = kind == "monarch";
-  run.layout = parse_tiling(a.get("tiling"));
-  run.sink_frames = a.get_int("sink-frames");
-  run.window_frames = a.get_int("window-frames");
-  if (run.batch < 1) throw UsageError{"--batch must be >= 1"};
-  const int64_t repeat = a.get_int("repeat");
-  if (repeat < 1) throw UsageError{"--repeat must be >= 1"};
-  [[maybe_unused]] const bool auto_device = a.get("device") == "auto";
-  std::string device = a.get("device");
-  if (device != "auto" && device != "cpu" && device != "cuda") {
-    throw UsageError{"--device must be cpu, cuda or auto, got '" + device + "'"};
-  }
 #ifdef MONARCHRT_WITH_CUDA
   if (device == "auto") device = cuda::device_count() > 0 ? "cuda" : "cpu";
 #else
@@ -672,7 +678,7 @@ int cmd_generate(int argc, char** argv) {
   WanDiTCuda* gpu_dit = nullptr;
   if (device == "cuda") {
     WanCudaOptions opt;
-    opt.max_chunk_frames = std::max<int64_t>(1, std::min(chunk, frames));
+    opt.max_chunk_frames = chunk;
     opt.cuda_graphs = !a.has("no-cuda-graph");
     opt.profile = a.has("profile");
     auto g = std::make_unique<WanDiTCuda>();
@@ -724,7 +730,6 @@ int cmd_generate(int argc, char** argv) {
   }
   std::vector<float> renoise;
   if (a.has("renoise")) {
-    if (chunk < 1 || frames % chunk != 0) throw UsageError{"--frames must be a multiple of --chunk"};
     renoise = load_floats(a.get("renoise"), "--renoise",
                           {frames / chunk, 3, B, chunk, c.in_dim, run.latent_h, run.latent_w});
   }
@@ -736,7 +741,7 @@ int cmd_generate(int argc, char** argv) {
       std::copy_n(renoise.begin() + (k * 3 + step - 1) * int64_t(n), n, dst);
     }
   };
-  const int64_t chunks = chunk > 0 ? frames / chunk : 0;
+  const int64_t chunks = frames / chunk;
   double total = 0;
   cb.on_chunk = [&](int64_t k, const float* x0, double secs) {
     total += secs;

@@ -21,7 +21,9 @@
 #include <vector>
 
 #include "monarchrt/attention.h"
+#include "monarchrt/checkpoint.h"
 #include "monarchrt/npy.h"
+#include "monarchrt/wan.h"
 #include "monarchrt/workload.h"
 #include "test_util.h"
 
@@ -473,6 +475,47 @@ TEST(Cli, GenerateChecksItsOptionsBeforeReadingTheCheckpoint) {
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_TRUE(contains(r.output, "missing.pt")) << r.output;
   EXPECT_FALSE(exists(dir.file("x.npy")));
+}
+
+// With a checkpoint, the input files are checked against the model's dimensions (from the
+// checkpoint's metadata) before its tensors are read: a --noise of the wrong shape fails without
+// the "loading" line, and the right one runs.
+TEST(Cli, GenerateChecksItsInputFilesBeforeLoadingTheWeights) {
+  test::TempDir dir{"cli"};
+  WanConfig c;
+  c.dim = 32;
+  c.num_heads = 2;
+  c.num_layers = 1;
+  c.ffn_dim = 32;
+  c.freq_dim = 16;
+  c.text_dim = 8;
+  c.in_dim = c.out_dim = 4;
+  Rng rng(11);
+  std::vector<std::vector<float>> values;
+  std::vector<SafetensorsEntry> entries;
+  for (const WanParameter& p : wan_parameters(c)) {
+    values.emplace_back(size_t(p.numel()));
+    for (float& x : values.back()) x = float(0.1 * rng.normal());
+    entries.push_back({p.name, DType::kF32, p.shape, values.back().data()});
+  }
+  std::vector<uint8_t> bytes;
+  ASSERT_TRUE(encode_safetensors(entries, &bytes).ok());
+  const std::string dit = dir.file("tiny.safetensors");
+  std::ofstream(dit, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+  write_random(dir.file("bad.npy"), DType::kF32, {1, 3, 4, 4, 5}, rng);
+  write_random(dir.file("good.npy"), DType::kF32, {1, 3, 4, 4, 4}, rng);
+  const std::string base = "generate --device cpu --dit " + quote(dit) + " --heads 2 --frames 3 --latent 4,4 --out " +
+                           quote(dir.file("x.npy")) + " --noise ";
+  Result r = run(base + quote(dir.file("bad.npy")));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "--noise")) << r.output;
+  EXPECT_TRUE(contains(r.output, "expected [1, 3, 4, 4, 4]")) << r.output;
+  EXPECT_FALSE(contains(r.output, "loading")) << r.output;
+  EXPECT_FALSE(exists(dir.file("x.npy")));
+  r = run(base + quote(dir.file("good.npy")));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "loading")) << r.output;
+  EXPECT_TRUE(exists(dir.file("x.npy")));
 }
 
 // ---- errors --------------------------------------------------------------------------------------

@@ -636,9 +636,12 @@ int cmd_generate(int argc, char** argv) {
                              (ec ? " (" + ec.message() + ")" : std::string(": a file of that name exists"))));
     }
   }
-  WanWeights weights;
+  // The model's dimensions (the built-in model's, or from the checkpoint's metadata), then the
+  // input files checked against them, then the weights: a wrong file fails before the long read.
+  WanConfig c;
+  Checkpoint ck;
+  std::string prefix;
   if (builtin) {
-    WanConfig c;
     c.dim = 128;  // head dim 64: runs on the GPU too
     c.num_heads = 2;
     c.num_layers = 2;
@@ -646,26 +649,42 @@ int cmd_generate(int argc, char** argv) {
     c.freq_dim = 32;
     c.text_dim = 64;
     c.text_len = 8;
+  } else {
+    check(Checkpoint::open(a.get("dit"), &ck));
+    prefix = wan_checkpoint_prefix(ck, a.has("ema"));
+    check(wan_config_from_checkpoint(ck, prefix, a.get_int("heads"), &c));
+  }
+  const int64_t B = run.batch, frame = c.in_dim * run.latent_h * run.latent_w;
+  std::vector<float> text, noise, renoise;  // empty: drawn from the seed below
+  if (a.has("text")) {  // the text length comes from the features (512 for umT5)
+    NpyArray text_file;
+    check(read_npy(a.get("text"), &text_file));
+    const size_t rank = text_file.shape.size();
+    if (rank != 2 && rank != 3) {
+      throw Failure{Status::invalid("--text: expected [text_len, text_dim] or [batch, text_len, text_dim]")};
+    }
+    c.text_len = text_file.shape[rank - 2];
+    const std::vector<int64_t> want2 = {c.text_len, c.text_dim}, want3 = {B, c.text_len, c.text_dim};
+    text = load_floats(a.get("text"), "--text", rank == 2 ? want2 : want3);
+    if (rank == 2) {  // the same prompt for every video of the batch
+      std::vector<float> rep;
+      for (int64_t b = 0; b < B; ++b) rep.insert(rep.end(), text.begin(), text.end());
+      text = rep;
+    }
+  }
+  if (a.has("noise")) noise = load_floats(a.get("noise"), "--noise", {B, frames, c.in_dim, run.latent_h, run.latent_w});
+  if (a.has("renoise")) {
+    renoise = load_floats(a.get("renoise"), "--renoise",
+                          {frames / chunk, 3, B, chunk, c.in_dim, run.latent_h, run.latent_w});
+  }
+  WanWeights weights;
+  if (builtin) {
     weights = wan_random_weights(c, uint64_t(a.get_int("seed")) + 1000);
   } else {
-    Checkpoint ck;
-    check(Checkpoint::open(a.get("dit"), &ck));
-    const std::string prefix = wan_checkpoint_prefix(ck, a.has("ema"));
-    WanConfig c;
-    check(wan_config_from_checkpoint(ck, prefix, a.get_int("heads"), &c));
     std::fprintf(stderr, "loading %s (%s%s, %lld layers, dim %lld)...\n", a.get("dit").c_str(),
                  prefix.empty() ? "safetensors" : "prefix ", prefix.c_str(), (long long)c.num_layers, (long long)c.dim);
     check(load_wan_weights(ck, c, prefix, &weights));
   }
-  NpyArray text_file;
-  if (a.has("text")) {  // the text length comes from the features (512 for umT5)
-    check(read_npy(a.get("text"), &text_file));
-    if (text_file.shape.size() != 2 && text_file.shape.size() != 3) {
-      throw Failure{Status::invalid("--text: expected [text_len, text_dim] or [batch, text_len, text_dim]")};
-    }
-    weights.config.text_len = text_file.shape[text_file.shape.size() - 2];
-  }
-  const WanConfig c = weights.config;  // a copy: the GPU path frees the host weights
 #ifdef MONARCHRT_WITH_CUDA
   if (device == "auto") device = cuda::device_count() > 0 ? "cuda" : "cpu";
 #else
@@ -702,18 +721,8 @@ int cmd_generate(int argc, char** argv) {
     cpu_dit = d.get();
     model = std::move(d);
   }
-  const int64_t B = run.batch, frame = c.in_dim * run.latent_h * run.latent_w;
-  Rng rng(uint64_t(a.get_int("seed")));
-  std::vector<float> text;
-  if (a.has("text")) {
-    std::vector<int64_t> want2 = {c.text_len, c.text_dim}, want3 = {B, c.text_len, c.text_dim};
-    text = load_floats(a.get("text"), "--text", text_file.shape.size() == 2 ? want2 : want3);
-    if (text_file.shape.size() == 2) {  // the same prompt for every video of the batch
-      std::vector<float> rep;
-      for (int64_t b = 0; b < B; ++b) rep.insert(rep.end(), text.begin(), text.end());
-      text = rep;
-    }
-  } else {
+  Rng rng(uint64_t(a.get_int("seed")));  // text, then noise, then the re-noising draws
+  if (text.empty()) {
     text.resize(size_t(B * c.text_len * c.text_dim));
     for (float& x : text) x = float(rng.normal());
   }
@@ -721,17 +730,9 @@ int cmd_generate(int argc, char** argv) {
   if (gpu_dit) check(gpu_dit->set_text(text.data()));
 #endif
   if (cpu_dit) check(cpu_dit->set_text(text.data()));
-  std::vector<float> noise;
-  if (a.has("noise")) {
-    noise = load_floats(a.get("noise"), "--noise", {B, frames, c.in_dim, run.latent_h, run.latent_w});
-  } else {
+  if (noise.empty()) {
     noise.resize(size_t(B * frames * frame));
     for (float& x : noise) x = float(rng.normal());
-  }
-  std::vector<float> renoise;
-  if (a.has("renoise")) {
-    renoise = load_floats(a.get("renoise"), "--renoise",
-                          {frames / chunk, 3, B, chunk, c.in_dim, run.latent_h, run.latent_w});
   }
   SelfForcingCallbacks cb;
   cb.renoise = [&](int64_t k, int step, float* dst, size_t n) {

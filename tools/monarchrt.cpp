@@ -684,6 +684,7 @@ int cmd_generate(int argc, char** argv) {
     std::fprintf(stderr, "loading %s (%s%s, %lld layers, dim %lld)...\n", a.get("dit").c_str(),
                  prefix.empty() ? "safetensors" : "prefix ", prefix.c_str(), (long long)c.num_layers, (long long)c.dim);
     check(load_wan_weights(ck, c, prefix, &weights));
+    ck = Checkpoint();  // the file is no longer needed
   }
 #ifdef MONARCHRT_WITH_CUDA
   if (device == "auto") device = cuda::device_count() > 0 ? "cuda" : "cpu";

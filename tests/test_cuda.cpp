@@ -874,7 +874,8 @@ TEST(CudaForward, CapturableInAGraphAndDeterministic) {
 // bf16 error against the scale of the logits, on the real 30 x 52 tiles: the two-pass and the
 // fused forward at the default scale below 4.5e-3, and the backward at 3 times it within
 // run_backward_problem's 1e-2. Stage 1 rounds the unnormalized probabilities exp(z - max), whose
-// largest is exactly 1, and divides its products by the row sum in fp32; rounding R = exp(z - lse)
+// largest is exactly 1, and its products are divided by the row sum in fp32 (by the cluster kernel's
+// stage-2 warps there); rounding R = exp(z - lse)
 // instead (the two-pass kernels before the thirty-second session, the fused ones before the
 // thirty-third) gave 5.4-5.7e-3 (fused 5.3-5.7e-3) and 1.2-1.5e-2 here, against 3.0-3.1e-3 (fused
 // 3.0-3.4e-3) and 7.1-8.1e-3 now (H200; docs/numerics.md).

@@ -26,6 +26,7 @@
 #include "monarchrt/wan.h"
 #include "monarchrt/workload.h"
 #include "test_util.h"
+#include "wan_test_util.h"
 
 namespace monarchrt {
 namespace {
@@ -482,22 +483,11 @@ TEST(Cli, GenerateChecksItsOptionsBeforeReadingTheCheckpoint) {
 // the "loading" line, and the right one runs.
 TEST(Cli, GenerateChecksItsInputFilesBeforeLoadingTheWeights) {
   test::TempDir dir{"cli"};
-  WanConfig c;
-  c.dim = 32;
-  c.num_heads = 2;
-  c.num_layers = 1;
-  c.ffn_dim = 32;
-  c.freq_dim = 16;
-  c.text_dim = 8;
-  c.in_dim = c.out_dim = 4;
-  Rng rng(11);
-  std::vector<std::vector<float>> values;
+  const WanConfig c = test::tiny_wan_config();
+  const WanWeights w = wan_random_weights(c, 11);
   std::vector<SafetensorsEntry> entries;
-  for (const WanParameter& p : wan_parameters(c)) {
-    values.emplace_back(size_t(p.numel()));
-    for (float& x : values.back()) x = float(0.1 * rng.normal());
-    entries.push_back({p.name, DType::kF32, p.shape, values.back().data()});
-  }
+  for (const WanParameter& p : wan_parameters(c)) entries.push_back({p.name, DType::kF32, p.shape, w.at(p.name).data()});
+  Rng rng(11);
   std::vector<uint8_t> bytes;
   ASSERT_TRUE(encode_safetensors(entries, &bytes).ok());
   const std::string dit = dir.file("tiny.safetensors");

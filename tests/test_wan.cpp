@@ -19,19 +19,6 @@
 namespace monarchrt {
 namespace {
 
-WanConfig tiny() {
-  WanConfig c;
-  c.dim = 24;
-  c.num_heads = 2;
-  c.num_layers = 2;
-  c.ffn_dim = 40;
-  c.freq_dim = 8;
-  c.text_dim = 20;
-  c.text_len = 5;
-  c.in_dim = c.out_dim = 4;
-  return c;
-}
-
 using Tensors = std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>;
 
 Tensors random_weights(const WanConfig& c, uint64_t seed) {
@@ -101,7 +88,7 @@ TEST(WanWeights, ParameterListMatchesTheSpecification) {
 }
 
 TEST(WanWeights, SafetensorsAndSelfForcingPtLoadBack) {
-  const WanConfig c = tiny();
+  const WanConfig c = test::tiny_wan_config();
   const Tensors gen = random_weights(c, 1), ema = random_weights(c, 2);
   Checkpoint st;
   ASSERT_TRUE(Checkpoint::open(memory_source(safetensors_of(gen), "wan.safetensors"), &st).ok());
@@ -122,7 +109,7 @@ TEST(WanWeights, SafetensorsAndSelfForcingPtLoadBack) {
 }
 
 TEST(WanWeights, EveryDepartureFromTheModelIsNamed) {
-  const WanConfig c = tiny();
+  const WanConfig c = test::tiny_wan_config();
   const Tensors good = random_weights(c, 3);
   auto check = [&](const Tensors& t, const std::string& expect) {
     Checkpoint ck;
@@ -173,7 +160,7 @@ namespace {
 // PyTorch implementation is python/tests/test_wan_parity.py; here: every path runs under the
 // sanitizers, results are finite and deterministic, bad calls are rejected).
 TEST(WanDiT, SelfForcingLoopRunsAndRejectsBadCalls) {
-  const WanConfig c = tiny();
+  const WanConfig c = test::tiny_wan_config();
   const WanWeights w = wan_random_weights(c, 7);
   for (bool monarch : {false, true}) {
     const WanRunConfig run = test::test_run(2, 6, 4, 6, monarch);
@@ -243,7 +230,7 @@ class WholeChunks : public WanModel {
 };
 
 TEST(WanDiT, LoopHandsWholeChunksToModelsThatRunThem) {
-  const WanConfig c = tiny();
+  const WanConfig c = test::tiny_wan_config();
   const WanWeights w = wan_random_weights(c, 13);
   const WanRunConfig run = test::test_run(1, 6, 4, 6, true);
   const int64_t n = 6 * c.in_dim * 4 * 6;
@@ -278,7 +265,7 @@ TEST(WanDiT, LoopHandsWholeChunksToModelsThatRunThem) {
 }
 
 TEST(WanDiT, LoopRejectsAFlowOfAnotherShape) {
-  WanConfig c = tiny();
+  WanConfig c = test::tiny_wan_config();
   c.out_dim = c.in_dim + 1;
   const WanWeights w = wan_random_weights(c, 15);
   const WanRunConfig run = test::test_run(1, 3, 4, 6, false);
@@ -313,7 +300,7 @@ namespace {
 // Spec acceptance: running the chunks one after another through the KV cache equals the
 // block-causal full-sequence forward (dense and Monarch self-attention).
 TEST(WanDiT, ChunksThroughTheCacheEqualTheBlockCausalFullSequence) {
-  const WanConfig c = tiny();
+  const WanConfig c = test::tiny_wan_config();
   const WanWeights w = wan_random_weights(c, 11);
   const int64_t B = 2, T = 6, chunk = 2, Hl = 4, Wl = 6, frame = c.in_dim * Hl * Wl;
   Rng rng(12);
@@ -346,7 +333,7 @@ TEST(WanDiT, ChunksThroughTheCacheEqualTheBlockCausalFullSequence) {
 // The refresh pass without an output (flow == nullptr) writes the same cache as a full pass: the
 // next chunk's output is bitwise the same either way.
 TEST(WanDiT, RefreshWithoutOutputWritesTheSameCache) {
-  const WanConfig c = tiny();
+  const WanConfig c = test::tiny_wan_config();
   const WanWeights w = wan_random_weights(c, 21);
   const int64_t B = 1, chunk = 2, Hl = 4, Wl = 6, n = B * chunk * c.in_dim * Hl * Wl;
   Rng rng(22);

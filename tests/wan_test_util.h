@@ -1,4 +1,4 @@
-// Helpers shared by the engine tests (test_wan.cpp, test_wan_cuda.cpp).
+// Helpers shared by the engine tests (test_wan.cpp, test_wan_cuda.cpp, test_cli.cpp).
 #pragma once
 
 #include <cstdint>
@@ -9,6 +9,20 @@
 
 namespace monarchrt {
 namespace test {
+
+// The tiny model of the engine tests: head dim 12, the smallest that 3D RoPE allows.
+inline WanConfig tiny_wan_config() {
+  WanConfig c;
+  c.dim = 24;
+  c.num_heads = 2;
+  c.num_layers = 2;
+  c.ffn_dim = 40;
+  c.freq_dim = 8;
+  c.text_dim = 20;
+  c.text_len = 5;
+  c.in_dim = c.out_dim = 4;
+  return c;
+}
 
 // n standard normal draws.
 inline std::vector<float> normals(int64_t n, Rng& rng) {

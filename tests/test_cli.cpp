@@ -502,7 +502,21 @@ TEST(Cli, GenerateChecksItsInputFilesBeforeLoadingTheWeights) {
   EXPECT_TRUE(contains(r.output, "expected [1, 3, 4, 4, 4]")) << r.output;
   EXPECT_FALSE(contains(r.output, "loading")) << r.output;
   EXPECT_FALSE(exists(dir.file("x.npy")));
-  r = run(base + quote(dir.file("good.npy")));
+  // Settings that only the model's token grid (2 x 2 here: latent 4,4 over 2 x 2 patches) rules
+  // out fail before the weights too, naming the chunk and the rule.
+  const std::pair<std::string, std::string> bad_settings[] = {
+      {" --attention monarch --tiling 1,3,1", "h_reduce = 3 does not divide grid.h = 2"},
+      {" --window-frames 2", "window_frames = 2 must be 0 (whole cache) or at least the chunk's grid.T = 3"},
+      {" --latent 5,4", "latent size 5x4 must be positive multiples of the patch"}};
+  for (const auto& [extra, rule] : bad_settings) {
+    r = run(base + quote(dir.file("good.npy")) + extra);
+    EXPECT_EQ(r.exit_code, 1) << extra << "\n" << r.output;
+    EXPECT_TRUE(contains(r.output, "chunks of 3")) << r.output;
+    EXPECT_TRUE(contains(r.output, rule)) << r.output;
+    EXPECT_FALSE(contains(r.output, "loading")) << r.output;
+  }
+  EXPECT_FALSE(exists(dir.file("x.npy")));
+  r = run(base + quote(dir.file("good.npy")) + " --attention monarch --tiling 1,2,1");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "loading")) << r.output;
   EXPECT_TRUE(exists(dir.file("x.npy")));

@@ -195,6 +195,53 @@ TEST(WanDiT, SelfForcingLoopRunsAndRejectsBadCalls) {
   EXPECT_EQ(dit.init(w, bad).code(), StatusCode::kInvalidArgument);
 }
 
+// check_wan_run, which `monarchrt generate` runs before it reads a checkpoint, must accept exactly
+// the run settings with which the engine then gets through every chunk, and name the chunk.
+TEST(WanDiT, RunCheckAgreesWithTheEngineOnEveryChunk) {
+  const WanConfig c = test::tiny_wan_config();
+  const WanWeights w = wan_random_weights(c, 7);
+  struct Case {
+    bool monarch;
+    MonarchLayout layout;
+    int64_t sink, window, frames;
+  };
+  const Case cases[] = {
+      {true, {1, 1, 1}, 0, 0, 6},  {true, {3, 1, 1}, 0, 0, 6},  {true, {2, 1, 1}, 0, 0, 6},
+      {true, {1, 2, 1}, 0, 0, 6},  {true, {1, 1, 3}, 0, 0, 6},  {true, {1, 1, 2}, 0, 0, 6},
+      {true, {1, 1, 1}, 1, 3, 9},  {true, {3, 1, 1}, 1, 3, 9},  {true, {3, 1, 1}, 3, 3, 9},
+      {true, {3, 1, 1}, 0, 3, 9},  {false, {1, 1, 1}, 0, 2, 6}, {false, {1, 1, 1}, 1, 3, 9},
+      {false, {7, 1, 1}, 2, 0, 6}, {true, {1, 1, 1}, -1, 3, 6}, {true, {1, 1, 1}, 0, 0, 7},
+  };
+  for (const Case& k : cases) {
+    WanRunConfig run = test::test_run(1, k.frames, 4, 6, k.monarch);  // 2 x 3 tokens per frame
+    run.layout = k.layout;
+    run.sink_frames = k.sink;
+    run.window_frames = k.window;
+    SCOPED_TRACE(std::string(k.monarch ? "monarch " : "dense ") + k.layout.to_string() + " sink " +
+                 std::to_string(k.sink) + " window " + std::to_string(k.window) + " frames " + std::to_string(k.frames));
+    const Status check = check_wan_run(c, run, 3);
+    Status engine;
+    WanDiT dit;
+    engine = dit.init(w, run);
+    if (engine.ok()) {
+      std::vector<float> text(size_t(c.text_len * c.text_dim), 0.5f), noise(size_t(k.frames * 4 * 4 * 6), 0.1f);
+      std::vector<float> out(noise.size());
+      ASSERT_TRUE(dit.set_text(text.data()).ok());
+      SelfForcingCallbacks cb;
+      cb.renoise = [](int64_t, int, float* dst, size_t n) { std::fill_n(dst, n, 0.2f); };
+      engine = self_forcing_generate(dit, noise.data(), k.frames, 3, cb, out.data());
+    }
+    EXPECT_EQ(check.ok(), engine.ok()) << "check: " << check.message() << "\nengine: " << engine.message();
+    if (!check.ok()) {
+      EXPECT_EQ(check.code(), StatusCode::kInvalidArgument) << check.message();
+      if (k.frames % 3 == 0 && k.sink >= 0) {
+        EXPECT_NE(check.message().find("chunk of frames [0, 3)"), std::string::npos) << check.message();
+      }
+    }
+  }
+  EXPECT_TRUE(check_wan_run(c, test::test_run(1, 7, 4, 6, true), 0).ok());  // sizes only
+}
+
 // A model that runs whole chunks (WanModel::denoise_chunk) the way the GPU engine does on its
 // device, here with the CPU DiT's passes and the sampler written out again: the loop must hand it
 // the chunk's noise, the three draws in order, and a refresh for every chunk but the last, and get

@@ -654,6 +654,13 @@ int cmd_generate(int argc, char** argv) {
     prefix = wan_checkpoint_prefix(ck, a.has("ema"));
     check(wan_config_from_checkpoint(ck, prefix, a.get_int("heads"), &c));
   }
+  {  // the tiling, sink and window against every chunk of this model's token grid
+    const Status s = check_wan_run(c, run, chunk);
+    if (!s.ok()) {
+      check(Status(s.code(), "--latent, --tiling, --sink-frames or --window-frames do not fit --frames " +
+                                 std::to_string(frames) + " in chunks of " + std::to_string(chunk) + ": " + s.message()));
+    }
+  }
   const int64_t B = run.batch, frame = c.in_dim * run.latent_h * run.latent_w;
   std::vector<float> text, noise, renoise;  // empty: drawn from the seed below
   if (a.has("text")) {  // the text length comes from the features (512 for umT5)

@@ -44,6 +44,10 @@ constexpr int kMaxIterations = 64;
 // run at the start of every entry point below, so an error never leaves `out` half written.
 Status check_attention(const TensorView& q, const TensorView& k, const TensorView& v,
                        const TensorView& out, const AttentionParams& params, bool monarch);
+// The rules on params alone, for q and k views of q_tokens and k_tokens tokens (dim 1): what
+// check_attention checks after the tensors themselves. Lets a caller validate a configuration
+// before any tensor exists (e.g. `monarchrt generate` before it reads a checkpoint).
+Status check_attention_params(const AttentionParams& params, int64_t q_tokens, int64_t k_tokens, bool monarch);
 
 // Frames of the key grid that the queries attend to, in increasing order (all frames in full
 // mode; sink plus window in KV-cache mode). `cache_frames` is k.tokens() / (h * w).

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "monarchrt/attention.h"
 #include "monarchrt/checkpoint.h"
 #include "monarchrt/layout.h"
 #include "monarchrt/status.h"
@@ -90,6 +91,18 @@ struct WanRunConfig {
 // Frames of K / V the engines keep per layer: max_frames, or sink + window when the attended
 // window is smaller than the video (then a ring buffer, AttentionParams::cache_capacity_frames).
 int64_t wan_cache_frames(const WanRunConfig& run);
+
+// The self-attention call of both engines for the chunk [start_frame, start_frame + frames),
+// KV-cache mode over the layer's cache (sink, window, ring buffer from `run`). kv_tokens, where
+// given, receives the tokens (dim 1) of the k / v views that call passes.
+AttentionParams wan_attention_params(const WanConfig& config, const WanRunConfig& run, int64_t frames,
+                                     int64_t start_frame, int64_t* kv_tokens = nullptr);
+
+// The run settings against the model's dimensions, before any weight is read: batch, frames,
+// latent size a multiple of the patch, and, for chunk_frames > 0 (max_frames a multiple of it),
+// the self-attention call of every chunk (tiling, sink and window; check_attention_params's
+// rules, the message naming the chunk). chunk_frames = 0 checks the sizes only.
+Status check_wan_run(const WanConfig& config, const WanRunConfig& run, int64_t chunk_frames);
 
 // Spec 1.3.4: the head_dim / 2 RoPE pairs of a head are `frame` pairs on the frame axis, then
 // `hw` pairs on the row axis and `hw` on the column axis; the angle of pair j of a token at

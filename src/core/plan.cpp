@@ -84,16 +84,23 @@ Status check_attention(const TensorView& q, const TensorView& k, const TensorVie
   MONARCHRT_RETURN_IF_ERROR(check_same("head dim", q, "q", v, "v", 3));
   MONARCHRT_RETURN_IF_ERROR(check_same("tokens", k, "k", v, "v", 1));
   for (int d = 0; d < 4; ++d) MONARCHRT_RETURN_IF_ERROR(check_same("size", q, "q", out, "out", d));
+  return check_attention_params(params, q.tokens(), k.tokens(), monarch);
+}
 
+Status check_attention_params(const AttentionParams& params, int64_t q_tokens, int64_t k_tokens, bool monarch) {
+  constexpr int64_t kBound = int64_t{1} << 31;
+  if (q_tokens < 1 || q_tokens >= kBound || k_tokens < 1 || k_tokens >= kBound) {
+    return Status::invalid("q, k: tokens must be in [1, 2^31), got " + str(q_tokens) + " and " + str(k_tokens));
+  }
   const VideoGrid& g = params.grid;
   if (g.T <= 0 || g.h <= 0 || g.w <= 0) {
     return Status::invalid("grid: T, h and w must be positive, got " + g.to_string());
   }
-  // q.tokens() < 2^31: with T, h, w and T*h at most that, T*h*w cannot overflow int64.
-  const bool fits = g.T <= q.tokens() && g.h <= q.tokens() && g.w <= q.tokens() &&
-                    g.T * g.h <= q.tokens();
-  if (!fits || g.tokens() != q.tokens()) {
-    return Status::invalid("q: tokens (dim 1) = " + str(q.tokens()) + " must equal grid T*h*w = " +
+  // q_tokens < 2^31: with T, h, w and T*h at most that, T*h*w cannot overflow int64.
+  const bool fits = g.T <= q_tokens && g.h <= q_tokens && g.w <= q_tokens &&
+                    g.T * g.h <= q_tokens;
+  if (!fits || g.tokens() != q_tokens) {
+    return Status::invalid("q: tokens (dim 1) = " + str(q_tokens) + " must equal grid T*h*w = " +
                            g.to_string() + (fits ? " = " + str(g.tokens()) : ""));
   }
   if (params.num_iters < 1 || params.num_iters > kMaxIterations) {
@@ -108,9 +115,9 @@ Status check_attention(const TensorView& q, const TensorView& k, const TensorVie
 
   int64_t cache_frames = g.T;
   if (!params.kv_cache) {
-    if (k.tokens() != q.tokens()) {
-      return Status::invalid("k: tokens (dim 1) = " + str(k.tokens()) + " must equal q's " +
-                             str(q.tokens()) + " outside KV-cache mode");
+    if (k_tokens != q_tokens) {
+      return Status::invalid("k: tokens (dim 1) = " + str(k_tokens) + " must equal q's " +
+                             str(q_tokens) + " outside KV-cache mode");
     }
     if (params.sink_frames != 0 || params.window_frames != 0 || params.cache_capacity_frames != 0 ||
         params.cache_frames != 0) {
@@ -122,12 +129,12 @@ Status check_attention(const TensorView& q, const TensorView& k, const TensorVie
       return Status::invalid("causal_chunk_frames must be 0 in KV-cache mode: the cache holds only "
                              "the past and the current chunk");
     }
-    if (k.tokens() % g.tokens_per_frame() != 0) {
-      return Status::invalid("k: tokens (dim 1) = " + str(k.tokens()) +
+    if (k_tokens % g.tokens_per_frame() != 0) {
+      return Status::invalid("k: tokens (dim 1) = " + str(k_tokens) +
                              " is not a whole number of frames of h*w = " +
                              str(g.tokens_per_frame()) + " tokens");
     }
-    const int64_t slots = k.tokens() / g.tokens_per_frame();
+    const int64_t slots = k_tokens / g.tokens_per_frame();
     cache_frames = slots;
     if (params.cache_capacity_frames < 0 || params.cache_frames < 0) {
       return Status::invalid("cache_capacity_frames and cache_frames must be >= 0");
@@ -140,7 +147,7 @@ Status check_attention(const TensorView& q, const TensorView& k, const TensorVie
       }
     } else {
       if (slots != params.cache_capacity_frames) {
-        return Status::invalid("k: tokens (dim 1) = " + str(k.tokens()) + " must be "
+        return Status::invalid("k: tokens (dim 1) = " + str(k_tokens) + " must be "
                                "cache_capacity_frames * h * w = " + str(params.cache_capacity_frames) +
                                " * " + str(g.tokens_per_frame()) + " for a ring buffer");
       }

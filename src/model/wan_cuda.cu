@@ -437,28 +437,12 @@ struct WanDiTCuda::Impl {
     return view(data, ring() ? cache_rows : (start + frames) * tpf, cache_rows * c.dim, c.dim);
   }
 
-  AttentionParams attention_params(int64_t frames, int64_t start) const {
-    AttentionParams ap;
-    ap.grid = VideoGrid{frames, th, tw};
-    ap.layout = run.layout;
-    ap.num_iters = run.num_iters;
-    ap.scale = 1.0 / std::sqrt(double(c.head_dim()));
-    ap.kv_cache = true;
-    ap.sink_frames = run.sink_frames;
-    ap.window_frames = run.window_frames;
-    if (ring()) {
-      ap.cache_capacity_frames = cache_frames;
-      ap.cache_frames = start + frames;
-    }
-    return ap;
-  }
-
   Status self_attention(const Layer& L, int64_t frames, int64_t start) {
     const int64_t S = frames * tpf, D = c.dim;
     const TensorView q = view(qkv, S, S * 3 * D, 3 * D);
     const TensorView k = cache_view(L.kc, start, frames), v = cache_view(L.vc, start, frames);
     const TensorView o = view(att, S, S * D, D);
-    const AttentionParams ap = attention_params(frames, start);
+    const AttentionParams ap = wan_attention_params(c, run, frames, start);
     if (run.monarch) return cuda::monarch_attention(q, k, v, o, ap, attn_ws, attn_ws_bytes, stream);
     return cuda::dense_attention(q, k, v, o, ap, stream);
   }
@@ -827,7 +811,7 @@ Status WanDiTCuda::init(const WanWeights& weights, const WanRunConfig& run, cons
   for (int64_t start = 0; start + F <= run.max_frames; ++start) {
     const TensorView q = m.view(m.qkv, S, S * 3 * D, 3 * D), o = m.view(m.att, S, S * D, D);
     const TensorView k = m.cache_view(m.layers[0].kc, start, F);
-    const AttentionParams ap = m.attention_params(F, start);
+    const AttentionParams ap = wan_attention_params(c, run, F, start);
     const Status ok = run.monarch ? cuda::can_implement(q, k, k, o, ap) : check_attention(q, k, k, o, ap, false);
     if (!ok.ok() && start == 0) return ok;
     if (ok.ok() && run.monarch) m.attn_ws_bytes = std::max(m.attn_ws_bytes, cuda::workspace_size(q, k, k, o, ap));

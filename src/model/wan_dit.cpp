@@ -212,18 +212,62 @@ Status check_wan_model(const WanWeights& weights, const WanRunConfig& run) {
       return Status::invalid("weights: tensor '" + p.name + "' is missing or has the wrong size");
     }
   }
+  return check_wan_run(c, run, 0);
+}
+
+int64_t wan_cache_frames(const WanRunConfig& run) {
+  const bool window = run.window_frames > 0 && run.sink_frames + run.window_frames < run.max_frames;
+  return window ? run.sink_frames + run.window_frames : run.max_frames;
+}
+
+AttentionParams wan_attention_params(const WanConfig& c, const WanRunConfig& run, int64_t frames, int64_t start_frame,
+                                     int64_t* kv_tokens) {
+  const int64_t tpf = (run.latent_h / c.patch_h) * (run.latent_w / c.patch_w), cache_frames = wan_cache_frames(run);
+  const bool ring = cache_frames < run.max_frames;
+  AttentionParams ap;
+  ap.grid = VideoGrid{frames, run.latent_h / c.patch_h, run.latent_w / c.patch_w};
+  ap.layout = run.layout;
+  ap.num_iters = run.num_iters;
+  ap.scale = 1.0 / std::sqrt(double(c.head_dim()));
+  ap.kv_cache = true;
+  ap.sink_frames = run.sink_frames;
+  ap.window_frames = run.window_frames;
+  if (ring) {
+    ap.cache_capacity_frames = cache_frames;
+    ap.cache_frames = start_frame + frames;
+  }
+  if (kv_tokens) *kv_tokens = (ring ? cache_frames : start_frame + frames) * tpf;
+  return ap;
+}
+
+Status check_wan_run(const WanConfig& c, const WanRunConfig& run, int64_t chunk_frames) {
+  MONARCHRT_RETURN_IF_ERROR(c.validate());
   if (run.batch < 1 || run.max_frames < 1) return Status::invalid("run: batch and max_frames must be >= 1");
   if (run.latent_h <= 0 || run.latent_w <= 0 || run.latent_h % c.patch_h || run.latent_w % c.patch_w) {
     return Status::invalid("run: latent size " + std::to_string(run.latent_h) + "x" + std::to_string(run.latent_w) +
                            " must be positive multiples of the patch (" + std::to_string(c.patch_h) + "x" +
                            std::to_string(c.patch_w) + ")");
   }
+  if (run.sink_frames < 0 || run.window_frames < 0) {  // the cache's size and ring slots rely on them
+    return Status::invalid("run: sink_frames = " + std::to_string(run.sink_frames) + " and window_frames = " +
+                           std::to_string(run.window_frames) + " must be >= 0");
+  }
+  if (chunk_frames == 0) return Status();
+  if (chunk_frames < 0 || run.max_frames % chunk_frames != 0) {
+    return Status::invalid("run: max_frames = " + std::to_string(run.max_frames) +
+                           " must be a positive multiple of the chunk's " + std::to_string(chunk_frames) + " frames");
+  }
+  const int64_t tpf = (run.latent_h / c.patch_h) * (run.latent_w / c.patch_w);
+  for (int64_t start = 0; start < run.max_frames; start += chunk_frames) {
+    int64_t kv_tokens = 0;
+    const AttentionParams ap = wan_attention_params(c, run, chunk_frames, start, &kv_tokens);
+    const Status s = check_attention_params(ap, chunk_frames * tpf, kv_tokens, run.monarch);
+    if (!s.ok()) {
+      return Status(s.code(), "self-attention of the chunk of frames [" + std::to_string(start) + ", " +
+                                  std::to_string(start + chunk_frames) + "): " + s.message());
+    }
+  }
   return Status();
-}
-
-int64_t wan_cache_frames(const WanRunConfig& run) {
-  const bool window = run.window_frames > 0 && run.sink_frames + run.window_frames < run.max_frames;
-  return window ? run.sink_frames + run.window_frames : run.max_frames;
 }
 
 Status WanDiT::init(const WanWeights& weights, const WanRunConfig& run) {
@@ -304,24 +348,18 @@ Status WanDiT::pass(const float* x_in, int64_t F, int64_t start_frame, double t,
   for (float& v : se) v = silu(v);
   const Vec e0 = linear(se, 1, D, w_->at("time_projection.1.weight"), &w_->at("time_projection.1.bias"), 6 * D);
 
-  AttentionParams ap;
-  ap.grid = VideoGrid{F, th_, tw_};
-  ap.layout = run_.layout;
-  ap.num_iters = run_.num_iters;
-  ap.scale = 1.0 / std::sqrt(double(hd));
-  ap.kv_cache = causal < 0;
-  ap.causal_chunk_frames = causal < 0 ? 0 : causal;
-  const int64_t cache_frames = wan_cache_frames(run_), cache_rows = cache_frames * tpf;
-  const bool ring = cache_frames < run_.max_frames;
-  if (causal < 0) {
-    ap.sink_frames = run_.sink_frames;
-    ap.window_frames = run_.window_frames;
-    if (ring) {
-      ap.cache_capacity_frames = cache_frames;
-      ap.cache_frames = start_frame + F;
-    }
+  const int64_t cache_rows = wan_cache_frames(run_) * tpf;
+  int64_t used = 0;  // k / v rows the attention sees
+  AttentionParams ap = wan_attention_params(c, run_, F, start_frame, &used);
+  if (causal >= 0) {  // forward_full: the F frames block-causal, no cache
+    AttentionParams full;
+    full.grid = ap.grid;
+    full.layout = ap.layout;
+    full.num_iters = ap.num_iters;
+    full.scale = ap.scale;
+    full.causal_chunk_frames = causal;
+    ap = full;
   }
-  const int64_t used = ring ? cache_rows : (start_frame + F) * tpf;  // k / v rows the attention sees
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string bl = "blocks." + std::to_string(i) + ".";
     const Vec& mod = w_->at(bl + "modulation");

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "random_problem.h"
 #include "test_util.h"
 
 namespace monarchrt {
@@ -544,6 +545,74 @@ TEST(AttentionErrors, OversizedDimensions) {
                     [&](Problem& p) { tensor_of(p, t)->view.shape[0] = big; }, kEntriesFor[t],
                     StatusCode::kUnsupported, {std::string(kNames[t]) + ":", "2147483648", "2^31 - 1"});
   }
+}
+
+// ---- random parameters -----------------------------------------------------------------------
+
+// Parameters drawn around the valid problem's (negative, zero, too large, not whole tiles, ring
+// buffers that do not fit, NaN scales): every entry point must give check_attention's verdict,
+// with its message, leave the output and the inputs untouched when it refuses, and write finite
+// values when it accepts. Guards the order of the checks against work done before them (the CPU
+// engine once wrote a ring slot before the attention refused a negative sink: docs/engine.md).
+TEST(AttentionErrors, RandomParametersAreRefusedOrRun) {
+  Rng rng(test::test_seed(41));
+  // A value from `good` (values the valid problem allows), one time in ten from `bad`.
+  auto pick = [&](std::initializer_list<int64_t> good, std::initializer_list<int64_t> bad) {
+    const bool wrong = bad.size() > 0 && test::pick(rng, 0, 9) == 0;
+    const auto& from = wrong ? bad : good;
+    return from.begin()[test::pick(rng, 0, int64_t(from.size()) - 1)];
+  };
+  const unsigned entries[] = {kRefDense, kRefMonarch, kRefTopk, kCpuDense, kCpuMonarch, kCpuTopk};
+  int accepted = 0, refused = 0;
+  for (int i = 0; i < 150; ++i) {
+    Problem base;
+    AttentionParams& a = base.params;
+    a.grid = VideoGrid{pick({4}, {3, 0, -4}), pick({2}, {1, 3}), pick({6}, {4, 12})};
+    a.layout = MonarchLayout{pick({1, 2, 4}, {3, 0, 8}), pick({1, 2}, {3, -1}), pick({1, 2, 3, 6}, {4, 5})};
+    a.num_iters = int(pick({1, 2, 3}, {0, -1, 100}));
+    a.scale = pick({0}, {1}) == 1 ? std::nan("") : 0.0;
+    a.causal_chunk_frames = pick({0, 2, 4}, {1, 3, -2});
+    if (test::pick(rng, 0, 1) == 1) {  // a KV cache: k / v of random frames, sink, window, maybe a ring
+      const int64_t frames = pick({4, 6, 8}, {2, 5, 7});
+      base.set_kv_cache(frames);
+      if (pick({0}, {1}) == 1) base.set_kv_tokens(frames * kPerFrame + 5);
+      a.causal_chunk_frames = pick({0}, {2});
+      a.sink_frames = pick({0, 2}, {1, 4, -2});
+      a.window_frames = pick({0, 4}, {5, 2, 8, -4});
+      if (test::pick(rng, 0, 1) == 1) {
+        a.cache_capacity_frames = pick({frames}, {6, 0, -1});
+        a.cache_frames = pick({frames, frames + 2, frames + 6}, {3, 0, -3, frames + 1});
+      }
+    }
+    const std::string what = "grid " + a.grid.to_string() + " layout " + a.layout.to_string() + " iters " +
+                             std::to_string(a.num_iters) + " causal " + std::to_string(a.causal_chunk_frames) +
+                             " kv " + std::to_string(a.kv_cache) + " k tokens " + std::to_string(base.k.view.shape[1]) +
+                             " sink " + std::to_string(a.sink_frames) + " window " + std::to_string(a.window_frames) +
+                             " capacity " + std::to_string(a.cache_capacity_frames) + " cache " +
+                             std::to_string(a.cache_frames) + (std::isnan(a.scale) ? " NaN scale" : "");
+    for (unsigned e : entries) {
+      SCOPED_TRACE(what + " via " + entry_name(e));
+      Problem p = base;
+      const Status check = call((e & kMonarch) ? kCheckMonarch : kCheckDense, p, nullptr);
+      fill_sentinel(p.out.storage);
+      const std::vector<uint8_t> out0 = p.out.storage, q0 = p.q.storage, k0 = p.k.storage, v0 = p.v.storage;
+      const Status s = call(e, p, nullptr);
+      ASSERT_EQ(s.ok(), check.ok()) << "call: " << s.to_string() << "\ncheck_attention: " << check.to_string();
+      EXPECT_TRUE(p.q.storage == q0 && p.k.storage == k0 && p.v.storage == v0) << "inputs modified";
+      if (s.ok()) {
+        EXPECT_FALSE(p.out.storage == out0) << "output not written";
+        EXPECT_TRUE(test::all_finite(p.out.values()));
+        ++accepted;
+      } else {
+        EXPECT_EQ(s.to_string(), check.to_string());
+        EXPECT_TRUE(p.out.storage == out0) << "output buffer written despite the error";
+        ++refused;
+      }
+    }
+  }
+  std::printf("[ calls    ] %d accepted, %d refused\n", accepted, refused);
+  EXPECT_GT(accepted, 0);
+  EXPECT_GT(refused, 0);
 }
 
 }  // namespace

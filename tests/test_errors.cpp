@@ -550,9 +550,9 @@ TEST(AttentionErrors, OversizedDimensions) {
 // ---- random parameters -----------------------------------------------------------------------
 
 // Parameters drawn around the valid problem's (negative, zero, too large, not whole tiles, ring
-// buffers that do not fit, NaN scales): every entry point must give check_attention's verdict,
-// with its message, leave the output and the inputs untouched when it refuses, and write finite
-// values when it accepts. Guards the order of the checks against work done before them (the CPU
+// buffers that do not fit, NaN scales): every entry point (the forwards, kv_cache_write and the
+// backward passes) must give check_attention's verdict, with its message, leave what it would
+// write and its inputs untouched when it refuses, and write finite values when it accepts. Guards the order of the checks against work done before them (the CPU
 // engine once wrote a ring slot before the attention refused a negative sink: docs/engine.md).
 TEST(AttentionErrors, RandomParametersAreRefusedOrRun) {
   Rng rng(test::test_seed(41));
@@ -607,6 +607,54 @@ TEST(AttentionErrors, RandomParametersAreRefusedOrRun) {
         EXPECT_EQ(s.to_string(), check.to_string());
         EXPECT_TRUE(p.out.storage == out0) << "output buffer written despite the error";
         ++refused;
+      }
+    }
+    {  // kv_cache_write: the chunk (shaped like q) into the k / v caches
+      SCOPED_TRACE(what + " via cpu::kv_cache_write");
+      Problem p = base;
+      const Status check = a.kv_cache ? call(kCheckDense, p, nullptr)
+                                      : Status::invalid("kv_cache must be set for kv_cache_write");
+      const std::vector<uint8_t> k0 = p.k.storage, v0 = p.v.storage;
+      const Status s = cpu::kv_cache_write(p.q.view, p.q.view, p.k.view, p.v.view, a);
+      ASSERT_EQ(s.ok(), check.ok()) << "call: " << s.to_string() << "\ncheck: " << check.to_string();
+      if (s.ok()) {
+        EXPECT_FALSE(p.k.storage == k0 || p.v.storage == v0) << "chunk not written";
+        ++accepted;
+      } else {
+        ++refused;
+        EXPECT_EQ(s.to_string(), check.to_string());
+        EXPECT_TRUE(p.k.storage == k0 && p.v.storage == v0) << "cache written despite the error";
+      }
+    }
+    for (const bool monarch : {false, true}) {  // the backward passes, reference and CPU
+      for (const bool cpu_path : {false, true}) {
+        SCOPED_TRACE(what + (monarch ? " via monarch" : " via dense") + (cpu_path ? " backward, cpu" : " backward, ref"));
+        Problem p = base;
+        Status check = call(monarch ? kCheckMonarch : kCheckDense, p, nullptr);
+        if (check.ok() && monarch && a.num_iters != 1) {
+          check = Status::unsupported("num_iters = " + std::to_string(a.num_iters) +
+                                      ": the Monarch backward pass supports num_iters = 1 only");
+        }
+        Tensor dout = p.q, dq = p.out, dk = p.k, dv = p.v;  // shapes of q, q, k, v
+        Rng grad_rng(9);
+        dout.fill_normal(grad_rng);
+        for (Tensor* g : {&dq, &dk, &dv}) fill_sentinel(g->storage);
+        const std::vector<uint8_t> dq0 = dq.storage, dk0 = dk.storage, dv0 = dv.storage;
+        const TensorView &q = p.q.view, &k = p.k.view, &v = p.v.view;
+        const Status s =
+            monarch ? (cpu_path ? cpu::monarch_attention_backward(q, k, v, dout.view, dq.view, dk.view, dv.view, a)
+                                : ref::monarch_attention_backward(q, k, v, dout.view, dq.view, dk.view, dv.view, a))
+                    : (cpu_path ? cpu::dense_attention_backward(q, k, v, dout.view, dq.view, dk.view, dv.view, a)
+                                : ref::dense_attention_backward(q, k, v, dout.view, dq.view, dk.view, dv.view, a));
+        ASSERT_EQ(s.ok(), check.ok()) << "call: " << s.to_string() << "\ncheck: " << check.to_string();
+        if (s.ok()) {
+          EXPECT_TRUE(test::all_finite(dq.values()) && test::all_finite(dk.values()) && test::all_finite(dv.values()));
+          ++accepted;
+        } else {
+          ++refused;
+          EXPECT_EQ(s.to_string(), check.to_string());
+          EXPECT_TRUE(dq.storage == dq0 && dk.storage == dk0 && dv.storage == dv0) << "gradients written despite the error";
+        }
       }
     }
   }

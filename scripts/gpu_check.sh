@@ -57,7 +57,7 @@ if [ "$what" = all ] || [ "$what" = test ]; then
   # Sanitizers on a reduced set of every kernel family (SanitizerSet, PaddedStrides and the
   # 512-tile test run the Hopper cluster kernel); racecheck runs its set twice, the second time
   # with MONARCHRT_NO_CLUSTER=1 so that the older fused kernel is checked too.
-  set1='*PaddedStrides*:*Wide*:*Reject*:*SanitizerSet:*TileLimit:*SingleCta*:CudaDense.*'
+  set1='*PaddedStrides*:*Wide*:*Reject*:*SanitizerSet:*TileLimit:*SingleCta*:CudaDense.*:CudaErrors.*'
   set2='*PaddedStrides*:*SanitizerSet:CudaDense.RingBufferWindow'
   for tool in memcheck synccheck racecheck racecheck_no_cluster; do
     echo "== compute-sanitizer $tool"

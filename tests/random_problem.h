@@ -160,5 +160,51 @@ inline Problem random_problem(Rng& rng, const ProblemLimits& lim) {
   return pr;
 }
 
+// Parameters around a valid problem on a 4 x 2 x 6 grid (12 tokens a frame, 48 in all; the error
+// tests' base problem): each field from values that problem allows, one time in ten from values it
+// does not (negative, zero, too large, not whole tiles, ring buffers that do not fit, a NaN scale),
+// so that many draws break one rule and many none. kv_tokens: tokens of k and v to allocate.
+struct PerturbedParams {
+  AttentionParams params;
+  int64_t kv_tokens = 48;
+  std::string to_string() const {
+    std::string s = describe(params) + " k tokens " + std::to_string(kv_tokens);
+    if (params.cache_capacity_frames == 0 && params.cache_frames != 0) {
+      s += " cache_frames " + std::to_string(params.cache_frames);
+    }
+    if (std::isnan(params.scale)) s += " NaN scale";
+    return s;
+  }
+};
+
+inline PerturbedParams perturbed_params(Rng& rng) {
+  // A value from `good`, one time in ten from `bad`.
+  auto pick_one = [&](std::initializer_list<int64_t> good, std::initializer_list<int64_t> bad) {
+    const bool wrong = bad.size() > 0 && pick(rng, 0, 9) == 0;
+    const auto& from = wrong ? bad : good;
+    return from.begin()[pick(rng, 0, static_cast<int64_t>(from.size()) - 1)];
+  };
+  PerturbedParams pp;
+  AttentionParams& a = pp.params;
+  a.grid = VideoGrid{pick_one({4}, {3, 0, -4}), pick_one({2}, {1, 3}), pick_one({6}, {4, 12})};
+  a.layout = MonarchLayout{pick_one({1, 2, 4}, {3, 0, 8}), pick_one({1, 2}, {3, -1}), pick_one({1, 2, 3, 6}, {4, 5})};
+  a.num_iters = static_cast<int>(pick_one({1, 2, 3}, {0, -1, 100}));
+  a.scale = pick_one({0}, {1}) == 1 ? std::nan("") : 0.0;
+  a.causal_chunk_frames = pick_one({0, 2, 4}, {1, 3, -2});
+  if (pick(rng, 0, 1) == 1) {  // a KV cache of random frames, sink, window, maybe a ring
+    a.kv_cache = true;
+    const int64_t frames = pick_one({4, 6, 8}, {2, 5, 7});
+    pp.kv_tokens = frames * 12 + pick_one({0}, {5});
+    a.causal_chunk_frames = pick_one({0}, {2});
+    a.sink_frames = pick_one({0, 2}, {1, 4, -2});
+    a.window_frames = pick_one({0, 4}, {5, 2, 8, -4});
+    if (pick(rng, 0, 1) == 1) {
+      a.cache_capacity_frames = pick_one({frames}, {6, 0, -1});
+      a.cache_frames = pick_one({frames, frames + 2, frames + 6}, {3, 0, -3, frames + 1});
+    }
+  }
+  return pp;
+}
+
 }  // namespace test
 }  // namespace monarchrt

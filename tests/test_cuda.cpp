@@ -943,5 +943,88 @@ TEST(CudaRandom, ProblemsMatchReference) {
   std::printf("[ problems ] 24, the fused path declined %d\n", declined);
 }
 
+// Parameters drawn around a valid problem (perturbed_params in tests/random_problem.h; the CPU
+// entry points in AttentionErrors.RandomParametersAreRefusedOrRun) through the two-pass and the
+// fused forward, the dense kernel and the Monarch backward: each must refuse what check_attention
+// refuses, with its message, and either run what it accepts (finite results; the forwards within
+// 1e-2 of the fp64 reference) or decline it with kUnsupported; whatever it does not run, it must
+// not write (output or gradients).
+TEST(CudaErrors, RandomParametersAreRefusedOrRun) {
+  SKIP_WITHOUT_GPU();
+  Rng rng(test::test_seed(43));
+  int ran = 0, refused = 0, declined = 0;
+  for (int i = 0; i < 40; ++i) {
+    const test::PerturbedParams pp = test::perturbed_params(rng);
+    const AttentionParams& p = pp.params;
+    Tensor q(DType::kBF16, 2, 48, 2, 64), k(DType::kBF16, 2, pp.kv_tokens, 2, 64), v = k;
+    q.fill_normal(rng);
+    k.fill_normal(rng);
+    v.fill_normal(rng);
+    Tensor sentinel_q = q, sentinel_k = k;
+    std::memset(sentinel_q.storage.data(), 0xa5, sentinel_q.storage.size());
+    std::memset(sentinel_k.storage.data(), 0xa5, sentinel_k.storage.size());
+    DeviceTensor dq(q), dk(k), dv(v), dgrad(q);  // dgrad: the backward's upstream gradient
+    const char* names[] = {"two-pass", "fused", "dense", "backward"};
+    for (int path = 0; path < 4; ++path) {
+      SCOPED_TRACE(pp.to_string() + " via " + names[path]);
+      const bool monarch = path != 2;
+      DeviceTensor out(sentinel_q), gq(sentinel_q), gk(sentinel_k), gv(sentinel_k);
+      Status check = check_attention(dq.view, dk.view, dv.view, out.view, p, monarch);
+      if (check.ok() && path == 3 && p.num_iters != 1) {
+        check = Status::unsupported("num_iters = " + std::to_string(p.num_iters) +
+                                    ": the Monarch backward pass supports num_iters = 1 only");
+      }
+      size_t ws_bytes = 0;
+      if (path == 0) ws_bytes = cuda::workspace_size(dq.view, dk.view, dv.view, out.view, p);
+      if (path == 3) {
+        ws_bytes = cuda::backward_workspace_size(dq.view, dk.view, dv.view, dgrad.view, gq.view, gk.view, gv.view, p);
+      }
+      if (path == 0 && ws_bytes == 0) continue;  // the same call as the fused path's
+      void* ws = nullptr;
+      if (ws_bytes) {
+        EXPECT_EQ(cudaMalloc(&ws, ws_bytes), cudaSuccess);
+      }
+      const Status s =
+          path == 2   ? cuda::dense_attention(dq.view, dk.view, dv.view, out.view, p, nullptr)
+          : path == 3 ? cuda::monarch_attention_backward(dq.view, dk.view, dv.view, dgrad.view, gq.view, gk.view,
+                                                         gv.view, p, ws, ws_bytes, nullptr)
+                      : cuda::monarch_attention(dq.view, dk.view, dv.view, out.view, p, ws, ws_bytes, nullptr);
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      cudaFree(ws);
+      Tensor got_out = sentinel_q, got_q = sentinel_q, got_k = sentinel_k, got_v = sentinel_k;
+      out.copy_to(got_out);
+      gq.copy_to(got_q);
+      gk.copy_to(got_k);
+      gv.copy_to(got_v);
+      const bool untouched = got_out.storage == sentinel_q.storage && got_q.storage == sentinel_q.storage &&
+                             got_k.storage == sentinel_k.storage && got_v.storage == sentinel_k.storage;
+      if (!check.ok()) {
+        EXPECT_EQ(s.to_string(), check.to_string());
+        EXPECT_TRUE(untouched) << "written despite the error";
+        ++refused;
+      } else if (!s.ok()) {
+        EXPECT_EQ(s.code(), StatusCode::kUnsupported) << s.to_string();
+        EXPECT_TRUE(untouched) << "written although declined: " << s.to_string();
+        ++declined;
+      } else if (path == 3) {
+        EXPECT_TRUE(test::all_finite(got_q.values()) && test::all_finite(got_k.values()) &&
+                    test::all_finite(got_v.values()));
+        ++ran;
+      } else {
+        Tensor want(DType::kF64, 2, 48, 2, 64);
+        EXPECT_TRUE((monarch ? ref::monarch_attention(q.view, k.view, v.view, want.view, p)
+                             : ref::dense_attention(q.view, k.view, v.view, want.view, p)).ok());
+        const std::vector<double> got = got_out.values();
+        EXPECT_TRUE(test::all_finite(got));
+        EXPECT_LT(test::relative_l2(got, want.values()), 1e-2);
+        ++ran;
+      }
+    }
+  }
+  std::printf("[ calls    ] %d ran, %d refused, %d declined\n", ran, refused, declined);
+  EXPECT_GT(ran, 0);
+  EXPECT_GT(refused, 0);
+}
+
 }  // namespace
 }  // namespace monarchrt

@@ -556,40 +556,15 @@ TEST(AttentionErrors, OversizedDimensions) {
 // engine once wrote a ring slot before the attention refused a negative sink: docs/engine.md).
 TEST(AttentionErrors, RandomParametersAreRefusedOrRun) {
   Rng rng(test::test_seed(41));
-  // A value from `good` (values the valid problem allows), one time in ten from `bad`.
-  auto pick = [&](std::initializer_list<int64_t> good, std::initializer_list<int64_t> bad) {
-    const bool wrong = bad.size() > 0 && test::pick(rng, 0, 9) == 0;
-    const auto& from = wrong ? bad : good;
-    return from.begin()[test::pick(rng, 0, int64_t(from.size()) - 1)];
-  };
   const unsigned entries[] = {kRefDense, kRefMonarch, kRefTopk, kCpuDense, kCpuMonarch, kCpuTopk};
   int accepted = 0, refused = 0;
   for (int i = 0; i < 150; ++i) {
+    const test::PerturbedParams pp = test::perturbed_params(rng);
+    const AttentionParams& a = pp.params;
     Problem base;
-    AttentionParams& a = base.params;
-    a.grid = VideoGrid{pick({4}, {3, 0, -4}), pick({2}, {1, 3}), pick({6}, {4, 12})};
-    a.layout = MonarchLayout{pick({1, 2, 4}, {3, 0, 8}), pick({1, 2}, {3, -1}), pick({1, 2, 3, 6}, {4, 5})};
-    a.num_iters = int(pick({1, 2, 3}, {0, -1, 100}));
-    a.scale = pick({0}, {1}) == 1 ? std::nan("") : 0.0;
-    a.causal_chunk_frames = pick({0, 2, 4}, {1, 3, -2});
-    if (test::pick(rng, 0, 1) == 1) {  // a KV cache: k / v of random frames, sink, window, maybe a ring
-      const int64_t frames = pick({4, 6, 8}, {2, 5, 7});
-      base.set_kv_cache(frames);
-      if (pick({0}, {1}) == 1) base.set_kv_tokens(frames * kPerFrame + 5);
-      a.causal_chunk_frames = pick({0}, {2});
-      a.sink_frames = pick({0, 2}, {1, 4, -2});
-      a.window_frames = pick({0, 4}, {5, 2, 8, -4});
-      if (test::pick(rng, 0, 1) == 1) {
-        a.cache_capacity_frames = pick({frames}, {6, 0, -1});
-        a.cache_frames = pick({frames, frames + 2, frames + 6}, {3, 0, -3, frames + 1});
-      }
-    }
-    const std::string what = "grid " + a.grid.to_string() + " layout " + a.layout.to_string() + " iters " +
-                             std::to_string(a.num_iters) + " causal " + std::to_string(a.causal_chunk_frames) +
-                             " kv " + std::to_string(a.kv_cache) + " k tokens " + std::to_string(base.k.view.shape[1]) +
-                             " sink " + std::to_string(a.sink_frames) + " window " + std::to_string(a.window_frames) +
-                             " capacity " + std::to_string(a.cache_capacity_frames) + " cache " +
-                             std::to_string(a.cache_frames) + (std::isnan(a.scale) ? " NaN scale" : "");
+    base.params = a;
+    if (a.kv_cache) base.set_kv_tokens(pp.kv_tokens);
+    const std::string what = pp.to_string();
     for (unsigned e : entries) {
       SCOPED_TRACE(what + " via " + entry_name(e));
       Problem p = base;

@@ -75,7 +75,7 @@ if [ "$what" = all ] || [ "$what" = test ]; then
     [ "$rc" -eq 0 ] || status=1
   done
   compute-sanitizer --tool memcheck --error-exitcode 3 ./build-gpu/tests/test_wan_cuda \
-    --gtest_filter='WanCuda.RejectsWhatItCannotRun:WanCuda.RefreshWithoutOutputWritesTheSameCache:WanCuda.WindowedCacheHoldsOnlyTheWindow' \
+    --gtest_filter='WanCuda.RejectsWhatItCannotRun:WanCuda.RefreshWithoutOutputWritesTheSameCache:WanCuda.WindowedCacheHoldsOnlyTheWindow:WanCuda.RunCheckAgreesWithTheEngineOnEveryChunk' \
     >"$OUT/memcheck_wan.log" 2>&1; rc=$?
   echo "memcheck (engine) exit $rc"; tail -3 "$OUT/memcheck_wan.log"
   [ "$rc" -eq 0 ] || status=1

@@ -14,7 +14,6 @@
 #include "checkpoint_writers.h"
 #include "monarchrt/wan.h"
 #include "monarchrt/workload.h"
-#include "random_problem.h"
 #include "wan_test_util.h"
 
 namespace monarchrt {
@@ -201,20 +200,11 @@ TEST(WanDiT, SelfForcingLoopRunsAndRejectsBadCalls) {
 TEST(WanDiT, RunCheckAgreesWithTheEngineOnEveryChunk) {
   const WanConfig c = test::tiny_wan_config();
   const WanWeights w = wan_random_weights(c, 7);
-  struct Case {
-    bool monarch;
-    MonarchLayout layout;
-    int64_t sink, window, frames;
-    int num_iters;
-  };
+  using test::RunSettings;
   // The check's verdict, after asserting that the CPU engine (chunks of 3 frames, 2 x 3 tokens
   // per frame) agrees with it; a bad setting must never get further than an error (ASan in CI).
-  auto agree = [&](const Case& k) {
-    WanRunConfig run = test::test_run(1, k.frames, 4, 6, k.monarch);
-    run.layout = k.layout;
-    run.sink_frames = k.sink;
-    run.window_frames = k.window;
-    run.num_iters = k.num_iters;
+  auto agree = [&](const RunSettings& k) {
+    const WanRunConfig run = k.run(4, 6);
     const Status check = check_wan_run(c, run, 3);
     WanDiT dit;
     Status engine = dit.init(w, run);
@@ -232,12 +222,7 @@ TEST(WanDiT, RunCheckAgreesWithTheEngineOnEveryChunk) {
     }
     return check;
   };
-  auto trace = [](const Case& k) {
-    return std::string(k.monarch ? "monarch " : "dense ") + k.layout.to_string() + " sink " + std::to_string(k.sink) +
-           " window " + std::to_string(k.window) + " frames " + std::to_string(k.frames) + " iters " +
-           std::to_string(k.num_iters);
-  };
-  const Case cases[] = {
+  const RunSettings cases[] = {
       {true, {1, 1, 1}, 0, 0, 6, 1},  {true, {3, 1, 1}, 0, 0, 6, 1},  {true, {2, 1, 1}, 0, 0, 6, 1},
       {true, {1, 2, 1}, 0, 0, 6, 1},  {true, {1, 1, 3}, 0, 0, 6, 1},  {true, {1, 1, 2}, 0, 0, 6, 1},
       {true, {1, 1, 1}, 1, 3, 9, 1},  {true, {3, 1, 1}, 1, 3, 9, 1},  {true, {3, 1, 1}, 3, 3, 9, 1},
@@ -245,8 +230,8 @@ TEST(WanDiT, RunCheckAgreesWithTheEngineOnEveryChunk) {
       {false, {7, 1, 1}, 2, 0, 6, 1}, {true, {1, 1, 1}, -1, 3, 6, 1}, {true, {1, 1, 1}, 0, 0, 7, 1},
       {true, {1, 1, 1}, 0, 0, 6, 0},
   };
-  for (const Case& k : cases) {
-    SCOPED_TRACE(trace(k));
+  for (const RunSettings& k : cases) {
+    SCOPED_TRACE(k.to_string());
     const Status check = agree(k);
     if (!check.ok() && k.frames % 3 == 0 && k.sink >= 0 && k.num_iters > 0) {  // the first chunk fails
       EXPECT_NE(check.message().find("chunk of frames [0, 3)"), std::string::npos) << check.message();
@@ -255,13 +240,8 @@ TEST(WanDiT, RunCheckAgreesWithTheEngineOnEveryChunk) {
   Rng rng(test::test_seed(31));  // and random settings
   int accepted = 0;
   for (int i = 0; i < 40; ++i) {
-    const Case k{test::pick(rng, 0, 1) == 1,
-                 {test::pick(rng, 1, 3), test::pick(rng, 1, 3), test::pick(rng, 1, 4)},
-                 test::pick(rng, -1, 4),
-                 test::pick(rng, -1, 7),
-                 3 * test::pick(rng, 1, 4),
-                 int(test::pick(rng, 1, 2))};
-    SCOPED_TRACE(trace(k));
+    const RunSettings k = test::random_run_settings(rng);
+    SCOPED_TRACE(k.to_string());
     accepted += agree(k).ok();
   }
   std::printf("[ settings ] %d of 40 random run settings accepted\n", accepted);

@@ -277,6 +277,50 @@ TEST(WanCuda, RefreshWithoutOutputWritesTheSameCache) {
   EXPECT_EQ(next[0], next[1]);
 }
 
+// check_wan_run (what `monarchrt generate` runs before it reads a checkpoint) against the GPU
+// engine on random run settings (tests/wan_test_util.h; 4 x 6 tokens per frame, chunks of 3):
+// what the check refuses, the engine must refuse too, at init or at the first chunk it cannot
+// run, without writing outside its buffers (memcheck in scripts/gpu_check.sh); what the check
+// accepts, the engine must run to finite latents or decline at init as unsupported.
+TEST(WanCuda, RunCheckAgreesWithTheEngineOnEveryChunk) {
+  SKIP_WITHOUT_GPU();
+  const WanConfig c = small_config();
+  const WanWeights w = wan_random_weights(c, 4);
+  const std::vector<float> text(size_t(c.text_len * c.text_dim), 0.5f);
+  Rng rng(test::test_seed(33));
+  int ran = 0, refused = 0, declined = 0;
+  for (int i = 0; i < 24; ++i) {
+    const test::RunSettings k = test::random_run_settings(rng);
+    SCOPED_TRACE(k.to_string());
+    const WanRunConfig run = k.run(8, 12);
+    const Status check = check_wan_run(c, run, 3);
+    WanDiTCuda gpu;
+    WanCudaOptions opt;
+    opt.max_chunk_frames = 3;
+    Status engine = gpu.init(w, run, opt);
+    std::vector<float> noise(size_t(k.frames * c.in_dim * 8 * 12), 0.1f), latents(noise.size(), NAN);
+    if (engine.ok()) {
+      ASSERT_TRUE(gpu.set_text(text.data()).ok());
+      SelfForcingCallbacks cb;
+      cb.renoise = [](int64_t, int, float* dst, size_t n) { std::fill_n(dst, n, 0.2f); };
+      engine = self_forcing_generate(gpu, noise.data(), k.frames, 3, cb, latents.data());
+    }
+    if (!check.ok()) {
+      EXPECT_FALSE(engine.ok()) << "the engine ran what check_wan_run refuses: " << check.to_string();
+      ++refused;
+    } else if (!engine.ok()) {
+      EXPECT_EQ(engine.code(), StatusCode::kUnsupported) << engine.to_string();
+      ++declined;
+    } else {
+      for (float x : latents) ASSERT_TRUE(std::isfinite(x));
+      ++ran;
+    }
+  }
+  std::printf("[ settings ] %d ran, %d refused, %d declined\n", ran, refused, declined);
+  EXPECT_GT(ran, 0);
+  EXPECT_GT(refused, 0);
+}
+
 TEST(WanCuda, RejectsWhatItCannotRun) {
   SKIP_WITHOUT_GPU();
   WanConfig c = small_config();

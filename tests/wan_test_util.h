@@ -2,10 +2,12 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "monarchrt/wan.h"
 #include "monarchrt/workload.h"
+#include "random_problem.h"
 
 namespace monarchrt {
 namespace test {
@@ -40,6 +42,42 @@ inline WanRunConfig test_run(int64_t B, int64_t frames, int64_t Hl, int64_t Wl, 
   run.max_frames = frames;
   run.monarch = monarch;
   return run;
+}
+
+// Run settings for the run-check tests (test_wan.cpp, test_wan_cuda.cpp), in chunks of 3 frames:
+// self-attention kind, tiling, sink, window, frames and iterations.
+struct RunSettings {
+  bool monarch = true;
+  MonarchLayout layout;
+  int64_t sink = 0, window = 0, frames = 6;
+  int num_iters = 1;
+
+  WanRunConfig run(int64_t Hl, int64_t Wl) const {
+    WanRunConfig r = test_run(1, frames, Hl, Wl, monarch);
+    r.layout = layout;
+    r.sink_frames = sink;
+    r.window_frames = window;
+    r.num_iters = num_iters;
+    return r;
+  }
+  std::string to_string() const {
+    return std::string(monarch ? "monarch " : "dense ") + layout.to_string() + " sink " + std::to_string(sink) +
+           " window " + std::to_string(window) + " frames " + std::to_string(frames) + " iters " +
+           std::to_string(num_iters);
+  }
+};
+
+// Random settings, a mix of ones the engines accept and ones they must refuse (about a third
+// accepted on a 2 x 3 or 4 x 6 token grid).
+inline RunSettings random_run_settings(Rng& rng) {
+  RunSettings k;
+  k.monarch = pick(rng, 0, 1) == 1;
+  k.layout = MonarchLayout{pick(rng, 1, 3), pick(rng, 1, 3), pick(rng, 1, 4)};
+  k.sink = pick(rng, -1, 4);
+  k.window = pick(rng, -1, 7);
+  k.frames = 3 * pick(rng, 1, 4);
+  k.num_iters = int(pick(rng, 1, 2));
+  return k;
 }
 
 }  // namespace test

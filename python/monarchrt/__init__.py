@@ -66,6 +66,15 @@ def cache_rows(grid, cache_frames, sink_frames=0, cache_capacity_frames=0, devic
     """Token rows of the cache (k/v views) that the current chunk (grid[0] frames ending at frame
     cache_frames) occupies: the last frames without a ring, the ring-buffer slots with one."""
     T, h, w = (int(x) for x in grid)
+    if min(T, h, w) < 1:
+        raise ValueError(f"grid must be positive (T, h, w), got {(T, h, w)}")
+    if sink_frames < 0 or cache_capacity_frames < 0:
+        raise ValueError(f"sink_frames = {sink_frames} and cache_capacity_frames = {cache_capacity_frames} "
+                         "must be >= 0")
+    if cache_frames < T:
+        raise ValueError(f"cache_frames = {cache_frames} must be at least the chunk's grid T = {T}")
+    if cache_capacity_frames > 0 and cache_capacity_frames <= sink_frames:
+        raise ValueError(f"cache_capacity_frames = {cache_capacity_frames} must exceed sink_frames = {sink_frames}")
     per_frame = h * w
     rows = []
     for f in range(cache_frames - T, cache_frames):

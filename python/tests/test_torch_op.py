@@ -225,6 +225,15 @@ def test_errors_name_the_argument_and_leave_inputs_alone():
     with pytest.raises(ValueError, match="out must have"):
         torch.ops.monarchrt.monarch_attention_backward(q, q, q, q, *params, out=out.double(), lse=lse)
     assert torch.equal(q, before)
+    # cache_rows, the helper that finds a chunk's rows in the cache, names what it cannot place.
+    assert monarchrt.cache_rows((1, 1, 2), 3, sink_frames=1, cache_capacity_frames=2).tolist() == [2, 3]
+    for kwargs, rule in [(dict(cache_frames=0), "cache_frames = 0"),
+                         (dict(cache_frames=3, cache_capacity_frames=1, sink_frames=1), "must exceed sink_frames"),
+                         (dict(cache_frames=3, sink_frames=-1), "sink_frames = -1")]:
+        with pytest.raises(ValueError, match=rule):
+            monarchrt.cache_rows((1, 1, 2), **kwargs)
+    with pytest.raises(ValueError, match="grid"):
+        monarchrt.cache_rows((0, 1, 2), 3)
 
 
 def _shut_down():

@@ -206,5 +206,15 @@ inline PerturbedParams perturbed_params(Rng& rng) {
   return pp;
 }
 
+// What a Monarch backward entry point answers for a problem that check_attention (Monarch rules)
+// answered with `check`: the same, except that it runs one iteration only.
+inline Status monarch_backward_verdict(const Status& check, const AttentionParams& p) {
+  if (check.ok() && p.num_iters != 1) {
+    return Status::unsupported("num_iters = " + std::to_string(p.num_iters) +
+                               ": the Monarch backward pass supports num_iters = 1 only");
+  }
+  return check;
+}
+
 }  // namespace test
 }  // namespace monarchrt
